@@ -1,0 +1,79 @@
+"""Finds, loads and (later) JIT-builds fastft's compiled extensions.
+
+Compiled code is optional: ``import fastft`` never fails because an extension is
+missing or broken. Each extension declares which ops it implements; the first
+time an op asks for it, we try to import the ahead-of-time build
+(``fastft._C_cpu`` / ``fastft._C_cuda``, made by ``setup.py`` when
+``FASTFT_BUILD_EXT=1``) and remember why it is missing if it is. The
+just-in-time build (torch.utils.cpp_extension + ninja) plugs in here with the
+first op that ships C++ sources.
+"""
+
+from __future__ import annotations
+
+import importlib
+import warnings
+from dataclasses import dataclass, field
+
+# backend -> (module name, ops it implements). Empty until an op ships C++/CUDA sources.
+_EXTENSIONS: dict[str, tuple[str, frozenset[str]]] = {
+    "cpp": ("fastft._C_cpu", frozenset()),
+    "cuda": ("fastft._C_cuda", frozenset()),
+}
+
+
+@dataclass
+class _State:
+    module: object | None = None
+    reason: str = ""
+    tried: bool = False
+    warned: set = field(default_factory=set)
+
+
+_STATE: dict[str, _State] = {b: _State() for b in _EXTENSIONS}
+
+
+def _load(backend: str) -> _State:
+    st = _STATE[backend]
+    if st.tried:
+        return st
+    st.tried = True
+    name, _ = _EXTENSIONS[backend]
+    try:
+        st.module = importlib.import_module(name)
+        st.reason = f"{name} loaded"
+    except Exception as exc:  # never let a broken build break import
+        st.module = None
+        st.reason = f"{name} is not built ({type(exc).__name__}: {exc})"
+    return st
+
+
+def available(backend: str, op: str) -> tuple[bool, str]:
+    """Can the compiled ``backend`` ('cpp' or 'cuda') run ``op``? Returns (ok, reason)."""
+    if backend not in _EXTENSIONS:
+        return False, f"no compiled backend named {backend!r}"
+    _, ops = _EXTENSIONS[backend]
+    if op not in ops:
+        return False, f"no {backend} extension implements {op} in this version"
+    st = _load(backend)
+    if st.module is None:
+        if op not in st.warned:
+            st.warned.add(op)
+            warnings.warn(f"fastft: {st.reason}; {op} falls back", RuntimeWarning, stacklevel=3)
+        return False, st.reason
+    return True, st.reason
+
+
+def module(backend: str):
+    return _load(backend).module
+
+
+def status() -> dict[str, str]:
+    """Why each compiled backend is, or is not, usable (for ``fastft info``)."""
+    out = {}
+    for backend, (name, ops) in _EXTENSIONS.items():
+        if not ops:
+            out[backend] = "no op uses it in this version"
+        else:
+            out[backend] = _load(backend).reason
+    return out

@@ -1,0 +1,19 @@
+"""fastft's ops: each validates its inputs, picks a backend (:mod:`fastft.backends`) and runs it.
+
+Every op has a pure-PyTorch reference next to it (``*_reference``), used by the
+CPU path, the tests and the benchmarks alike.
+"""
+
+from .cross_entropy import (
+    cross_entropy,
+    cross_entropy_reference,
+    fused_linear_cross_entropy,
+    fused_linear_cross_entropy_reference,
+)
+
+__all__ = [
+    "cross_entropy",
+    "cross_entropy_reference",
+    "fused_linear_cross_entropy",
+    "fused_linear_cross_entropy_reference",
+]

@@ -1,0 +1,528 @@
+"""Cross-entropy and fused linear cross-entropy.
+
+Per counted token (target ``t != ignore_index``), with raw logits ``x`` of width ``V``::
+
+    z     = s * tanh(x / s)            if softcap=s else x          (fp32)
+    lse   = logsumexp(z)
+    loss  = (1 - eps) * (lse - z[t]) + eps * (lse - mean(z)) + c * lse**2
+
+``eps`` is ``label_smoothing`` (exactly torch's definition), ``c`` is ``z_loss``.
+Ignored tokens contribute 0. ``reduction="mean"`` divides the sum by the number
+of counted tokens, or by ``num_items_in_batch`` when given (transformers'
+gradient-accumulation convention); a batch with nothing counted gives 0, not NaN.
+
+Backward, for one token with upstream gradient ``g`` (already divided by the
+mean's denominator)::
+
+    p        = softmax(z)
+    dL/dz_j  = p_j * (1 + 2 c lse) - (1 - eps) [j == t] - eps / V
+    dL/dx_j  = g * dL/dz_j * (1 - (z_j / s)**2)          (last factor only with softcap)
+
+A target outside ``[0, V)`` that is not ``ignore_index`` is rejected with a
+``ValueError`` when the target lives on the CPU (checking costs nothing there).
+On an accelerator the check would need a host synchronisation on every step, so
+it is only done when ``FASTFT_CHECK_TARGETS=1``; otherwise the kernels never read
+out of bounds and that token's loss (and gradient) is NaN: loud, never silently wrong.
+
+Layers, top to bottom: the public functions validate then pick a backend
+(:mod:`fastft.backends`); the autograd Functions keep the books and call a
+backend's *row kernel* ``ce_rows(logits2d, target, ...) -> (loss, lse)`` that may
+also write the gradient; :func:`cross_entropy_reference` is the pure-PyTorch
+oracle the tests and the benchmarks compare against.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+
+import torch
+
+from .. import backends
+
+__all__ = [
+    "cross_entropy",
+    "fused_linear_cross_entropy",
+    "cross_entropy_reference",
+    "fused_linear_cross_entropy_reference",
+]
+
+_REDUCTIONS = ("mean", "sum", "none")
+OP_CE = "cross_entropy"
+OP_FLCE = "fused_linear_cross_entropy"
+backends.register(OP_CE, ("triton", "torch"))
+backends.register(OP_FLCE, ("triton", "torch"))
+
+
+# --------------------------------------------------------------------------------------
+# reference (pure PyTorch, autograd): the oracle for tests and benchmarks
+# --------------------------------------------------------------------------------------
+def cross_entropy_reference(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items_in_batch=None,
+) -> torch.Tensor:
+    """The definition, written plainly with autograd. Returns float32."""
+    V = logits.shape[-1]
+    x = logits.reshape(-1, V).float()
+    t = target.reshape(-1)
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    counted = t != ignore_index
+    safe_t = torch.where(counted, t, torch.zeros_like(t))
+    lse = torch.logsumexp(x, dim=-1)
+    nll = lse - x.gather(1, safe_t.unsqueeze(1)).squeeze(1)
+    loss = (1.0 - label_smoothing) * nll
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    loss = torch.where(counted, loss, torch.zeros_like(loss))
+    if reduction == "none":
+        return loss.reshape(target.shape)
+    total = loss.sum()
+    if reduction == "sum":
+        return total
+    if num_items_in_batch is not None:
+        return total / _as_denominator(num_items_in_batch, total.device)
+    return total / counted.sum().clamp(min=1)
+
+
+def fused_linear_cross_entropy_reference(hidden, weight, target, bias=None, **kwargs) -> torch.Tensor:
+    """``cross_entropy_reference(hidden @ weight.T + bias, target)``: materialises the logits."""
+    logits = torch.nn.functional.linear(hidden, weight, bias)
+    return cross_entropy_reference(logits, target, **kwargs)
+
+
+# --------------------------------------------------------------------------------------
+# the torch row kernel (same contract as fastft.kernels.cross_entropy.ce_rows_triton)
+# --------------------------------------------------------------------------------------
+def ce_rows_torch(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    grad_scale: torch.Tensor | None = None,
+    grad_out: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Loss and log-sum-exp of each row of ``logits`` ``(N, V)``; optionally its gradient.
+
+    ``target`` is ``(N,)`` integer. Returns ``(loss, lse)``, both ``(N,)`` float32, with
+    loss 0 on ignored rows and NaN on rows whose target is out of range.
+    When ``grad_scale`` (float32, one element or ``(N,)``) is given, writes
+    ``grad_scale * dloss/dlogits`` into ``grad_out`` (``(N, V)``, any float dtype; it may
+    be ``logits`` itself, for an in-place gradient).
+    """
+    N, V = logits.shape
+    x = logits.float()  # aliases logits when they are fp32: only read from x until the loss is done
+    tanh = None
+    if softcap is not None:
+        tanh = torch.tanh(x / softcap)
+        x = tanh * softcap
+    counted = target != ignore_index
+    valid = (target >= 0) & (target < V)
+    safe_t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    lse = torch.logsumexp(x, dim=-1)
+    z_t = x.gather(1, safe_t).squeeze(1)
+    loss = (1.0 - label_smoothing) * (lse - z_t)
+    if label_smoothing:
+        loss = loss + label_smoothing * (lse - x.mean(dim=-1))
+    if z_loss:
+        loss = loss + z_loss * lse.square()
+    nan = torch.full_like(loss, float("nan"))
+    loss = torch.where(counted, torch.where(valid, loss, nan), torch.zeros_like(loss))
+    if grad_scale is not None:
+        # per-row factor: upstream grad, zero on ignored rows, NaN on out-of-range ones
+        row = grad_scale.float().expand(N) * torch.where(counted, torch.where(valid, 1.0, nan), 0.0)
+        if grad_out.dtype == torch.float32:
+            g = grad_out  # may be logits itself: elementwise in place is safe
+        elif x is not logits:
+            g = x  # our own fp32 working copy
+        else:  # pragma: no cover - x aliases logits only when they are fp32
+            g = torch.empty_like(x)
+        torch.sub(x, lse.unsqueeze(1), out=g).exp_()  # softmax
+        if z_loss:
+            g.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
+        g.scatter_add_(1, safe_t, torch.full_like(z_t, -(1.0 - label_smoothing)).unsqueeze(1))
+        if label_smoothing:
+            g.sub_(label_smoothing / V)
+        if tanh is not None:
+            g.mul_(1.0 - tanh.square())
+        g.mul_(row.unsqueeze(1))
+        if g is not grad_out:
+            grad_out.copy_(g)
+    return loss, lse
+
+
+# --------------------------------------------------------------------------------------
+# validation (host-side, before any kernel)
+# --------------------------------------------------------------------------------------
+def _as_denominator(num_items_in_batch, device) -> torch.Tensor:
+    if torch.is_tensor(num_items_in_batch):
+        return num_items_in_batch.to(device=device, dtype=torch.float32)
+    return torch.tensor(float(num_items_in_batch), device=device, dtype=torch.float32)
+
+
+def _check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch, ignore_index):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    if not isinstance(ignore_index, int) or isinstance(ignore_index, bool):
+        raise TypeError(f"ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not (0.0 <= float(label_smoothing) <= 1.0):
+        raise ValueError(f"label_smoothing must be in [0, 1], got {label_smoothing!r}")
+    if float(z_loss) < 0.0 or not math.isfinite(float(z_loss)):
+        raise ValueError(f"z_loss must be a finite number >= 0, got {z_loss!r}")
+    if softcap is not None and not (float(softcap) > 0.0 and math.isfinite(float(softcap))):
+        raise ValueError(f"softcap must be None or a finite number > 0, got {softcap!r}")
+    if num_items_in_batch is not None:
+        if torch.is_tensor(num_items_in_batch):
+            if num_items_in_batch.numel() != 1:
+                raise ValueError(
+                    f"num_items_in_batch must be a number or a one-element tensor, got shape "
+                    f"{tuple(num_items_in_batch.shape)}"
+                )
+        elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+            raise TypeError(f"num_items_in_batch must be a number or a tensor, got {type(num_items_in_batch).__name__}")
+        elif num_items_in_batch <= 0:
+            raise ValueError(f"num_items_in_batch must be > 0, got {num_items_in_batch!r}")
+        if reduction != "mean":
+            raise ValueError(f"num_items_in_batch only applies to reduction='mean', got reduction={reduction!r}")
+
+
+def _check_target(target: torch.Tensor, lead_shape, V: int, ignore_index: int, what: str):
+    if not torch.is_tensor(target):
+        raise TypeError(f"target must be a tensor, got {type(target).__name__}")
+    if target.dtype.is_floating_point or target.dtype.is_complex or target.dtype == torch.bool:
+        raise TypeError(f"target must be an integer tensor of class indices, got dtype {target.dtype}")
+    if tuple(target.shape) != tuple(lead_shape):
+        raise ValueError(f"target shape {tuple(target.shape)} does not match {what} {tuple(lead_shape)}")
+    want_check = target.device.type == "cpu" or os.environ.get("FASTFT_CHECK_TARGETS", "0") == "1"
+    if want_check and target.numel() and not torch.compiler.is_compiling():
+        bad = (target != ignore_index) & ((target < 0) | (target >= V))
+        if bool(bad.any()):
+            first = target[bad][0].item()
+            raise ValueError(
+                f"target contains {first} which is outside [0, {V}) and is not ignore_index={ignore_index}"
+            )
+
+
+def _check_float(name: str, t: torch.Tensor):
+    if not torch.is_tensor(t):
+        raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if not t.dtype.is_floating_point:
+        raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+
+
+# --------------------------------------------------------------------------------------
+# backend row kernels
+# --------------------------------------------------------------------------------------
+def _row_kernel(backend: str):
+    if backend == "triton":
+        from ..kernels.cross_entropy import ce_rows_triton
+
+        return ce_rows_triton
+    return ce_rows_torch
+
+
+def _finish(loss_rows: torch.Tensor, counted: torch.Tensor, reduction: str, num_items_in_batch):
+    """Reduce per-row losses; also return the denominator used by mean (a tensor, no sync)."""
+    if reduction == "none":
+        return loss_rows, None
+    total = loss_rows.sum()
+    if reduction == "sum":
+        return total, None
+    if num_items_in_batch is not None:
+        denom = _as_denominator(num_items_in_batch, total.device)
+    else:
+        denom = counted.sum().clamp(min=1).float()
+    return total / denom, denom
+
+
+# --------------------------------------------------------------------------------------
+# cross_entropy on materialised logits
+# --------------------------------------------------------------------------------------
+class _CrossEntropy(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, logits2d, target, opts, reduction, num_items_in_batch, rows):
+        loss_rows, lse = rows(logits2d, target, **opts)
+        counted = target != opts["ignore_index"]
+        out, denom = _finish(loss_rows, counted, reduction, num_items_in_batch)
+        ctx.save_for_backward(logits2d, target, denom if denom is not None else lse.new_ones(()))
+        ctx.opts, ctx.reduction, ctx.rows = opts, reduction, rows
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        logits2d, target, denom = ctx.saved_tensors
+        if not ctx.needs_input_grad[0]:
+            return (None,) * 6
+        scale = grad_out.float() if ctx.reduction != "mean" else grad_out.float() / denom
+        grad = torch.empty_like(logits2d)
+        ctx.rows(logits2d, target, **ctx.opts, grad_scale=scale.reshape(-1), grad_out=grad)
+        return grad, None, None, None, None, None
+
+
+@torch.compiler.disable
+def cross_entropy(
+    logits: torch.Tensor,
+    target: torch.Tensor,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``logits`` ``[..., V]`` against integer ``target`` ``[...]``.
+
+    Same result as ``torch.nn.functional.cross_entropy(logits.float().view(-1, V), target.view(-1))``
+    plus ``softcap``, ``z_loss`` and ``num_items_in_batch`` (see the module docstring).
+    Returns float32: a scalar, or per-token losses shaped like ``target`` for
+    ``reduction="none"``. The gradient comes back in ``logits.dtype``.
+    """
+    _check_float("logits", logits)
+    _check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch, ignore_index)
+    if logits.dim() < 1 or logits.shape[-1] == 0:
+        raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
+    V = logits.shape[-1]
+    _check_target(target, logits.shape[:-1], V, ignore_index, "logits.shape[:-1]")
+    if target.device != logits.device:
+        raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
+    choice = backends.select(OP_CE, logits.device, backend)
+    opts = dict(
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+    )
+    logits2d = logits.reshape(-1, V)
+    if logits2d.stride(-1) != 1:
+        logits2d = logits2d.contiguous()
+    out = _CrossEntropy.apply(
+        logits2d, target.reshape(-1), opts, reduction, num_items_in_batch, _row_kernel(choice.backend)
+    )
+    return out.reshape(target.shape) if reduction == "none" else out
+
+
+# --------------------------------------------------------------------------------------
+# fused linear cross-entropy: never materialises the (tokens, V) logits
+# --------------------------------------------------------------------------------------
+def chunk_rows(n_tokens: int, vocab: int, hidden: int, *, budget_mb: float | None = None) -> int:
+    """Tokens per chunk so that one chunk's logits stay within a memory budget.
+
+    A chunk holds its logits in the input dtype plus an fp32 working copy that
+    becomes the gradient in place: about ``rows * V * (2 + 4 + 4)`` bytes at most.
+    The default budget (``FASTFT_CE_CHUNK_MB``, 64 MiB) keeps the loss's transient
+    memory a few percent of materialising ``(tokens, V)`` fp32 logits and their
+    gradient, while each GEMM stays large enough to run at full speed.
+    """
+    if budget_mb is None:
+        budget_mb = float(os.environ.get("FASTFT_CE_CHUNK_MB", "64"))
+    rows = int(budget_mb * 2**20 // (vocab * 10))
+    rows = max(16, min(rows, 8192))
+    rows = 1 << (rows.bit_length() - 1)  # a power of two, for steady GEMM shapes
+    return max(1, min(rows, n_tokens))
+
+
+def _linear(h, weight, bias):
+    return torch.nn.functional.linear(h, weight, bias)
+
+
+def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor):
+    """acc (fp32, (V, H)) += dlogits.T @ h, accumulating in fp32 whatever the input dtype."""
+    if dlogits.dtype == torch.float32 and h.dtype == torch.float32:
+        acc.addmm_(dlogits.t(), h)
+    elif acc.is_cuda:
+        # fp32 output from a low-precision GEMM (torch >= 2.8 on CUDA)
+        try:
+            torch.addmm(acc, dlogits.t(), h, out_dtype=torch.float32, out=acc)
+            return
+        except (TypeError, RuntimeError, NotImplementedError):
+            acc.add_(torch.mm(dlogits.t(), h).float())
+    else:
+        acc.add_(torch.mm(dlogits.t(), h).float())
+
+
+class _FusedLinearCrossEntropy(torch.autograd.Function):
+    """Chunked over tokens. Two strategies:
+
+    * reduction "mean"/"sum": the upstream gradient is a scalar, so each chunk's
+      gradient is computed during forward (the chunk's logits are recomputed never)
+      and scaled by the upstream gradient in backward: 3 GEMMs, like the unfused path.
+    * reduction "none": per-token upstream gradients are only known in backward, so
+      forward keeps the log-sum-exp and backward recomputes each chunk's logits: 4 GEMMs.
+    """
+
+    @staticmethod
+    def forward(ctx, h2d, weight, bias, target, opts, reduction, num_items_in_batch, rows, chunk):
+        N, H = h2d.shape
+        V = weight.shape[0]
+        ignore = opts["ignore_index"]
+        counted = target != ignore
+        need_h, need_w = h2d.requires_grad, weight.requires_grad
+        need_b = bias is not None and bias.requires_grad
+        eager = reduction != "none" and (need_h or need_w or need_b)
+
+        loss_rows = torch.empty(N, device=h2d.device, dtype=torch.float32)
+        if reduction == "mean":
+            denom = (
+                _as_denominator(num_items_in_batch, h2d.device)
+                if num_items_in_batch is not None
+                else counted.sum().clamp(min=1).float()
+            )
+            scale = 1.0 / denom
+        else:
+            denom = None
+            scale = torch.ones((), device=h2d.device, dtype=torch.float32)
+
+        grad_h = torch.empty_like(h2d) if (eager and need_h) else None
+        grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if (eager and need_w) else None
+        grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if (eager and need_b) else None
+        for s in range(0, N, chunk):
+            e = min(s + chunk, N)
+            hc = h2d[s:e]
+            logits = _linear(hc, weight, bias)  # (n, V) in the input dtype
+            if eager:
+                # the chunk's gradient overwrites its logits (computed in fp32 inside the row kernel)
+                lr, _ = rows(logits, target[s:e], **opts, grad_scale=scale.reshape(1), grad_out=logits)
+                g = logits
+                if grad_h is not None:
+                    torch.mm(g, weight, out=grad_h[s:e])
+                if grad_w is not None:
+                    _accumulate_grad_weight(grad_w, g, hc)
+                if grad_b is not None:
+                    grad_b.add_(g.sum(0, dtype=torch.float32))
+            else:
+                lr, _ = rows(logits, target[s:e], **opts)
+            loss_rows[s:e] = lr
+            del logits
+
+        if reduction == "none":
+            out = loss_rows
+        elif reduction == "sum":
+            out = loss_rows.sum()
+        else:
+            out = loss_rows.sum() / denom
+        ctx.reduction, ctx.opts, ctx.rows, ctx.chunk, ctx.eager = reduction, opts, rows, chunk, eager
+        ctx.has_bias = bias is not None
+        ctx.weight_dtype = weight.dtype
+        ctx.bias_dtype = bias.dtype if bias is not None else None
+        ctx.consumed = False
+        if eager:
+            ctx.save_for_backward(grad_h, grad_w, grad_b)
+        else:
+            ctx.save_for_backward(h2d, weight, bias, target)
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        if ctx.eager:
+            if ctx.consumed:
+                raise RuntimeError(
+                    "fused_linear_cross_entropy computes its gradients during forward and can be "
+                    "backpropagated once; retain_graph=True with a second backward is not supported"
+                )
+            ctx.consumed = True
+            grad_h, grad_w, grad_b = ctx.saved_tensors
+            g = grad_out.float()
+            # scale by the upstream scalar; skipped tensors stay None
+            gh = grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None
+            gw = grad_w.mul_(g) if grad_w is not None else None
+            gb = grad_b.mul_(g) if grad_b is not None else None
+        else:
+            h2d, weight, bias, target = ctx.saved_tensors
+            N, H = h2d.shape
+            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+            need_b = ctx.has_bias and ctx.needs_input_grad[2]
+            gh = torch.empty_like(h2d) if need_h else None
+            gw = torch.zeros(weight.shape, device=h2d.device, dtype=torch.float32) if need_w else None
+            gb = torch.zeros(weight.shape[0], device=h2d.device, dtype=torch.float32) if need_b else None
+            go = grad_out.float().reshape(-1)
+            for s in range(0, N, ctx.chunk):
+                e = min(s + ctx.chunk, N)
+                hc = h2d[s:e]
+                g = _linear(hc, weight, bias)
+                ctx.rows(g, target[s:e], **ctx.opts, grad_scale=go[s:e], grad_out=g)
+                if gh is not None:
+                    torch.mm(g, weight, out=gh[s:e])
+                if gw is not None:
+                    _accumulate_grad_weight(gw, g, hc)
+                if gb is not None:
+                    gb.add_(g.sum(0, dtype=torch.float32))
+                del g
+        gw = gw.to(ctx.weight_dtype) if gw is not None else None
+        gb = gb.to(ctx.bias_dtype) if gb is not None else None
+        return gh, gw, gb, None, None, None, None, None, None
+
+
+@torch.compiler.disable
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    target: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    *,
+    ignore_index: int = -100,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+    z_loss: float = 0.0,
+    softcap: float | None = None,
+    num_items_in_batch=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """Cross-entropy of ``hidden @ weight.T + bias`` without materialising the logits.
+
+    ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``target`` ``[...]``.
+    Same semantics and keywords as :func:`cross_entropy`. The tokens are processed in
+    chunks (:func:`chunk_rows`); ``grad_weight`` and ``grad_bias`` accumulate in fp32
+    across chunks and come back in the parameters' dtypes. No host synchronisation.
+    """
+    _check_float("hidden", hidden)
+    _check_float("weight", weight)
+    _check_options(reduction, label_smoothing, z_loss, softcap, num_items_in_batch, ignore_index)
+    if weight.dim() != 2:
+        raise ValueError(f"weight must be 2-D [V, H], got shape {tuple(weight.shape)}")
+    if hidden.dim() < 1 or hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(
+            f"hidden shape {tuple(hidden.shape)} does not match weight shape {tuple(weight.shape)}: "
+            f"hidden[..., H] needs H == weight.shape[1] == {weight.shape[1]}"
+        )
+    V, H = weight.shape
+    if V == 0:
+        raise ValueError(f"weight has an empty vocabulary dimension, shape {tuple(weight.shape)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if tuple(bias.shape) != (V,):
+            raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight's vocabulary size ({V},)")
+    if hidden.dtype != weight.dtype:
+        raise TypeError(f"hidden dtype {hidden.dtype} does not match weight dtype {weight.dtype}")
+    _check_target(target, hidden.shape[:-1], V, ignore_index, "hidden.shape[:-1]")
+    for name, t in (("weight", weight), ("target", target), ("bias", bias)):
+        if t is not None and t.device != hidden.device:
+            raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
+    choice = backends.select(OP_FLCE, hidden.device, backend)
+    opts = dict(
+        ignore_index=ignore_index,
+        label_smoothing=float(label_smoothing),
+        z_loss=float(z_loss),
+        softcap=None if softcap is None else float(softcap),
+    )
+    h2d = hidden.reshape(-1, H)
+    if not h2d.is_contiguous():
+        h2d = h2d.contiguous()
+    t1d = target.reshape(-1)
+    chunk = chunk_rows(h2d.shape[0], V, H)
+    fn = _FusedLinearCrossEntropy
+    out = fn.apply(h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk)
+    return out.reshape(target.shape) if reduction == "none" else out
