@@ -1,8 +1,14 @@
-"""fastft: compiled kernels that make fine-tuning Hugging Face causal LMs faster and lighter."""
+"""fastft: compiled kernels that make fine-tuning Hugging Face causal LMs faster and lighter.
+
+    report = fastft.patch(model)      # a transformers or PEFT model, before training
+    print(report)                     # what was accelerated, what was not and why
+    fastft.unpatch(model)             # back to the original behaviour
+"""
 
 __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402
 from .backends import BackendUnavailable  # noqa: E402
+from .patching import PatchReport, patch, patch_report, unpatch  # noqa: E402
 
-__all__ = ["__version__", "ops", "backends", "BackendUnavailable"]
+__all__ = ["__version__", "ops", "backends", "BackendUnavailable", "patch", "unpatch", "patch_report", "PatchReport"]

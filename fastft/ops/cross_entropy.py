@@ -33,6 +33,7 @@ oracle the tests and the benchmarks compare against.
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 
@@ -505,6 +506,12 @@ def fused_linear_cross_entropy(
         _check_float("bias", bias)
         if tuple(bias.shape) != (V,):
             raise ValueError(f"bias shape {tuple(bias.shape)} does not match weight's vocabulary size ({V},)")
+    dev = hidden.device.type
+    autocast = dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev)
+    if autocast:  # run the GEMMs in the autocast dtype, as nn.Linear would, then turn autocast off inside
+        dt = torch.get_autocast_dtype(dev)
+        hidden, weight = hidden.to(dt), weight.to(dt)
+        bias = bias.to(dt) if bias is not None else None
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden dtype {hidden.dtype} does not match weight dtype {weight.dtype}")
     _check_target(target, hidden.shape[:-1], V, ignore_index, "hidden.shape[:-1]")
@@ -523,6 +530,8 @@ def fused_linear_cross_entropy(
         h2d = h2d.contiguous()
     t1d = target.reshape(-1)
     chunk = chunk_rows(h2d.shape[0], V, H)
-    fn = _FusedLinearCrossEntropy
-    out = fn.apply(h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk)
+    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
+        out = _FusedLinearCrossEntropy.apply(
+            h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk
+        )
     return out.reshape(target.shape) if reduction == "none" else out

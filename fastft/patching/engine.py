@@ -1,0 +1,159 @@
+"""The one patch engine: find what to accelerate, swap forwards, keep what to restore, report.
+
+Patching is data plus this engine. Each feature (``loss`` now; ``lora``, ``quant``,
+``checkpointing`` in later versions) is a function ``apply(ctx) -> None`` that
+inspects the model structurally, records every swap through :meth:`PatchContext.swap`
+(so :func:`unpatch` can undo it exactly) and every decision in the report.
+Swaps set instance attributes (``module.forward = ...``); classes are never
+changed, so ``save_pretrained``, state dicts and ``type(model)`` stay as they are.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .. import backends
+from .report import PatchReport
+
+_STATE_ATTR = "_fastft_patch_state"
+_MISSING = object()
+_CHECKPOINTING = (None, "recompute", "offload")
+
+
+@dataclass
+class PatchState:
+    options: dict
+    report: PatchReport
+    # (object, attribute, previous value or _MISSING), in the order applied
+    swaps: list = field(default_factory=list)
+
+
+@dataclass
+class PatchContext:
+    model: nn.Module  # the transformers PreTrainedModel
+    wrapper: nn.Module | None  # the PeftModel around it, if any
+    options: dict
+    report: PatchReport
+    state: PatchState
+
+    def swap(self, obj, attr: str, value) -> None:
+        """Set ``obj.attr = value``, remembering the previous instance attribute for unpatch."""
+        prev = obj.__dict__.get(attr, _MISSING) if hasattr(obj, "__dict__") else _MISSING
+        self.state.swaps.append((obj, attr, prev))
+        setattr(obj, attr, value)
+
+
+def resolve(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
+    """The transformers model to patch, and the PEFT wrapper around it (or None)."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"fastft.patch expects a transformers or PEFT model (nn.Module), got {type(model).__name__}")
+    try:
+        from peft import PeftModel
+    except Exception:  # peft is a dependency, but never let its import break patching
+        PeftModel = ()
+    if PeftModel and isinstance(model, PeftModel):
+        return model.get_base_model(), model
+    from transformers import PreTrainedModel
+
+    if not isinstance(model, PreTrainedModel):
+        raise TypeError(
+            f"fastft.patch expects a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
+        )
+    return model, None
+
+
+def _model_device(model: nn.Module) -> torch.device:
+    for p in model.parameters():
+        return p.device
+    return torch.device("cpu")
+
+
+def patch(
+    model: nn.Module,
+    *,
+    lora: bool = True,
+    loss: bool = True,
+    quant: bool = True,
+    checkpointing: str | None = None,
+    backend: str = "auto",
+) -> PatchReport:
+    """Accelerate ``model`` in place and return a :class:`PatchReport`.
+
+    ``model`` is a transformers ``PreTrainedModel`` or a PEFT ``PeftModel`` wrapping one.
+    Whatever cannot be accelerated keeps its original forward and is listed in
+    ``report.skipped`` with the reason. Patching again first undoes the previous patch;
+    :func:`unpatch` restores the original behaviour exactly.
+
+    ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
+    the PyTorch reference elsewhere); a forced backend that cannot run on the model's
+    device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
+    """
+    hf_model, wrapper = resolve(model)
+    if checkpointing not in _CHECKPOINTING:
+        raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
+    for name, flag in (("lora", lora), ("loss", loss), ("quant", quant)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{name} must be True or False, got {flag!r}")
+    backends.requested(backend)  # ValueError for an unknown name
+    device = _model_device(hf_model)
+    if backend != "auto" and loss:
+        from ..ops.cross_entropy import OP_FLCE
+
+        backends.check_forced(OP_FLCE, device, backend)
+
+    unpatch(hf_model)
+    options = dict(lora=lora, loss=loss, quant=quant, checkpointing=checkpointing, backend=backend)
+    report = PatchReport(model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else ""))
+    state = PatchState(options=options, report=report)
+    ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
+
+    from . import loss as loss_feature
+
+    features = [("loss", loss, loss_feature.apply)]
+    try:
+        for name, enabled, apply in features:
+            if enabled:
+                apply(ctx)
+            else:
+                report.skip(name, "model", "disabled by the caller")
+    except BaseException:
+        _restore(state)
+        raise
+    for name, enabled in (("lora", lora), ("quant", quant)):
+        if enabled:
+            report.skip(name, "model", "not available in this version of fastft (planned); layers keep their forward")
+    if checkpointing is not None:
+        report.skip("checkpointing", "model", f"checkpointing={checkpointing!r} is not available in this version")
+    object.__setattr__(hf_model, _STATE_ATTR, state)
+    return report
+
+
+def _restore(state: PatchState) -> None:
+    for obj, attr, prev in reversed(state.swaps):
+        if prev is _MISSING:
+            if attr in obj.__dict__:
+                delattr(obj, attr)
+        else:
+            setattr(obj, attr, prev)
+    state.swaps.clear()
+
+
+def unpatch(model: nn.Module) -> bool:
+    """Undo :func:`patch`. Returns True if something was restored. Harmless on an unpatched model."""
+    hf_model, _ = resolve(model)
+    state = hf_model.__dict__.get(_STATE_ATTR)
+    if state is None:
+        return False
+    _restore(state)
+    del hf_model.__dict__[_STATE_ATTR]
+    return True
+
+
+def patch_report(model: nn.Module) -> PatchReport | None:
+    """The report of the patch currently applied to ``model``, or None."""
+    hf_model, _ = resolve(model)
+    state = hf_model.__dict__.get(_STATE_ATTR)
+    return state.report if state is not None else None

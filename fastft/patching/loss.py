@@ -1,0 +1,275 @@
+"""The loss patch: a causal LM's training loss by fused linear cross-entropy, without logits.
+
+One generic mechanism for every decoder-only causal LM, found by structure, not by name:
+
+* the model's own ``forward`` still runs (so every argument, cache, mask and
+  model-specific detail of the decoder stays the model's), but with ``labels=None``;
+* its output embedding (``get_output_embeddings()``, an ``nn.Linear``) is swapped for a
+  *capture* while that call runs: it records the hidden states the model feeds it and
+  returns a tiny probe tensor instead of ``(tokens, vocab)`` logits;
+* whatever the model does to its logits afterwards (Gemma-2's final soft-capping,
+  Cohere's ``logit_scale``, Granite's ``logits_scaling``) therefore runs on the probe.
+  The transform predicted from the config is checked against the probe's values on
+  the first call; a model that does something else is left unpatched from then on
+  (with a warning and a line in the report), never given a wrong loss;
+* the loss is then ``fused_linear_cross_entropy(hidden, lm_head.weight, shifted labels)``
+  with transformers' exact conventions (``ForCausalLMLoss``): labels shifted by one,
+  ``ignore_index``, ``shift_labels``, ``num_items_in_batch``; an MoE model's
+  ``aux_loss`` is added as its own forward would.
+
+Only a model in training mode called with ``labels`` takes this path, and it returns
+``logits=None``. Without labels, or in eval mode, the original forward runs unchanged.
+"""
+
+from __future__ import annotations
+
+import inspect
+import threading
+import warnings
+
+import torch
+from torch import nn
+
+from .. import backends
+from ..ops.cross_entropy import OP_FLCE, fused_linear_cross_entropy
+
+FEATURE = "loss"
+# model_type values whose patched loss and gradients are checked against the unpatched
+# model in the test suite; others are patched the same way and reported as "generic".
+VERIFIED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2"})
+_PROBE = (-6.0, -1.5, -0.25, 0.0, 0.75, 2.0, 9.0)
+
+
+def _causal_lm_loss_fn():
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    return ForCausalLMLoss
+
+
+def _uses_causal_lm_loss(model) -> bool:
+    if "_loss_function" in model.__dict__:  # the user set a custom loss function
+        return model.__dict__["_loss_function"] is _causal_lm_loss_fn()
+    loss_type = getattr(model, "loss_type", None)
+    return loss_type in (None, "ForCausalLM") or loss_type not in _loss_mapping()
+
+
+def _loss_mapping():
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    return LOSS_MAPPING
+
+
+def _logit_transform(config) -> tuple[float | None, float | None]:
+    """(scale, softcap) that the model applies to its logits, predicted from its config."""
+    scale = None
+    if getattr(config, "logit_scale", None) is not None:  # Cohere: logits * logit_scale
+        scale = float(config.logit_scale)
+    if getattr(config, "logits_scaling", None) not in (None, 1, 1.0):  # Granite: logits / logits_scaling
+        scale = (scale or 1.0) / float(config.logits_scaling)
+    softcap = getattr(config, "final_logit_softcapping", None)
+    softcap = float(softcap) if softcap is not None else None
+    return scale, softcap
+
+
+def _apply_transform(x: torch.Tensor, scale, softcap) -> torch.Tensor:
+    x = x.float()
+    if scale is not None:
+        x = x * scale
+    if softcap is not None:
+        x = softcap * torch.tanh(x / softcap)
+    return x
+
+
+class _Capture:
+    """Stands in for the output embedding's forward; records its input while armed."""
+
+    def __init__(self, lm_head: nn.Linear, original):
+        self.lm_head = lm_head
+        self.original = original
+        self.local = threading.local()
+
+    def armed(self) -> bool:
+        return getattr(self.local, "armed", False)
+
+    def __call__(self, hidden, *args, **kwargs):
+        if not self.armed():
+            return self.original(hidden, *args, **kwargs)
+        self.local.hidden = hidden
+        w = self.lm_head.weight
+        probe = torch.tensor(_PROBE, dtype=w.dtype, device=hidden.device)
+        return probe.expand(*hidden.shape[:-1], len(_PROBE))
+
+
+class FusedLossForward:
+    """The patched ``forward`` of a causal LM (an instance attribute; see the module docstring)."""
+
+    def __init__(self, model, original, capture: _Capture, backend: str, scale, softcap):
+        self.model = model
+        self.original = original
+        self.capture = capture
+        self.backend = backend
+        self.scale = scale
+        self.softcap = softcap
+        self.verified = False
+        self.disabled_reason: str | None = None
+        self.signature = inspect.signature(original)
+        self.__wrapped__ = original  # inspect.signature(model.forward) keeps showing the real parameters
+        self.__doc__ = getattr(original, "__doc__", None)
+
+    # --- helpers ----------------------------------------------------------------------
+    def _bind(self, args, kwargs):
+        bound = self.signature.bind_partial(*args, **kwargs)
+        return bound
+
+    def _disable(self, reason: str):
+        self.disabled_reason = reason
+        warnings.warn(f"fastft: fused loss disabled for {type(self.model).__name__}: {reason}", stacklevel=3)
+        state = self.model.__dict__.get("_fastft_patch_state")
+        if state is not None:
+            state.report.skip(FEATURE, "forward", f"disabled at the first training step: {reason}")
+
+    def _check_probe(self, logits) -> bool:
+        if not torch.is_tensor(logits) or logits.shape[-1] != len(_PROBE):
+            return False
+        got = logits.reshape(-1, len(_PROBE))[0].float()
+        want = _apply_transform(torch.tensor(_PROBE, dtype=logits.dtype, device=logits.device), self.scale, self.softcap)
+        tol = 1e-5 if logits.dtype == torch.float32 else 3e-2
+        return bool(torch.allclose(got, want, rtol=tol, atol=tol))
+
+    # --- the forward ------------------------------------------------------------------
+    def __call__(self, *args, **kwargs):
+        model = self.model
+        labels = kwargs.get("labels")
+        if labels is None and args:
+            labels = self._bind(args, kwargs).arguments.get("labels")
+        if (
+            labels is None
+            or not model.training
+            or self.disabled_reason is not None
+            or not _uses_causal_lm_loss(model)
+        ):
+            return self.original(*args, **kwargs)
+
+        bound = self._bind(args, kwargs)
+        call = dict(bound.arguments)
+        extra = call.pop(next((n for n, p in self.signature.parameters.items() if p.kind is p.VAR_KEYWORD), "_"), {})
+        call.update(extra)
+        call["labels"] = None
+        want_tuple = call.get("return_dict") is False or (
+            "return_dict" not in call and getattr(model.config, "return_dict", True) is False
+        )
+        if want_tuple:
+            call["return_dict"] = True
+        ignore_index = call.get("ignore_index", -100)
+        shift_labels = call.get("shift_labels")
+        num_items_in_batch = call.get("num_items_in_batch")
+
+        self.capture.local.armed = True
+        self.capture.local.hidden = None
+        try:
+            out = self.original(**call)
+        finally:
+            self.capture.local.armed = False
+        hidden = self.capture.local.hidden
+        self.capture.local.hidden = None
+        logits = getattr(out, "logits", None)
+
+        if not self.verified:
+            reason = None
+            if hidden is None:
+                reason = "the forward did not call its output embedding"
+            elif not self._check_probe(logits):
+                reason = "its forward transforms the logits in a way fastft does not recognise"
+            if reason is not None:
+                self._disable(reason)
+                return self.original(*args, **kwargs)
+            self.verified = True
+
+        lm_head = self.capture.lm_head
+        if shift_labels is None:
+            padded = nn.functional.pad(labels, (0, 1), value=ignore_index)
+            shift_labels = padded[..., 1:]
+        target = shift_labels.reshape(-1).to(hidden.device)
+        h = hidden.reshape(-1, hidden.shape[-1])
+        if self.scale is not None:
+            h = h * self.scale
+        loss = fused_linear_cross_entropy(
+            h,
+            lm_head.weight,
+            target,
+            lm_head.bias,
+            ignore_index=ignore_index,
+            softcap=self.softcap,
+            num_items_in_batch=num_items_in_batch,
+            backend=self.backend,
+        )
+        aux = getattr(out, "aux_loss", None)
+        coef = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", None))
+        if aux is not None and coef:
+            loss = loss + coef * aux.to(loss.device)
+        out["loss"] = loss
+        out["logits"] = None
+        return out.to_tuple() if want_tuple else out
+
+
+def apply(ctx) -> None:
+    """Install the fused loss on ``ctx.model`` if it is a causal LM this mechanism fits."""
+    model, report = ctx.model, ctx.report
+    name = type(model).__name__
+    try:
+        lm_head = model.get_output_embeddings()
+    except Exception:  # some models raise NotImplementedError
+        lm_head = None
+    if lm_head is None:
+        report.skip(FEATURE, name, "the model has no output embedding (not a causal LM head model)")
+        return
+    if type(lm_head) is not nn.Linear:
+        report.skip(
+            FEATURE,
+            "lm_head",
+            f"the output embedding is {type(lm_head).__name__}, not a plain nn.Linear "
+            "(an adapter or quantised layer on lm_head keeps the unfused loss)",
+        )
+        return
+    if type(lm_head.weight) is not nn.Parameter and type(lm_head.weight) is not torch.Tensor:
+        report.skip(FEATURE, "lm_head", f"the output embedding's weight is a {type(lm_head.weight).__name__} (sharded?)")
+        return
+    params = inspect.signature(model.forward).parameters
+    if "labels" not in params:
+        report.skip(FEATURE, name, "its forward takes no labels")
+        return
+    if not _uses_causal_lm_loss(model):
+        report.skip(FEATURE, name, f"its loss is not transformers' ForCausalLMLoss (loss_type={model.loss_type!r})")
+        return
+    scale, softcap = _logit_transform(model.config)
+    if scale is not None and lm_head.bias is not None:
+        report.skip(FEATURE, name, "scaled logits with an lm_head bias are not supported by the fused loss")
+        return
+
+    backend = ctx.options["backend"]
+    capture = _Capture(lm_head, lm_head.forward)
+    fwd = FusedLossForward(model, model.forward, capture, backend, scale, softcap)
+    ctx.swap(lm_head, "forward", capture)
+    ctx.swap(model, "forward", fwd)
+
+    device = lm_head.weight.device
+    if backend == "auto":
+        where = backends.select(OP_FLCE, device, "auto").backend
+        how = f"backend auto ({where} on {device.type})"
+    else:
+        how = f"backend {backend}"
+    extras = []
+    if softcap is not None:
+        extras.append(f"softcap={softcap:g}")
+    if scale is not None:
+        extras.append(f"logit scale={scale:g}")
+    if lm_head.bias is not None:
+        extras.append("lm_head bias")
+    if lm_head.weight is getattr(model.get_input_embeddings(), "weight", None):
+        extras.append("tied embeddings")
+    mtype = getattr(model.config, "model_type", "?")
+    family = f"{mtype}, tested family" if mtype in VERIFIED_FAMILIES else f"{mtype}, generic (family not in the test suite)"
+    detail = f"fused linear cross-entropy, {how}; logits=None when training with labels [{family}]"
+    if extras:
+        detail += "; " + ", ".join(extras)
+    report.add(FEATURE, f"lm_head + forward ({name})", detail)

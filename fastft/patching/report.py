@@ -1,0 +1,56 @@
+"""What :func:`fastft.patch` did: each accelerated module or forward, and each one left alone with the reason."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+
+
+@dataclass(frozen=True)
+class Patched:
+    feature: str  # "loss", "lora", "quant", "checkpointing", ...
+    target: str  # module path or forward that was swapped, e.g. "lm_head + forward (LlamaForCausalLM)"
+    detail: str  # what it got: the op, backend, options
+
+
+@dataclass(frozen=True)
+class Skipped:
+    feature: str
+    target: str
+    reason: str
+
+
+@dataclass
+class PatchReport:
+    model: str = ""
+    patched: list[Patched] = field(default_factory=list)
+    skipped: list[Skipped] = field(default_factory=list)
+
+    def add(self, feature: str, target: str, detail: str) -> None:
+        self.patched.append(Patched(feature, target, detail))
+
+    def skip(self, feature: str, target: str, reason: str) -> None:
+        self.skipped.append(Skipped(feature, target, reason))
+
+    def features(self) -> set[str]:
+        """Features that patched at least one module."""
+        return {p.feature for p in self.patched}
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.model,
+            "patched": [asdict(p) for p in self.patched],
+            "skipped": [asdict(s) for s in self.skipped],
+        }
+
+    def __str__(self) -> str:
+        lines = [f"fastft patch report for {self.model}: {len(self.patched)} patched, {len(self.skipped)} not patched"]
+        rows = [("", "feature", "target", "detail / reason")]
+        rows += [("+", p.feature, p.target, p.detail) for p in self.patched]
+        rows += [("-", s.feature, s.target, s.reason) for s in self.skipped]
+        w1 = max(len(r[1]) for r in rows)
+        w2 = min(max(len(r[2]) for r in rows), 60)
+        for mark, feat, target, text in rows:
+            lines.append(f"  {mark:1} {feat:<{w1}}  {target:<{w2}}  {text}")
+        return "\n".join(lines)
+
+    __repr__ = __str__
