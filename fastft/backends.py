@@ -133,7 +133,7 @@ def select(op: str, device: torch.device | str, backend: str | None = "auto") ->
         ok, why = _can_run(b, op, device, forced=False)
         if ok:
             if skipped:
-                why = f"{why} ({'; '.join(skipped)})"
+                why = f"{why} [not {'; not '.join(skipped)}]"
             return Choice(b, why)
         skipped.append(f"{b}: {why}")
     raise BackendUnavailable(f"{op}: no backend can run on {device}: {'; '.join(skipped)}")  # pragma: no cover

@@ -124,43 +124,61 @@ def ce_rows_torch(
     be ``logits`` itself, for an in-place gradient).
     """
     N, V = logits.shape
-    x = logits.float()  # aliases logits when they are fp32: only read from x until the loss is done
-    tanh = None
-    if softcap is not None:
-        tanh = torch.tanh(x / softcap)
-        x = tanh * softcap
     counted = target != ignore_index
     valid = (target >= 0) & (target < V)
     safe_t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
-    lse = torch.logsumexp(x, dim=-1)
-    z_t = x.gather(1, safe_t).squeeze(1)
+    nan = torch.full((N,), float("nan"), device=logits.device)
+
+    if grad_scale is None:  # loss only: never write into the caller's logits
+        z = logits.float()
+        tanh = None
+        if softcap is not None:
+            z = torch.tanh(z / softcap).mul_(softcap)
+        lse = torch.logsumexp(z, dim=-1)
+        z_t = z.gather(1, safe_t).squeeze(1)
+        mean_z = z.mean(dim=-1) if label_smoothing else None
+    else:
+        # One fp32 working buffer of (N, V) holds z, then exp(z - max), then the gradient:
+        # grad_out itself when it is fp32 (it may be logits), else an fp32 copy of the logits.
+        if grad_out.dtype == torch.float32:
+            work = grad_out
+            if work.data_ptr() != logits.data_ptr():
+                work.copy_(logits)
+        else:
+            work = logits.float()
+        tanh = None
+        if softcap is not None:
+            tanh = torch.tanh(work.div_(softcap))  # (N, V) extra buffer, softcap only
+            torch.mul(tanh, softcap, out=work)
+        z_t = work.gather(1, safe_t).squeeze(1)
+        mean_z = work.mean(dim=-1) if label_smoothing else None
+        m = work.amax(dim=-1, keepdim=True)
+        work.sub_(m).exp_()
+        sumexp = work.sum(dim=-1)
+        lse = m.squeeze(1) + sumexp.log()
+
     loss = (1.0 - label_smoothing) * (lse - z_t)
     if label_smoothing:
-        loss = loss + label_smoothing * (lse - x.mean(dim=-1))
+        loss = loss + label_smoothing * (lse - mean_z)
     if z_loss:
         loss = loss + z_loss * lse.square()
-    nan = torch.full_like(loss, float("nan"))
     loss = torch.where(counted, torch.where(valid, loss, nan), torch.zeros_like(loss))
+
     if grad_scale is not None:
         # per-row factor: upstream grad, zero on ignored rows, NaN on out-of-range ones
         row = grad_scale.float().expand(N) * torch.where(counted, torch.where(valid, 1.0, nan), 0.0)
-        if grad_out.dtype == torch.float32:
-            g = grad_out  # may be logits itself: elementwise in place is safe
-        elif x is not logits:
-            g = x  # our own fp32 working copy
-        else:  # pragma: no cover - x aliases logits only when they are fp32
-            g = torch.empty_like(x)
-        torch.sub(x, lse.unsqueeze(1), out=g).exp_()  # softmax
+        # dL/dz = softmax * (1 + 2 c lse) - (1 - eps) onehot - eps / V, all times row
+        p_factor = row / sumexp
         if z_loss:
-            g.mul_((1.0 + 2.0 * z_loss * lse).unsqueeze(1))
-        g.scatter_add_(1, safe_t, torch.full_like(z_t, -(1.0 - label_smoothing)).unsqueeze(1))
+            p_factor = p_factor * (1.0 + 2.0 * z_loss * lse)
+        work.mul_(p_factor.unsqueeze(1))
+        work.scatter_add_(1, safe_t, (-(1.0 - label_smoothing) * row).unsqueeze(1))
         if label_smoothing:
-            g.sub_(label_smoothing / V)
+            work.sub_((label_smoothing / V * row).unsqueeze(1))
         if tanh is not None:
-            g.mul_(1.0 - tanh.square())
-        g.mul_(row.unsqueeze(1))
-        if g is not grad_out:
-            grad_out.copy_(g)
+            work.mul_(tanh.square_().neg_().add_(1.0))
+        if work is not grad_out:
+            grad_out.copy_(work)
     return loss, lse
 
 
@@ -319,7 +337,7 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------
 # fused linear cross-entropy: never materialises the (tokens, V) logits
 # --------------------------------------------------------------------------------------
-def chunk_rows(n_tokens: int, vocab: int, hidden: int, *, budget_mb: float | None = None) -> int:
+def chunk_rows(n_tokens: int, vocab: int, itemsize: int = 4, *, budget_mb: float | None = None) -> int:
     """Tokens per chunk so that one chunk's logits stay within a memory budget.
 
     A chunk holds its logits in the input dtype plus an fp32 working copy that
@@ -330,7 +348,8 @@ def chunk_rows(n_tokens: int, vocab: int, hidden: int, *, budget_mb: float | Non
     """
     if budget_mb is None:
         budget_mb = float(os.environ.get("FASTFT_CE_CHUNK_MB", "64"))
-    rows = int(budget_mb * 2**20 // (vocab * 10))
+    per_elem = 4 if itemsize == 4 else itemsize + 4  # fp32: in place; else logits + an fp32 working copy
+    rows = int(budget_mb * 2**20 // (vocab * per_elem))
     rows = max(16, min(rows, 8192))
     rows = 1 << (rows.bit_length() - 1)  # a power of two, for steady GEMM shapes
     return max(1, min(rows, n_tokens))
@@ -528,8 +547,11 @@ def fused_linear_cross_entropy(
     h2d = hidden.reshape(-1, H)
     if not h2d.is_contiguous():
         h2d = h2d.contiguous()
+    if not torch.is_grad_enabled():  # forward sees requires_grad even under no_grad: skip the eager gradients
+        h2d, weight = h2d.detach(), weight.detach()
+        bias = bias.detach() if bias is not None else None
     t1d = target.reshape(-1)
-    chunk = chunk_rows(h2d.shape[0], V, H)
+    chunk = chunk_rows(h2d.shape[0], V, h2d.element_size())
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         out = _FusedLinearCrossEntropy.apply(
             h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk

@@ -88,6 +88,13 @@ class _Capture:
         self.original = original
         self.local = threading.local()
 
+    def __getstate__(self):  # deepcopy / pickle: the thread-local scratch is not state
+        return {k: v for k, v in self.__dict__.items() if k != "local"}
+
+    def __setstate__(self, state):
+        self.__dict__.update(state)
+        self.local = threading.local()
+
     def armed(self) -> bool:
         return getattr(self.local, "armed", False)
 
@@ -207,8 +214,8 @@ class FusedLossForward:
         coef = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", None))
         if aux is not None and coef:
             loss = loss + coef * aux.to(loss.device)
-        out["loss"] = loss
-        out["logits"] = None
+        fields = {k: v for k, v in out.items() if k not in ("loss", "logits")}
+        out = type(out)(loss=loss, logits=None, **fields)
         return out.to_tuple() if want_tuple else out
 
 

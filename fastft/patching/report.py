@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from dataclasses import asdict, dataclass, field
 
 
@@ -43,10 +44,11 @@ class PatchReport:
         }
 
     def __str__(self) -> str:
+        """A table; modules that differ only by layer index and got the same treatment share a row."""
         lines = [f"fastft patch report for {self.model}: {len(self.patched)} patched, {len(self.skipped)} not patched"]
         rows = [("", "feature", "target", "detail / reason")]
-        rows += [("+", p.feature, p.target, p.detail) for p in self.patched]
-        rows += [("-", s.feature, s.target, s.reason) for s in self.skipped]
+        rows += [("+", *r) for r in _grouped((p.feature, p.target, p.detail) for p in self.patched)]
+        rows += [("-", *r) for r in _grouped((s.feature, s.target, s.reason) for s in self.skipped)]
         w1 = max(len(r[1]) for r in rows)
         w2 = min(max(len(r[2]) for r in rows), 60)
         for mark, feat, target, text in rows:
@@ -54,3 +56,12 @@ class PatchReport:
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _grouped(entries):
+    """Collapse ``layers.3.q_proj`` / ``layers.4.q_proj`` with the same text into ``layers.*.q_proj (x2)``."""
+    groups: dict[tuple[str, str, str], int] = {}
+    for feature, target, text in entries:
+        key = (feature, re.sub(r"\.\d+\.", ".*.", target), text)
+        groups[key] = groups.get(key, 0) + 1
+    return [(f, t if n == 1 else f"{t} (x{n})", x) for (f, t, x), n in groups.items()]

@@ -1,0 +1,426 @@
+"""Small shared harness for the fastft benchmarks (stdlib + torch only).
+
+What it offers, and what every bench script in this folder relies on:
+
+* :func:`env_info` - where and with what a result was produced (device, cores, package
+  versions, git sha, UTC time). Never fails because something is missing.
+* :func:`time_fn` - median / p20 / p80 wall time of a callable, in ms, with a CUDA
+  synchronisation around every repetition.
+* :func:`measure_peak_memory` - peak memory of *one* call above the memory held just
+  before it, to be run in a fresh process (see :func:`launch_isolated`):
+
+  - CUDA: ``torch.cuda.reset_peak_memory_stats`` then ``max_memory_allocated`` minus
+    ``memory_allocated`` before the call (caching-allocator bytes, not ``nvidia-smi``).
+  - CPU: ``VmHWM`` (peak resident set) after the call minus ``VmRSS`` before it, read
+    from ``/proc/self/status``. The peak is reset first by writing ``5`` to
+    ``/proc/self/clear_refs`` where the kernel allows it; where it does not, the
+    result is only exact when the call raises the process's peak, which is why the
+    call measured must be the first large one in a fresh process, before any
+    full-size warm-up (which would also leave freed memory cached by the allocator).
+
+* :func:`launch_isolated` / :func:`collect_isolated` / :func:`run_isolated` - run a
+  bench script again in a fresh ``python`` with extra arguments; the child reports with
+  :func:`emit_worker_result` (one marked JSON line on stdout).
+* :func:`write_result` - atomically write ``bench/results/<name>-<device-slug>.json``
+  (the latest run for that device; runs on other devices do not overwrite it).
+* :func:`markdown_table` - render rows for the terminal / a PR description.
+"""
+
+from __future__ import annotations
+
+import gc
+import importlib.metadata
+import json
+import os
+import platform
+import re
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from datetime import datetime, timezone
+from typing import Any
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_ROOT = os.path.dirname(BENCH_DIR)
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+SCRATCH_RESULTS_DIR = os.path.join(RESULTS_DIR, "tmp")  # git-ignored: for --quick runs
+
+RESULT_MARKER = "@@FASTFT_BENCH_RESULT@@ "
+
+# distribution name -> import name (only used when the distribution metadata is missing)
+_PACKAGES = {
+    "torch": "torch",
+    "triton": "triton",
+    "transformers": "transformers",
+    "peft": "peft",
+    "fastft": "fastft",
+    "liger-kernel": "liger_kernel",
+    "bitsandbytes": "bitsandbytes",
+    "numpy": "numpy",
+}
+
+
+# --------------------------------------------------------------------------------------
+# environment
+# --------------------------------------------------------------------------------------
+def _cpu_model() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.lower().startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine() or "unknown-cpu"
+
+
+def _package_version(dist: str) -> str | None:
+    mod = sys.modules.get(_PACKAGES.get(dist, dist))
+    if mod is not None and isinstance(getattr(mod, "__version__", None), str):
+        return mod.__version__  # already imported: the version actually running
+    try:
+        return importlib.metadata.version(dist)
+    except Exception:
+        return None
+
+
+def git_sha() -> str:
+    """``git rev-parse HEAD`` of the repo, ``-dirty`` when tracked files differ; ``unknown`` on failure.
+
+    Read-only: ``--no-optional-locks`` keeps ``git status`` from refreshing the index, so a
+    bench never writes to the checkout's ``.git``. Untracked files do not count as dirty.
+    """
+    try:
+        sha = subprocess.run(
+            ["git", "-C", REPO_ROOT, "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10, check=True
+        ).stdout.strip()
+        if not sha:
+            return "unknown"
+        status = subprocess.run(
+            ["git", "--no-optional-locks", "-C", REPO_ROOT, "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+            check=True,
+        ).stdout
+        return sha + ("-dirty" if status.strip() else "")
+    except Exception:
+        return "unknown"
+
+
+def resolve_device(device: str) -> str:
+    """``auto`` -> ``cuda`` when available else ``cpu``; ``cuda`` without a GPU raises."""
+    import torch
+
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda was asked for but torch.cuda.is_available() is False")
+    return device
+
+
+def device_name(device: str) -> str:
+    if str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.get_device_name(torch.device(device))
+    return _cpu_model()
+
+
+def device_slug(device: str) -> str:
+    """Filesystem-safe id of the device, e.g. ``cpu-amd-epyc`` or ``cuda-nvidia-h100-80gb-hbm3``."""
+    kind = "cuda" if str(device).startswith("cuda") else "cpu"
+    slug = re.sub(r"[^a-z0-9]+", "-", f"{kind} {device_name(device)}".lower()).strip("-")
+    return slug[:80] or kind
+
+
+def env_info(device: str = "cpu") -> dict[str, Any]:
+    """Where a result comes from. Every field is best effort; missing packages give None."""
+    info: dict[str, Any] = {
+        "device": str(device),
+        "device_name": None,
+        "cpu": _cpu_model(),
+        "cores": os.cpu_count(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "versions": {dist: _package_version(dist) for dist in _PACKAGES},
+        "git_sha": git_sha(),
+        "timestamp_utc": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+    try:
+        info["cores_usable"] = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        info["cores_usable"] = None
+    try:
+        import torch
+
+        info["torch_threads"] = torch.get_num_threads()
+        info["cuda_runtime"] = torch.version.cuda
+        if torch.cuda.is_available():
+            info["gpus"] = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
+            if str(device).startswith("cuda"):
+                cap = torch.cuda.get_device_capability(torch.device(device))
+                info["cuda_capability"] = f"{cap[0]}.{cap[1]}"
+    except Exception:
+        pass
+    try:
+        info["device_name"] = device_name(device)
+    except Exception:
+        info["device_name"] = "unknown"
+    return info
+
+
+# --------------------------------------------------------------------------------------
+# timing
+# --------------------------------------------------------------------------------------
+def _percentile(sorted_vals: Sequence[float], q: float) -> float:
+    """Linear interpolation between closest ranks (numpy's default), q in [0, 100]."""
+    if not sorted_vals:
+        return float("nan")
+    pos = (len(sorted_vals) - 1) * q / 100.0
+    lo = int(pos)
+    hi = min(lo + 1, len(sorted_vals) - 1)
+    return sorted_vals[lo] + (sorted_vals[hi] - sorted_vals[lo]) * (pos - lo)
+
+
+def _sync_for(device) -> Callable[[], None]:
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        return torch.cuda.synchronize
+    return lambda: None
+
+
+def time_fn(fn: Callable[[], Any], warmup: int, reps: int, *, device=None) -> dict[str, Any]:
+    """Run ``fn`` ``warmup`` times untimed, then ``reps`` times timed (``time.perf_counter``).
+
+    With a CUDA ``device`` the GPU is synchronised before and after every repetition, so
+    each time is the full latency of one call. Returns ms: median, p20, p80, min, and all times.
+    """
+    sync = _sync_for(device)
+    for _ in range(max(0, warmup)):
+        fn()
+    sync()
+    times = []
+    for _ in range(max(1, reps)):
+        sync()
+        t0 = time.perf_counter()
+        fn()
+        sync()
+        times.append((time.perf_counter() - t0) * 1e3)
+    s = sorted(times)
+    return {
+        "median_ms": _percentile(s, 50),
+        "p20_ms": _percentile(s, 20),
+        "p80_ms": _percentile(s, 80),
+        "min_ms": s[0],
+        "reps": len(times),
+        "warmup": max(0, warmup),
+        "times_ms": times,
+    }
+
+
+# --------------------------------------------------------------------------------------
+# memory (call inside a fresh process)
+# --------------------------------------------------------------------------------------
+def _proc_status_kb(field: str) -> int | None:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith(field + ":"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _reset_peak_rss() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0: ``echo 5 > /proc/self/clear_refs``)."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        return False
+    hwm, rss = _proc_status_kb("VmHWM"), _proc_status_kb("VmRSS")
+    return hwm is not None and rss is not None and hwm <= rss + 64  # a page or two of slack
+
+
+def measure_peak_memory(fn: Callable[[], Any], device, *, prime: Callable[[], Any] | None = None) -> dict[str, Any]:
+    """Peak memory of one call of ``fn`` above what the process holds right before it.
+
+    Call it in a fresh process once the inputs exist. ``prime`` (optional) runs first and is
+    excluded: on CUDA pass a full-size call (Triton compilation, autotuning, cuBLAS
+    workspaces; the peak counter is reset afterwards, and ``prime`` must free what it
+    leaves behind, e.g. ``.grad``); on CPU pass only a *tiny* call, to page in library code
+    and start thread pools - a full-size CPU warm-up would leave freed memory in the
+    allocator's caches and hide part of the next call's peak.
+    Returns MiB: ``peak_mib`` (the number to compare), ``baseline_mib`` and how it was measured.
+    """
+    if prime is not None:
+        prime()
+    gc.collect()
+    if device is not None and str(device).startswith("cuda"):
+        import torch
+
+        dev = torch.device(device)
+        torch.cuda.synchronize(dev)
+        torch.cuda.reset_peak_memory_stats(dev)
+        base = torch.cuda.memory_allocated(dev)
+        fn()
+        torch.cuda.synchronize(dev)
+        peak = torch.cuda.max_memory_allocated(dev)
+        return {
+            "peak_mib": (peak - base) / 2**20,
+            "baseline_mib": base / 2**20,
+            "method": "cuda max_memory_allocated - memory_allocated before (after reset_peak_memory_stats)",
+            "exact": True,
+        }
+    reset = _reset_peak_rss()
+    base_kb = _proc_status_kb("VmRSS")
+    hwm_before = _proc_status_kb("VmHWM")
+    if base_kb is None or hwm_before is None:
+        fn()
+        return {"peak_mib": None, "baseline_mib": None, "method": "unavailable: no /proc/self/status", "exact": False}
+    fn()
+    hwm_after = _proc_status_kb("VmHWM")
+    return {
+        "peak_mib": (hwm_after - base_kb) / 1024,
+        "baseline_mib": base_kb / 1024,
+        "method": "VmHWM after - VmRSS before" + (" (peak reset via clear_refs)" if reset else " (no peak reset)"),
+        # without a reset the number is only exact if the call raised the process's peak
+        "exact": bool(reset or hwm_after > hwm_before),
+    }
+
+
+# --------------------------------------------------------------------------------------
+# isolated subprocesses
+# --------------------------------------------------------------------------------------
+def emit_worker_result(payload: dict[str, Any]) -> None:
+    """Child side: report ``payload`` to :func:`collect_isolated` (one marked JSON line)."""
+    sys.stdout.write(RESULT_MARKER + json.dumps(payload) + "\n")
+    sys.stdout.flush()
+
+
+class IsolatedRun:
+    """A running ``python script args...`` child; see :func:`collect_isolated`."""
+
+    def __init__(self, argv: list[str], env: dict[str, str] | None = None):
+        self.argv = argv
+        self._out = tempfile.TemporaryFile(mode="w+")
+        self._err = tempfile.TemporaryFile(mode="w+")
+        self.proc = subprocess.Popen(
+            argv, stdout=self._out, stderr=self._err, cwd=REPO_ROOT, env=env if env is not None else os.environ.copy()
+        )
+
+
+def launch_isolated(script: str, args: Sequence[str], env: dict[str, str] | None = None) -> IsolatedRun:
+    """Start ``sys.executable script *args`` in a fresh process (same interpreter, repo root as cwd)."""
+    return IsolatedRun([sys.executable, os.path.abspath(script), *map(str, args)], env)
+
+
+def collect_isolated(run: IsolatedRun, timeout: float | None = None) -> dict[str, Any]:
+    """Wait for the child and return the payload of its last :func:`emit_worker_result` line.
+
+    Never raises for a failing child: returns ``{"status": "error", "reason": ...}`` instead.
+    """
+    try:
+        rc = run.proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        run.proc.kill()
+        run.proc.wait()
+        return {"status": "error", "reason": f"timed out after {timeout}s"}
+    run._out.seek(0)
+    run._err.seek(0)
+    out, err = run._out.read(), run._err.read()
+    run._out.close()
+    run._err.close()
+    payload = None
+    for line in out.splitlines():
+        if line.startswith(RESULT_MARKER):
+            payload = json.loads(line[len(RESULT_MARKER) :])
+    if payload is None:
+        tail = (err.strip() or out.strip())[-1500:]
+        return {"status": "error", "reason": f"child exited with code {rc} and no result: {tail}"}
+    return payload
+
+
+def run_isolated(
+    script: str, args: Sequence[str], env: dict[str, str] | None = None, timeout: float | None = None
+) -> dict[str, Any]:
+    return collect_isolated(launch_isolated(script, args, env), timeout)
+
+
+# --------------------------------------------------------------------------------------
+# results
+# --------------------------------------------------------------------------------------
+def result_path(name: str, device: str, results_dir: str | None = None) -> str:
+    return os.path.join(results_dir or RESULTS_DIR, f"{name}-{device_slug(device)}.json")
+
+
+def write_result(
+    name: str, payload: dict[str, Any], *, device: str = "cpu", results_dir: str | None = None, env=None
+) -> str:
+    """Write ``{"name", "env", **payload}`` to ``<results_dir>/<name>-<device-slug>.json`` atomically.
+
+    The file holds the latest run on that kind of device; a run on another device writes
+    another file. Written to a temporary file in the same folder, then ``os.replace``-d,
+    so a reader never sees half a file. Returns the path.
+    """
+    path = result_path(name, device, results_dir)
+    folder = os.path.dirname(path)
+    os.makedirs(folder, exist_ok=True)
+    doc = {"name": name, "env": env if env is not None else env_info(device), **payload}
+    fd, tmp = tempfile.mkstemp(prefix=f".{os.path.basename(path)}.", suffix=".tmp", dir=folder)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(doc, f, indent=2, sort_keys=False, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# printing
+# --------------------------------------------------------------------------------------
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, bool):
+        return "yes" if v else "no"
+    if isinstance(v, float):
+        if v != v:
+            return "nan"
+        a = abs(v)
+        if a == 0:
+            return "0"
+        if a >= 100:
+            return f"{v:.1f}"
+        if a >= 1:
+            return f"{v:.2f}"
+        if a >= 1e-3:
+            return f"{v:.3f}"
+        return f"{v:.2e}"
+    return str(v).replace("|", "\\|")
+
+
+def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple[str, str]]) -> str:
+    """A GitHub markdown table. ``columns``: keys, or ``(key, header)`` pairs; missing values print ``-``."""
+    cols = [(c, c) if isinstance(c, str) else (c[0], c[1]) for c in columns]
+    cells = [[_fmt(r.get(k)) for k, _ in cols] for r in rows]
+    widths = [max([len(h)] + [len(row[i]) for row in cells]) for i, (_, h) in enumerate(cols)]
+    lines = [
+        "| " + " | ".join(h.ljust(w) for (_, h), w in zip(cols, widths)) + " |",
+        "|" + "|".join("-" * (w + 2) for w in widths) + "|",
+    ]
+    lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
+    return "\n".join(lines)
