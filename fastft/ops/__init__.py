@@ -10,10 +10,14 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from .lora import dropout_mask, lora_linear, lora_linear_reference
 
 __all__ = [
     "cross_entropy",
     "cross_entropy_reference",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
+    "lora_linear",
+    "lora_linear_reference",
+    "dropout_mask",
 ]

@@ -99,10 +99,13 @@ def patch(
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     backends.requested(backend)  # ValueError for an unknown name
     device = _model_device(hf_model)
-    if backend != "auto" and loss:
+    if backend != "auto":
         from ..ops.cross_entropy import OP_FLCE
+        from ..ops.lora import OP_LORA
 
-        backends.check_forced(OP_FLCE, device, backend)
+        for op, enabled in ((OP_FLCE, loss), (OP_LORA, lora and wrapper is not None)):
+            if enabled:
+                backends.check_forced(op, device, backend)
 
     unpatch(hf_model)
     options = dict(lora=lora, loss=loss, quant=quant, checkpointing=checkpointing, backend=backend)
@@ -110,9 +113,10 @@ def patch(
     state = PatchState(options=options, report=report)
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
+    from . import lora as lora_feature
     from . import loss as loss_feature
 
-    features = [("loss", loss, loss_feature.apply)]
+    features = [("lora", lora, lora_feature.apply), ("loss", loss, loss_feature.apply)]
     try:
         for name, enabled, apply in features:
             if enabled:
@@ -122,9 +126,8 @@ def patch(
     except BaseException:
         _restore(state)
         raise
-    for name, enabled in (("lora", lora), ("quant", quant)):
-        if enabled:
-            report.skip(name, "model", "not available in this version of fastft (planned); layers keep their forward")
+    if quant:
+        report.skip("quant", "model", "not available in this version of fastft (planned); layers keep their forward")
     if checkpointing is not None:
         report.skip("checkpointing", "model", f"checkpointing={checkpointing!r} is not available in this version")
     object.__setattr__(hf_model, _STATE_ATTR, state)

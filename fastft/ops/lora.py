@@ -1,0 +1,206 @@
+"""Fused LoRA linear: ``y = x W^T + b + s * dropout(x) A^T B^T (+ s * b_B)``.
+
+Shapes: ``x [..., in]``, ``W [out, in]`` (``[in, out]`` with ``fan_in_fan_out``, GPT-2's
+Conv1D), ``A [r, in]``, ``B [out, r]``, ``b [out]``, ``b_B [out]`` (PEFT's ``lora_bias``).
+The LoRA branch runs in ``A``'s dtype (PEFT keeps adapters in fp32 over a bf16 base and
+casts ``x`` the same way), the result comes back in the base layer's dtype.
+
+Dropout (training only; the op is told by ``dropout_p``) applies once, to the LoRA
+branch's input only, unbiased (kept values scaled by ``1 / (1 - p)``). The mask is never
+stored: forward draws a seed and backward regenerates the same mask from it, so memory
+is ``x`` (shared with the caller) plus ``x A^T`` (``[N, r]``), strictly less than PEFT's
+dropped copy of ``x`` plus its mask.
+
+Backward, with ``M`` the scaled mask (ones without dropout), ``xd = x * M``,
+``xa = xd A^T`` (saved) and ``t = s * dY B`` (``[N, r]``)::
+
+    dX  = dY W + (t A) * M
+    dA  = t^T xd
+    dB  = s * dY^T xa
+    db_B = s * sum(dY)          dW = dY^T x, db = sum(dY)   (only when they require grad)
+
+GEMM count: forward 3 (base, ``xd A^T``, ``xa B^T`` accumulated into ``y`` in place),
+backward 4 (``dY W``, ``dY B``, ``t A`` accumulated into ``dX``, ``t^T xd``, ``dY^T xa``)
+plus ``dY^T x`` only for a trainable base. Everything rank-``r`` is tiny next to the base GEMMs.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .. import backends
+
+__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask"]
+
+OP_LORA = "lora_linear"
+backends.register(OP_LORA, ("torch",))
+
+
+# --------------------------------------------------------------------------------------
+# reference (pure PyTorch, autograd): the oracle
+# --------------------------------------------------------------------------------------
+def lora_linear_reference(
+    x, weight, lora_A, lora_B, scaling, *, bias=None, lora_bias=None, mask=None, fan_in_fan_out=False
+):
+    """The formula with autograd, as PEFT computes it. ``mask`` is the scaled dropout mask (or None)."""
+    w = weight.t() if fan_in_fan_out else weight
+    result = nn.functional.linear(x, w, bias)
+    xl = x.to(lora_A.dtype)
+    if mask is not None:
+        xl = xl * mask.to(xl.dtype)
+    lora = nn.functional.linear(nn.functional.linear(xl, lora_A), lora_B, lora_bias) * scaling
+    return (result + lora).to(result.dtype)
+
+
+def dropout_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
+    """The scaled keep-mask (``0`` or ``1/(1-p)``) the torch backend draws for ``seed``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    keep = torch.rand(shape, generator=g, device=device) >= p
+    return keep.to(dtype) * (1.0 / (1.0 - p))
+
+
+# --------------------------------------------------------------------------------------
+# autograd Function (torch backend)
+# --------------------------------------------------------------------------------------
+class _LoraLinear(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out):
+        out_dtype = x2d.dtype
+        w = weight.t() if fan_in_fan_out else weight  # (out, in) view
+        # base: y = x W^T + b, straight into the output
+        y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+        xl = x2d.to(lora_A.dtype)
+        mask = None
+        if p > 0.0:
+            mask = dropout_mask(seed, xl.shape, p, xl.device, xl.dtype)
+            xd = xl * mask
+        else:
+            xd = xl
+        xa = torch.mm(xd, lora_A.t())  # (N, r)
+        if lora_B.dtype == y.dtype:
+            y.addmm_(xa, lora_B.t(), alpha=scaling)
+            if lora_bias is not None:
+                y.add_(lora_bias, alpha=scaling)
+        else:  # adapters in another dtype: add in the promoted dtype, as PEFT does, then cast back
+            lo = torch.mm(xa, lora_B.t())
+            if lora_bias is not None:
+                lo.add_(lora_bias)
+            y = (y + lo * scaling).to(out_dtype)
+        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa)
+        ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
+        ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x2d, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        s, p = ctx.scaling, ctx.p
+        need_x, need_w, need_b, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
+        w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+        dyl = dy.to(lora_B.dtype)
+        t = torch.mm(dyl, lora_B).mul_(s)  # (N, r)
+        mask = None
+        if p > 0.0 and (need_x or need_A):
+            mask = dropout_mask(ctx.seed, x2d.shape, p, x2d.device, lora_A.dtype)
+        dx = dw = db = dA = dB = dlb = None
+        if need_x:
+            dx = torch.mm(dy, w.to(dy.dtype) if w.dtype != dy.dtype else w)  # (N, in)
+            if mask is None and lora_A.dtype == dx.dtype:
+                dx.addmm_(t, lora_A)
+            else:
+                lo = torch.mm(t, lora_A)
+                if mask is not None:
+                    lo.mul_(mask)
+                dx = dx.add_(lo.to(dx.dtype)) if lo.dtype != dx.dtype else dx.add_(lo)
+        if need_A:
+            xd = x2d.to(lora_A.dtype)
+            xd = xd * mask if mask is not None else xd
+            dA = torch.mm(t.t(), xd)  # (r, in)
+        if need_B:
+            dB = torch.mm(dyl.t(), xa).mul_(s)  # (out, r)
+        if need_lb:
+            dlb = dyl.sum(0).mul_(s)
+        if need_w:
+            dw = torch.mm(dy.t(), x2d)  # (out, in)
+            if ctx.fan_in_fan_out:
+                dw = dw.t()
+        if need_b:
+            db = dy.sum(0)
+        return dx, dw, db, dA, dB, dlb, None, None, None, None
+
+
+# --------------------------------------------------------------------------------------
+# public function
+# --------------------------------------------------------------------------------------
+def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state):
+    for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    if quant_state is not None:
+        raise NotImplementedError("quant_state (a 4-bit base weight) is not supported in this version of fastft")
+    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(
+            f"weight, lora_A and lora_B must be 2-D, got shapes {tuple(weight.shape)}, "
+            f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
+        )
+    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+    layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
+    if x.dim() < 1 or x.shape[-1] != in_f:
+        raise ValueError(f"x shape {tuple(x.shape)} does not match weight {tuple(weight.shape)} {layout}: in={in_f}")
+    r = lora_A.shape[0]
+    if lora_A.shape[1] != in_f:
+        raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [r, in] = [{r}, {in_f}]")
+    if tuple(lora_B.shape) != (out_f, r):
+        raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [out, r] = [{out_f}, {r}]")
+    if lora_A.dtype != lora_B.dtype:
+        raise TypeError(f"lora_A dtype {lora_A.dtype} does not match lora_B dtype {lora_B.dtype}")
+    if x.dtype != weight.dtype:
+        raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype}")
+    for name, b, dt in (("bias", bias, weight.dtype), ("lora_bias", lora_bias, lora_B.dtype)):
+        if b is not None:
+            if not torch.is_tensor(b) or tuple(b.shape) != (out_f,):
+                raise ValueError(f"{name} must have shape ({out_f},), got {tuple(getattr(b, 'shape', ()))}")
+            if b.dtype != dt:
+                raise TypeError(f"{name} dtype {b.dtype} does not match {dt}")
+    if isinstance(scaling, bool) or not isinstance(scaling, (int, float)):
+        raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
+    if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
+        raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
+    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_bias", lora_bias)):
+        if t is not None and t.device != x.device:
+            raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+
+
+@torch.compiler.disable
+def lora_linear(
+    x: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    scaling: float,
+    *,
+    bias: torch.Tensor | None = None,
+    lora_bias: torch.Tensor | None = None,
+    dropout_p: float = 0.0,
+    fan_in_fan_out: bool = False,
+    quant_state=None,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T (+ scaling * lora_bias)`` in one autograd node.
+
+    See the module docstring for shapes, dtypes, dropout and the backward. ``dropout_p``
+    is applied whenever it is > 0: pass 0.0 in eval mode (the PEFT patch does).
+    """
+    _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
+    backends.select(OP_LORA, x.device, backend)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, x.shape[-1])
+    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0  # CPU generator: no device sync
+    y = _LoraLinear.apply(
+        x2d, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(dropout_p), seed, bool(fan_in_fan_out)
+    )
+    return y.reshape(*lead, y.shape[-1])

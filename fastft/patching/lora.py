@@ -1,0 +1,139 @@
+"""The LoRA patch: every PEFT LoRA linear layer runs :func:`fastft.ops.lora_linear`.
+
+PEFT's modules and parameters stay exactly as they are (state-dict keys,
+``save_pretrained``, ``merge_and_unload``, ``disable_adapter()``); only each layer's
+``forward`` becomes a :class:`FusedLoraForward`, which checks on every call that the
+layer is in the plain single-adapter state the fused op computes, and otherwise runs
+PEFT's own forward. Dropout > 0 takes the fused path too.
+
+Found by structure: a module with PEFT's ``lora_A``/``lora_B``/``lora_dropout``/``scaling``
+dicts and a ``base_layer`` that is an ``nn.Linear`` or transformers' ``Conv1D``.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+
+from .. import backends
+from ..ops.lora import OP_LORA, lora_linear
+
+FEATURE = "lora"
+
+
+def _is_conv1d(module) -> bool:
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(module, Conv1D)
+
+
+def _base_kind(base) -> str | None:
+    if type(base) is nn.Linear:
+        return "linear"
+    if _is_conv1d(base):
+        return "conv1d"
+    return None
+
+
+def _is_lora_layer(module) -> bool:
+    try:
+        from peft.tuners.lora import LoraLayer
+    except Exception:  # pragma: no cover
+        return False
+    return isinstance(module, LoraLayer) and hasattr(module, "base_layer") and hasattr(module, "lora_A")
+
+
+class FusedLoraForward:
+    """The patched ``forward`` of one PEFT LoRA layer."""
+
+    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool):
+        self.layer = layer
+        self.original = original
+        self.backend = backend
+        self.fan_in_fan_out = fan_in_fan_out
+        self.__wrapped__ = original
+
+    def unfused_reason(self, args, kwargs) -> str | None:
+        """Why this call cannot take the fused path (None when it can)."""
+        layer = self.layer
+        if args or kwargs:
+            return "extra forward arguments (e.g. adapter_names for a mixed batch)"
+        if layer.disable_adapters:
+            return "adapters disabled"
+        if layer.merged:
+            return "adapter merged into the base weight"
+        active = [a for a in layer.active_adapters if a in layer.lora_A]
+        if len(active) != 1:
+            return f"{len(active)} active adapters"
+        if active[0] in getattr(layer, "lora_variant", {}):
+            return f"LoRA variant {type(layer.lora_variant[active[0]]).__name__} (e.g. DoRA)"
+        return None
+
+    def __call__(self, x, *args, **kwargs):
+        if self.unfused_reason(args, kwargs) is not None:
+            return self.original(x, *args, **kwargs)
+        layer = self.layer
+        adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+        lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
+        drop = layer.lora_dropout[adapter]
+        p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
+        if not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != lora_A.weight.dtype:
+            return self.original(x, *args, **kwargs)
+        base = layer.base_layer
+        return lora_linear(
+            x,
+            base.weight,
+            lora_A.weight,
+            lora_B.weight,
+            layer.scaling[adapter],
+            bias=base.bias,
+            lora_bias=lora_B.bias,
+            dropout_p=p,
+            fan_in_fan_out=self.fan_in_fan_out,
+            backend=self.backend,
+        )
+
+
+def _dropout_text(layer) -> str:
+    ps = {float(d.p) for d in layer.lora_dropout.values() if isinstance(d, nn.Dropout)}
+    return f"dropout {max(ps):g} fused (mask regenerated from a seed)" if ps and max(ps) > 0 else "no dropout"
+
+
+def apply(ctx) -> None:
+    root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    backend = ctx.options["backend"]
+    found = 0
+    for name, module in root.named_modules():
+        if not _is_lora_layer(module):
+            continue
+        found += 1
+        base = module.base_layer
+        kind = _base_kind(base)
+        if kind is None:
+            ctx.report.skip(FEATURE, name, f"base layer is {type(base).__name__}: PEFT's forward is kept")
+            continue
+        if not isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
+            ctx.report.skip(FEATURE, name, f"{type(module).__name__} is not a LoRA linear layer")
+            continue
+        variants = [a for a in module.lora_A if a in getattr(module, "lora_variant", {})]
+        if variants:
+            v = type(module.lora_variant[variants[0]]).__name__
+            ctx.report.skip(FEATURE, name, f"LoRA variant {v} (e.g. DoRA) is not fused: PEFT's forward is kept")
+            continue
+        fifo = kind == "conv1d"
+        if kind == "linear" and getattr(module, "fan_in_fan_out", False):
+            ctx.report.skip(FEATURE, name, "fan_in_fan_out=True on an nn.Linear base is not a layout fastft fuses")
+            continue
+        fwd = FusedLoraForward(module, module.forward, backend, fifo)
+        ctx.swap(module, "forward", fwd)
+        device = base.weight.device
+        how = backends.select(OP_LORA, device, backend).backend
+        layout = "Conv1D base (fan_in_fan_out)" if fifo else "Linear base"
+        ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}")
+    if found == 0:
+        where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"
+        ctx.report.skip(FEATURE, "model", where)
+
+
+__all__ = ["apply", "FusedLoraForward", "FEATURE"]

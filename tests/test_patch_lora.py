@@ -1,0 +1,175 @@
+"""fastft.patch on PEFT LoRA models: same numbers as PEFT, PEFT's own API keeps working."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+import fastft
+from fastft.patching.lora import FusedLoraForward
+from fastft.testing import FAMILIES, tiny_batch, tiny_model
+
+VOCAB = 256
+
+
+def _peft_model(family, *, dropout=0.0, seed=0, **lora_kw):
+    base = tiny_model(family, vocab_size=VOCAB, seed=seed)
+    cfg = LoraConfig(
+        r=8, lora_alpha=16, target_modules="all-linear", lora_dropout=dropout, init_lora_weights=False, **lora_kw
+    )
+    return get_peft_model(base, cfg)
+
+
+def _lora_grads(model):
+    return {n: p.grad.detach().clone() for n, p in model.named_parameters() if "lora_" in n and p.grad is not None}
+
+
+def _step(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), _lora_grads(model)
+
+
+def _fused_layers(model):
+    return [m for m in model.modules() if isinstance(m.__dict__.get("forward"), FusedLoraForward)]
+
+
+@pytest.mark.parametrize("loss", [True, False], ids=["with-loss-patch", "lora-only"])
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_loss_and_every_lora_gradient_equal_peft(family, loss):
+    model = _peft_model(family).train()
+    batch = tiny_batch(VOCAB, batch=2, seq=20)
+    ref_loss, ref_grads = _step(model, batch)
+    report = fastft.patch(model, loss=loss)
+    n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+    assert len([p for p in report.patched if p.feature == "lora"]) == n_lora > 0
+    assert len(_fused_layers(model)) == n_lora
+    got_loss, got_grads = _step(model, batch)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    assert got_grads.keys() == ref_grads.keys() and len(got_grads) == 2 * n_lora
+    for name, g in got_grads.items():
+        ref = ref_grads[name]
+        assert ((g - ref).abs().max() / ref.abs().max().clamp(min=1e-8)) <= 1e-4, name
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_eval_logits_equal_with_dropout_configured(family):
+    model = _peft_model(family, dropout=0.3).eval()
+    batch = tiny_batch(VOCAB)
+    ref = model(**batch).logits
+    report = fastft.patch(model)
+    assert "dropout 0.3 fused" in str(report)
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_training_with_dropout_takes_the_fused_path_and_matches_in_expectation():
+    model = _peft_model("qwen2", dropout=0.2).train()
+    batch = tiny_batch(VOCAB)
+    fastft.patch(model)
+    calls = []
+    for layer in _fused_layers(model):
+        fwd = layer.__dict__["forward"]
+        assert fwd.unfused_reason((), {}) is None
+        orig = fwd.original
+        fwd.original = lambda *a, _o=orig, **k: calls.append(1) or _o(*a, **k)
+    torch.manual_seed(0)
+    a = model(**batch).loss
+    b = model(**batch).loss
+    assert not calls  # never fell back to PEFT's forward
+    assert a != b  # a fresh mask per step
+    model.eval()
+    clean = model(**batch).loss
+    model.train()
+    torch.manual_seed(1)
+    mean = torch.stack([model(**batch).loss.detach() for _ in range(30)]).mean()
+    assert abs(mean - clean) < 0.1 * clean
+
+
+def test_rslora_and_lora_bias_follow_peft():
+    model = _peft_model("mistral", use_rslora=True, lora_bias=True).train()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if n.endswith("lora_B.default.bias"):
+                p.normal_()
+    batch = tiny_batch(VOCAB)
+    ref_loss, ref_grads = _step(model, batch)
+    assert any(n.endswith("lora_B.default.bias") for n in ref_grads)
+    fastft.patch(model)
+    got_loss, got_grads = _step(model, batch)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-4, atol=1e-6)
+
+
+def test_trained_patched_adapter_loads_in_plain_peft(tmp_path):
+    model = _peft_model("llama", dropout=0.1).train()
+    fastft.patch(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = tiny_batch(VOCAB)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    fresh = PeftModel.from_pretrained(tiny_model("llama", vocab_size=VOCAB, seed=0), tmp_path).eval()
+    assert not _fused_layers(fresh)
+    torch.testing.assert_close(fresh(**batch).logits, want, rtol=0, atol=0)
+
+
+def test_merge_and_unload_and_disable_adapter():
+    model = _peft_model("phi3").eval()
+    batch = tiny_batch(VOCAB)
+    base_model = model.get_base_model()
+    with model.disable_adapter():
+        plain = model(**batch).logits
+    fastft.patch(model)
+    lora_logits = model(**batch).logits
+    with model.disable_adapter():  # fused layers see disable_adapters and run PEFT's path
+        torch.testing.assert_close(model(**batch).logits, plain, rtol=0, atol=0)
+    merged = model.merge_and_unload()
+    torch.testing.assert_close(merged(**batch).logits, lora_logits, rtol=1e-4, atol=1e-5)
+    assert base_model is merged
+
+
+def test_unfusable_layers_are_reported_or_fall_back():
+    # DoRA: left on PEFT's forward, with the reason
+    dora = _peft_model("llama", use_dora=True)
+    report = fastft.patch(dora)
+    assert not [p for p in report.patched if p.feature == "lora"]
+    reasons = {s.reason for s in report.skipped if s.feature == "lora"}
+    assert any("DoRA" in r for r in reasons)
+
+    # two adapters active at once: falls back per call, same numbers as PEFT
+    model = _peft_model("llama").eval()
+    model.add_adapter("second", LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = tiny_batch(VOCAB)
+    model.base_model.set_adapter(["default", "second"])
+    ref = model(**batch).logits
+    fastft.patch(model)
+    layer = _fused_layers(model)[0]
+    assert "2 active adapters" in layer.__dict__["forward"].unfused_reason((), {})
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=0, atol=0)
+
+    # mixed-batch adapter_names: PEFT's own path
+    model.base_model.set_adapter("default")
+    ids = batch["input_ids"]
+    names = ["default", "second"]
+    want = model(input_ids=ids, adapter_names=names).logits
+    fastft.unpatch(model)
+    torch.testing.assert_close(model(input_ids=ids, adapter_names=names).logits, want, rtol=0, atol=0)
+
+
+def test_unpatch_restores_peft_forwards():
+    model = _peft_model("gemma2")
+    fastft.patch(model)
+    assert _fused_layers(model)
+    fastft.unpatch(model)
+    assert not _fused_layers(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_plain_model_reports_no_lora_layers():
+    report = fastft.patch(tiny_model("llama", vocab_size=VOCAB))
+    assert {s.feature: s.reason for s in report.skipped}["lora"] == "the model has no PEFT LoRA layers"
