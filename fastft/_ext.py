@@ -71,7 +71,7 @@ def module(backend: str):
 def status() -> dict[str, str]:
     """Why each compiled backend is, or is not, usable (for ``fastft info``)."""
     out = {}
-    for backend, (name, ops) in _EXTENSIONS.items():
+    for backend, (_name, ops) in _EXTENSIONS.items():
         if not ops:
             out[backend] = "no op uses it in this version"
         else:

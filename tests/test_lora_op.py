@@ -68,7 +68,9 @@ def test_bf16_base_within_plain_bf16_error(p):
     assert err <= 2 * base + 1e-3
     go = torch.randn_like(oracle)
     for got, pl, orc in zip(
-        _grads(y, (x, b, A, B), go.bfloat16()), _grads(plain, (x, b, A, B), go.bfloat16()), _grads(oracle, (f32[0], f32[2], f32[3], f32[4]), go)
+        _grads(y, (x, b, A, B), go.bfloat16()),
+        _grads(plain, (x, b, A, B), go.bfloat16()),
+        _grads(oracle, (f32[0], f32[2], f32[3], f32[4]), go),
     ):
         assert got.dtype == torch.bfloat16
         assert (got.float() - orc).abs().max() <= 2 * (pl.float() - orc).abs().max() + 1e-2

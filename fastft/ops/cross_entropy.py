@@ -114,6 +114,7 @@ def ce_rows_torch(
     softcap: float | None,
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
+    workspace: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and log-sum-exp of each row of ``logits`` ``(N, V)``; optionally its gradient.
 
@@ -121,7 +122,9 @@ def ce_rows_torch(
     loss 0 on ignored rows and NaN on rows whose target is out of range.
     When ``grad_scale`` (float32, one element or ``(N,)``) is given, writes
     ``grad_scale * dloss/dlogits`` into ``grad_out`` (``(N, V)``, any float dtype; it may
-    be ``logits`` itself, for an in-place gradient).
+    be ``logits`` itself, for an in-place gradient). ``workspace`` (torch backend only) is an
+    optional fp32 ``(N, V)`` buffer used as scratch when ``grad_out`` is not fp32, so that a
+    caller looping over chunks allocates it once.
     """
     N, V = logits.shape
     counted = target != ignore_index
@@ -144,6 +147,8 @@ def ce_rows_torch(
             work = grad_out
             if work.data_ptr() != logits.data_ptr():
                 work.copy_(logits)
+        elif workspace is not None:
+            work = workspace.copy_(logits)
         else:
             work = logits.float()
         tanh = None
@@ -337,26 +342,61 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------
 # fused linear cross-entropy: never materialises the (tokens, V) logits
 # --------------------------------------------------------------------------------------
-def chunk_rows(n_tokens: int, vocab: int, itemsize: int = 4, *, budget_mb: float | None = None) -> int:
+def chunk_rows(
+    n_tokens: int, vocab: int, itemsize: int = 4, *, budget_mb: float | None = None, fp32_scratch: bool = True
+) -> int:
     """Tokens per chunk so that one chunk's logits stay within a memory budget.
 
-    A chunk holds its logits in the input dtype plus an fp32 working copy that
-    becomes the gradient in place: about ``rows * V * (2 + 4 + 4)`` bytes at most.
-    The default budget (``FASTFT_CE_CHUNK_MB``, 64 MiB) keeps the loss's transient
-    memory a few percent of materialising ``(tokens, V)`` fp32 logits and their
-    gradient, while each GEMM stays large enough to run at full speed.
+    One buffer of ``rows x V`` in the input dtype holds each chunk's logits and then,
+    in place, their gradient; it is reused for every chunk. The torch path with a
+    non-fp32 input adds an fp32 scratch copy (``fp32_scratch``). Worked example: V =
+    128256 in fp32 with the default budget (``FASTFT_CE_CHUNK_MB`` = 64 MiB): 130 rows,
+    rounded down to 128 -> 62.6 MiB, against 1 GiB for 2048 tokens of fp32 logits (and
+    as much again for their gradient) on the unfused path. The fp32 ``grad_weight``
+    accumulator (V x H x 4 bytes) comes on top and dominates for large hidden sizes.
+    Rows are a power of two between 16 and 8192, so the GEMM shapes stay steady.
     """
     if budget_mb is None:
         budget_mb = float(os.environ.get("FASTFT_CE_CHUNK_MB", "64"))
-    per_elem = 4 if itemsize == 4 else itemsize + 4  # fp32: in place; else logits + an fp32 working copy
+    # the logits buffer, plus an fp32 scratch copy when the row kernel needs one (torch path, non-fp32)
+    per_elem = itemsize + (4 if fp32_scratch and itemsize != 4 else 0)
     rows = int(budget_mb * 2**20 // (vocab * per_elem))
     rows = max(16, min(rows, 8192))
     rows = 1 << (rows.bit_length() - 1)  # a power of two, for steady GEMM shapes
     return max(1, min(rows, n_tokens))
 
 
-def _linear(h, weight, bias):
-    return torch.nn.functional.linear(h, weight, bias)
+def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad_h, grad_w, grad_b, loss_rows=None):
+    """For each chunk of tokens: logits = h W^T + b into one reused buffer, the row kernel
+    turns them into ``row_scale * dloss/dlogits`` in place, then grad_h[chunk] = g W,
+    grad_w += g^T h and grad_b += sum(g) (fp32 accumulators). Reusing the buffers matters
+    on the CPU: a fresh 64+ MiB allocation per chunk costs page faults on every touch.
+    ``row_scale(s, e)`` gives the fp32 upstream factor (1 element, or e - s)."""
+    N = h2d.shape[0]
+    V = weight.shape[0]
+    buf = torch.empty(min(chunk, N), V, device=h2d.device, dtype=h2d.dtype)
+    ws = None
+    if rows is ce_rows_torch and buf.dtype != torch.float32:
+        ws = torch.empty(buf.shape, device=buf.device, dtype=torch.float32)
+    wt = weight.t()
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        hc = h2d[s:e]
+        g = buf[: e - s]
+        if bias is not None:
+            torch.addmm(bias, hc, wt, out=g)
+        else:
+            torch.mm(hc, wt, out=g)
+        extra = {"workspace": ws[: e - s]} if ws is not None else {}
+        lr, _ = rows(g, target[s:e], **opts, grad_scale=row_scale(s, e), grad_out=g, **extra)
+        if loss_rows is not None:
+            loss_rows[s:e] = lr
+        if grad_h is not None:
+            torch.mm(g, weight, out=grad_h[s:e])
+        if grad_w is not None:
+            _accumulate_grad_weight(grad_w, g, hc)
+        if grad_b is not None:
+            grad_b.add_(g.sum(0, dtype=torch.float32))
 
 
 def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.Tensor):
@@ -409,24 +449,17 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
         grad_h = torch.empty_like(h2d) if (eager and need_h) else None
         grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if (eager and need_w) else None
         grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if (eager and need_b) else None
-        for s in range(0, N, chunk):
-            e = min(s + chunk, N)
-            hc = h2d[s:e]
-            logits = _linear(hc, weight, bias)  # (n, V) in the input dtype
-            if eager:
-                # the chunk's gradient overwrites its logits (computed in fp32 inside the row kernel)
-                lr, _ = rows(logits, target[s:e], **opts, grad_scale=scale.reshape(1), grad_out=logits)
-                g = logits
-                if grad_h is not None:
-                    torch.mm(g, weight, out=grad_h[s:e])
-                if grad_w is not None:
-                    _accumulate_grad_weight(grad_w, g, hc)
-                if grad_b is not None:
-                    grad_b.add_(g.sum(0, dtype=torch.float32))
-            else:
-                lr, _ = rows(logits, target[s:e], **opts)
-            loss_rows[s:e] = lr
-            del logits
+        if eager:
+            one = scale.reshape(1)
+            _chunked_grads(
+                h2d, weight, bias, target, opts, rows, chunk, lambda s, e: one, grad_h, grad_w, grad_b, loss_rows
+            )
+        else:
+            for s in range(0, N, chunk):
+                e = min(s + chunk, N)
+                logits = torch.nn.functional.linear(h2d[s:e], weight, bias)
+                loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
+                del logits
 
         if reduction == "none":
             out = loss_rows
@@ -469,18 +502,7 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
             gw = torch.zeros(weight.shape, device=h2d.device, dtype=torch.float32) if need_w else None
             gb = torch.zeros(weight.shape[0], device=h2d.device, dtype=torch.float32) if need_b else None
             go = grad_out.float().reshape(-1)
-            for s in range(0, N, ctx.chunk):
-                e = min(s + ctx.chunk, N)
-                hc = h2d[s:e]
-                g = _linear(hc, weight, bias)
-                ctx.rows(g, target[s:e], **ctx.opts, grad_scale=go[s:e], grad_out=g)
-                if gh is not None:
-                    torch.mm(g, weight, out=gh[s:e])
-                if gw is not None:
-                    _accumulate_grad_weight(gw, g, hc)
-                if gb is not None:
-                    gb.add_(g.sum(0, dtype=torch.float32))
-                del g
+            _chunked_grads(h2d, weight, bias, target, ctx.opts, ctx.rows, ctx.chunk, lambda s, e: go[s:e], gh, gw, gb)
         gw = gw.to(ctx.weight_dtype) if gw is not None else None
         gb = gb.to(ctx.bias_dtype) if gb is not None else None
         return gh, gw, gb, None, None, None, None, None, None
@@ -551,7 +573,14 @@ def fused_linear_cross_entropy(
         h2d, weight = h2d.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
     t1d = target.reshape(-1)
-    chunk = chunk_rows(h2d.shape[0], V, h2d.element_size())
+    if h2d.device.type == "cpu" and reduction != "none":
+        # Ignored tokens add nothing to a summed loss or to any gradient: on the CPU, where
+        # finding them costs no device synchronisation, leave them out of every GEMM
+        # (prompt tokens masked to -100 are often a third or more of an SFT batch).
+        keep = (t1d != ignore_index).nonzero().squeeze(1)
+        if keep.numel() < t1d.numel():
+            h2d, t1d = h2d.index_select(0, keep), t1d.index_select(0, keep)
+    chunk = chunk_rows(h2d.shape[0], V, h2d.element_size(), fp32_scratch=choice.backend == "torch")
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         out = _FusedLinearCrossEntropy.apply(
             h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk

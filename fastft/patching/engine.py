@@ -109,7 +109,9 @@ def patch(
 
     unpatch(hf_model)
     options = dict(lora=lora, loss=loss, quant=quant, checkpointing=checkpointing, backend=backend)
-    report = PatchReport(model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else ""))
+    report = PatchReport(
+        model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
+    )
     state = PatchState(options=options, report=report)
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 

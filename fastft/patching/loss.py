@@ -139,7 +139,9 @@ class FusedLossForward:
         if not torch.is_tensor(logits) or logits.shape[-1] != len(_PROBE):
             return False
         got = logits.reshape(-1, len(_PROBE))[0].float()
-        want = _apply_transform(torch.tensor(_PROBE, dtype=logits.dtype, device=logits.device), self.scale, self.softcap)
+        want = _apply_transform(
+            torch.tensor(_PROBE, dtype=logits.dtype, device=logits.device), self.scale, self.softcap
+        )
         tol = 1e-5 if logits.dtype == torch.float32 else 3e-2
         return bool(torch.allclose(got, want, rtol=tol, atol=tol))
 
@@ -149,12 +151,7 @@ class FusedLossForward:
         labels = kwargs.get("labels")
         if labels is None and args:
             labels = self._bind(args, kwargs).arguments.get("labels")
-        if (
-            labels is None
-            or not model.training
-            or self.disabled_reason is not None
-            or not _uses_causal_lm_loss(model)
-        ):
+        if labels is None or not model.training or self.disabled_reason is not None or not _uses_causal_lm_loss(model):
             return self.original(*args, **kwargs)
 
         bound = self._bind(args, kwargs)
@@ -239,7 +236,9 @@ def apply(ctx) -> None:
         )
         return
     if type(lm_head.weight) is not nn.Parameter and type(lm_head.weight) is not torch.Tensor:
-        report.skip(FEATURE, "lm_head", f"the output embedding's weight is a {type(lm_head.weight).__name__} (sharded?)")
+        report.skip(
+            FEATURE, "lm_head", f"the output embedding's weight is a {type(lm_head.weight).__name__} (sharded?)"
+        )
         return
     params = inspect.signature(model.forward).parameters
     if "labels" not in params:
@@ -275,7 +274,9 @@ def apply(ctx) -> None:
     if lm_head.weight is getattr(model.get_input_embeddings(), "weight", None):
         extras.append("tied embeddings")
     mtype = getattr(model.config, "model_type", "?")
-    family = f"{mtype}, tested family" if mtype in VERIFIED_FAMILIES else f"{mtype}, generic (family not in the test suite)"
+    family = (
+        f"{mtype}, tested family" if mtype in VERIFIED_FAMILIES else f"{mtype}, generic (family not in the test suite)"
+    )
     detail = f"fused linear cross-entropy, {how}; logits=None when training with labels [{family}]"
     if extras:
         detail += "; " + ", ".join(extras)
