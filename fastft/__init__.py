@@ -1,8 +1,8 @@
 """fastft: compiled kernels that make fine-tuning Hugging Face causal LMs faster and lighter.
 
-    report = fastft.patch(model)      # a transformers or PEFT model, before training
-    print(report)                     # what was accelerated, what was not and why
-    fastft.unpatch(model)             # back to the original behaviour
+report = fastft.patch(model)      # a transformers or PEFT model, before training
+print(report)                     # what was accelerated, what was not and why
+fastft.unpatch(model)             # back to the original behaviour
 """
 
 __version__ = "0.1.0"
