@@ -76,7 +76,7 @@ def cross_entropy_reference(
     if softcap is not None:
         x = softcap * torch.tanh(x / softcap)
     counted = t != ignore_index
-    safe_t = torch.where(counted, t, torch.zeros_like(t))
+    safe_t = torch.where(counted, t, torch.zeros_like(t)).long()
     lse = torch.logsumexp(x, dim=-1)
     nll = lse - x.gather(1, safe_t.unsqueeze(1)).squeeze(1)
     loss = (1.0 - label_smoothing) * nll
@@ -129,7 +129,7 @@ def ce_rows_torch(
     N, V = logits.shape
     counted = target != ignore_index
     valid = (target >= 0) & (target < V)
-    safe_t = torch.where(valid, target, torch.zeros_like(target)).unsqueeze(1)
+    safe_t = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
     nan = torch.full((N,), float("nan"), device=logits.device)
 
     if grad_scale is None:  # loss only: never write into the caller's logits
@@ -239,6 +239,11 @@ def _check_target(target: torch.Tensor, lead_shape, V: int, ignore_index: int, w
             )
 
 
+def _index_dtype(target: torch.Tensor) -> torch.Tensor:
+    """int32/int64 targets go to the kernels as they are; other integer dtypes become int64."""
+    return target if target.dtype in (torch.int32, torch.int64) else target.long()
+
+
 def _check_float(name: str, t: torch.Tensor):
     if not torch.is_tensor(t):
         raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
@@ -321,6 +326,7 @@ def cross_entropy(
         raise ValueError(f"logits must have a non-empty last (vocabulary) dimension, got shape {tuple(logits.shape)}")
     V = logits.shape[-1]
     _check_target(target, logits.shape[:-1], V, ignore_index, "logits.shape[:-1]")
+    target = _index_dtype(target)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
     choice = backends.select(OP_CE, logits.device, backend)
@@ -556,6 +562,7 @@ def fused_linear_cross_entropy(
     if hidden.dtype != weight.dtype:
         raise TypeError(f"hidden dtype {hidden.dtype} does not match weight dtype {weight.dtype}")
     _check_target(target, hidden.shape[:-1], V, ignore_index, "hidden.shape[:-1]")
+    target = _index_dtype(target)
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
