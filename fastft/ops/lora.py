@@ -19,6 +19,15 @@ Backward, with ``M`` the scaled mask (ones without dropout), ``xd = x * M``,
     dB  = s * dY^T xa
     db_B = s * sum(dY)          dW = dY^T x, db = sum(dY)   (only when they require grad)
 
+Backends: ``torch`` materialises ``M`` transiently (drawn from ``torch.Generator(seed)``,
+see :func:`dropout_mask`) for the rank-``r`` products. ``triton`` (picked by ``auto`` on
+CUDA tensors) keeps every big GEMM on cuBLAS and, with dropout, runs the three masked
+products ``xd A^T``, ``(t A) * M`` and ``t^T xd`` as Triton kernels that regenerate ``M``
+tile by tile from ``(seed, offset)`` with Philox (:mod:`fastft.kernels.lora`;
+``dropout_mask_triton`` there gives the same mask): neither ``xd`` nor ``M`` ever exists.
+The two backends draw different masks for the same seed; each is identical between its
+forward and backward.
+
 GEMM count: forward 3 (base, ``xd A^T``, ``xa B^T`` accumulated into ``y`` in place),
 backward 4 (``dY W``, ``dY B``, ``t A`` accumulated into ``dX``, ``t^T xd``, ``dY^T xa``)
 plus ``dY^T x`` only for a trainable base. Everything rank-``r`` is tiny next to the base GEMMs.
@@ -34,7 +43,7 @@ from .. import backends
 __all__ = ["lora_linear", "lora_linear_reference", "dropout_mask"]
 
 OP_LORA = "lora_linear"
-backends.register(OP_LORA, ("torch",))
+backends.register(OP_LORA, ("triton", "torch"))
 
 
 # --------------------------------------------------------------------------------------
@@ -62,23 +71,108 @@ def dropout_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> tor
 
 
 # --------------------------------------------------------------------------------------
-# autograd Function (torch backend)
+# the rank-r products, per backend
+# --------------------------------------------------------------------------------------
+class _TorchLoraKernels:
+    """The torch backend's dropout and rank-``r`` products (the Triton one shares the interface).
+
+    ``dropout(seed, p, shape, device, dtype)`` returns a handle the three products take:
+    here the materialised scaled mask (``None`` without dropout), drawn once per forward
+    and once per backward; :class:`_TritonLoraKernels` passes ``(seed, p)`` and never
+    materialises it.
+    """
+
+    name = "torch"
+
+    @staticmethod
+    def dropout(seed, p, shape, device, dtype):
+        return dropout_mask(seed, shape, p, device, dtype) if p > 0.0 else None
+
+    @staticmethod
+    def xa(x2d, lora_A, drop):
+        """``(x * M) A^T`` ``[N, r]`` in ``A``'s dtype."""
+        xl = x2d.to(lora_A.dtype)
+        xd = xl * drop if drop is not None else xl
+        return torch.mm(xd, lora_A.t())
+
+    @staticmethod
+    def dx_add_(dx, t, lora_A, drop):
+        """``dx += (t A) * M`` in place; returns ``dx``."""
+        if drop is None and lora_A.dtype == dx.dtype:
+            return dx.addmm_(t, lora_A)
+        lo = torch.mm(t, lora_A)
+        if drop is not None:
+            lo.mul_(drop)
+        return dx.add_(lo.to(dx.dtype)) if lo.dtype != dx.dtype else dx.add_(lo)
+
+    @staticmethod
+    def dA(t, x2d, lora_A, drop):
+        """``t^T (x * M)`` ``[r, in]`` in ``A``'s dtype."""
+        xd = x2d.to(lora_A.dtype)
+        xd = xd * drop if drop is not None else xd
+        return torch.mm(t.t(), xd)
+
+
+class _TritonLoraKernels(_TorchLoraKernels):
+    """Dropout fused into Triton kernels (:mod:`fastft.kernels.lora`): the mask is regenerated
+    tile by tile from ``(seed, offset)``, never stored. Without dropout there is nothing to
+    fuse and the torch products (cuBLAS) run."""
+
+    name = "triton"
+
+    @staticmethod
+    def dropout(seed, p, shape, device, dtype):
+        return (seed, p) if p > 0.0 else None
+
+    @staticmethod
+    def xa(x2d, lora_A, drop):
+        if drop is None:
+            return _TorchLoraKernels.xa(x2d, lora_A, drop)
+        from ..kernels.lora import lora_xa
+
+        return lora_xa(x2d, lora_A, *drop)
+
+    @staticmethod
+    def dx_add_(dx, t, lora_A, drop):
+        if drop is None:
+            return _TorchLoraKernels.dx_add_(dx, t, lora_A, drop)
+        from ..kernels.lora import lora_dx_add_
+
+        return lora_dx_add_(dx, t, lora_A, *drop)
+
+    @staticmethod
+    def dA(t, x2d, lora_A, drop):
+        if drop is None:
+            return _TorchLoraKernels.dA(t, x2d, lora_A, drop)
+        from ..kernels.lora import lora_dA
+
+        return lora_dA(t.to(lora_A.dtype), x2d, *drop)
+
+
+_TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
+    """The rank-``r`` products for ``backend``: the Triton kernels take fp32/bf16/fp16 (float64
+    runs the torch products, with the torch backend's mask, in forward and backward alike)."""
+    if backend == "triton" and x2d.dtype in _TRITON_DTYPES and lora_A.dtype in _TRITON_DTYPES:
+        return _TritonLoraKernels
+    return _TorchLoraKernels
+
+
+# --------------------------------------------------------------------------------------
+# autograd Function (every backend: the rank-r products come from ``kernels``)
 # --------------------------------------------------------------------------------------
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out):
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels):
         out_dtype = x2d.dtype
         w = weight.t() if fan_in_fan_out else weight  # (out, in) view
         # base: y = x W^T + b, straight into the output
         y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
-        xl = x2d.to(lora_A.dtype)
-        mask = None
-        if p > 0.0:
-            mask = dropout_mask(seed, xl.shape, p, xl.device, xl.dtype)
-            xd = xl * mask
-        else:
-            xd = xl
-        xa = torch.mm(xd, lora_A.t())  # (N, r)
+        drop = kernels.dropout(seed, p, x2d.shape, x2d.device, lora_A.dtype)
+        xa = kernels.xa(x2d, lora_A, drop)  # (N, r)
+        del drop
         if lora_B.dtype == y.dtype:
             y.addmm_(xa, lora_B.t(), alpha=scaling)
             if lora_bias is not None:
@@ -91,33 +185,27 @@ class _LoraLinear(torch.autograd.Function):
         ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
+        ctx.kernels = kernels
         return y
 
     @staticmethod
     def backward(ctx, dy):
         x2d, weight, lora_A, lora_B, xa = ctx.saved_tensors
-        s, p = ctx.scaling, ctx.p
+        s, p, K = ctx.scaling, ctx.p, ctx.kernels
         need_x, need_w, need_b, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
         w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
         dyl = dy.to(lora_B.dtype)
         t = torch.mm(dyl, lora_B).mul_(s)  # (N, r)
-        mask = None
+        drop = None
         if p > 0.0 and (need_x or need_A):
-            mask = dropout_mask(ctx.seed, x2d.shape, p, x2d.device, lora_A.dtype)
+            drop = K.dropout(ctx.seed, p, x2d.shape, x2d.device, lora_A.dtype)
         dx = dw = db = dA = dB = dlb = None
         if need_x:
             dx = torch.mm(dy, w.to(dy.dtype) if w.dtype != dy.dtype else w)  # (N, in)
-            if mask is None and lora_A.dtype == dx.dtype:
-                dx.addmm_(t, lora_A)
-            else:
-                lo = torch.mm(t, lora_A)
-                if mask is not None:
-                    lo.mul_(mask)
-                dx = dx.add_(lo.to(dx.dtype)) if lo.dtype != dx.dtype else dx.add_(lo)
+            dx = K.dx_add_(dx, t, lora_A, drop)
         if need_A:
-            xd = x2d.to(lora_A.dtype)
-            xd = xd * mask if mask is not None else xd
-            dA = torch.mm(t.t(), xd)  # (r, in)
+            dA = K.dA(t, x2d, lora_A, drop)  # (r, in)
+        del drop
         if need_B:
             dB = torch.mm(dyl.t(), xa).mul_(s)  # (out, r)
         if need_lb:
@@ -128,7 +216,7 @@ class _LoraLinear(torch.autograd.Function):
                 dw = dw.t()
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, dA, dB, dlb, None, None, None, None
+        return dx, dw, db, dA, dB, dlb, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -170,7 +258,13 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_i
         raise TypeError(f"scaling must be a number, got {type(scaling).__name__}")
     if isinstance(dropout_p, bool) or not isinstance(dropout_p, (int, float)) or not (0.0 <= dropout_p < 1.0):
         raise ValueError(f"dropout_p must be a number in [0, 1), got {dropout_p!r}")
-    for name, t in (("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B), ("bias", bias), ("lora_bias", lora_bias)):
+    for name, t in (
+        ("weight", weight),
+        ("lora_A", lora_A),
+        ("lora_B", lora_B),
+        ("bias", bias),
+        ("lora_bias", lora_bias),
+    ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
 
@@ -196,11 +290,21 @@ def lora_linear(
     is applied whenever it is > 0: pass 0.0 in eval mode (the PEFT patch does).
     """
     _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
-    backends.select(OP_LORA, x.device, backend)
+    choice = backends.select(OP_LORA, x.device, backend)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0  # CPU generator: no device sync
     y = _LoraLinear.apply(
-        x2d, weight, bias, lora_A, lora_B, lora_bias, float(scaling), float(dropout_p), seed, bool(fan_in_fan_out)
+        x2d,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        lora_bias,
+        float(scaling),
+        float(dropout_p),
+        seed,
+        bool(fan_in_fan_out),
+        _kernels(choice.backend, x2d, lora_A),
     )
     return y.reshape(*lead, y.shape[-1])
