@@ -285,7 +285,10 @@ def main(argv=None) -> int:
     choice = backends.select(ce.OP_FLCE, torch.device(dev), cfg["fastft_backend"])
     cfg["fastft_backend_selected"] = f"{choice.backend} ({choice.reason})"
     cfg["FASTFT_CE_CHUNK_MB"] = os.environ.get("FASTFT_CE_CHUNK_MB", "64 (default)")
-    cfg["fastft_chunk_rows"] = ce.chunk_rows(cfg["tokens"], cfg["vocab"], cfg["hidden"])
+    itemsize = 4 if cfg["dtype"] == "fp32" else 2
+    cfg["fastft_chunk_rows"] = ce.chunk_rows(
+        cfg["tokens"], cfg["vocab"], itemsize, fp32_scratch=choice.backend == "torch"
+    )
     cfg["providers"] = args.provider_list
     print(
         f"cross-entropy bench: tokens={cfg['tokens']} hidden={cfg['hidden']} vocab={cfg['vocab']} "

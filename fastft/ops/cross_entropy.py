@@ -380,19 +380,31 @@ def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad
     ``row_scale(s, e)`` gives the fp32 upstream factor (1 element, or e - s)."""
     N = h2d.shape[0]
     V = weight.shape[0]
-    buf = torch.empty(min(chunk, N), V, device=h2d.device, dtype=h2d.dtype)
+    flat = torch.empty(min(chunk, N) * V, device=h2d.device, dtype=h2d.dtype)
     ws = None
-    if rows is ce_rows_torch and buf.dtype != torch.float32:
-        ws = torch.empty(buf.shape, device=buf.device, dtype=torch.float32)
+    if rows is ce_rows_torch and flat.dtype != torch.float32:
+        ws = torch.empty(min(chunk, N), V, device=flat.device, dtype=torch.float32)
+    # On the CPU, MKL runs the logits GEMM faster as (V, n) = W @ h^T than as (n, V) = h @ W^T
+    # for small n, and grad_w += g^T h then reads g^T contiguously; the row kernel takes the
+    # transposed view. Triton kernels want the vocabulary dimension contiguous.
+    transposed = h2d.device.type == "cpu" and rows is ce_rows_torch
     wt = weight.t()
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
         hc = h2d[s:e]
-        g = buf[: e - s]
-        if bias is not None:
-            torch.addmm(bias, hc, wt, out=g)
+        if transposed:
+            lt = flat[: (e - s) * V].view(V, e - s)
+            if bias is not None:
+                torch.addmm(bias.unsqueeze(1), weight, hc.t(), out=lt)
+            else:
+                torch.mm(weight, hc.t(), out=lt)
+            g = lt.t()
         else:
-            torch.mm(hc, wt, out=g)
+            g = flat[: (e - s) * V].view(e - s, V)
+            if bias is not None:
+                torch.addmm(bias, hc, wt, out=g)
+            else:
+                torch.mm(hc, wt, out=g)
         extra = {"workspace": ws[: e - s]} if ws is not None else {}
         lr, _ = rows(g, target[s:e], **opts, grad_scale=row_scale(s, e), grad_out=g, **extra)
         if loss_rows is not None:
