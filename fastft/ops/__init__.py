@@ -11,6 +11,14 @@ from .cross_entropy import (
     fused_linear_cross_entropy_reference,
 )
 from .lora import dropout_mask, lora_linear, lora_linear_reference
+from .nf4 import (
+    NF4State,
+    as_nf4_state,
+    dequantize_nf4,
+    nf4_matmul,
+    nf4_matmul_reference,
+    quantize_nf4,
+)
 
 __all__ = [
     "cross_entropy",
@@ -20,4 +28,10 @@ __all__ = [
     "lora_linear",
     "lora_linear_reference",
     "dropout_mask",
+    "NF4State",
+    "as_nf4_state",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "nf4_matmul",
+    "nf4_matmul_reference",
 ]

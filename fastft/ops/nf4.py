@@ -1,0 +1,544 @@
+"""4-bit NormalFloat (NF4) weights, byte-compatible with bitsandbytes.
+
+Format. A weight ``W`` (any shape, ``n`` elements) is flattened and cut into blocks of
+``blocksize`` consecutive elements (the last block may be short). Per block ``b``::
+
+    absmax[b] = max |W_i|                       (fp32; the block's scale)
+    q_i       = nearest code index of W_i / absmax[b] in the 16-entry NF4 table ``code``
+    W~_i      = code[q_i] * absmax[b]            (fp32 product, then cast to the dtype)
+
+"Nearest" is bitsandbytes' rule: bucketize against the fp32 midpoints of consecutive
+codes, a value exactly on a midpoint going to the lower code (full blocks are scaled by
+``x * (1 / absmax)``, the short last block by ``x / absmax``, exactly as bnb does; an
+all-zero block has absmax 0 and codes 7, the zero code). Two codes per byte, the FIRST
+element in the HIGH nibble; an odd ``n`` pads one zero code (7). ``packed`` has shape
+``(ceil(n / 2), 1)``, uint8.
+
+Double quantisation (``double_quant=True``, bnb's ``compress_statistics``) stores the
+absmax itself in 8 bits::
+
+    offset  = mean(absmax)                         (fp32, 0-dim)
+    absmax2 = blockwise absmax of (absmax - offset), blocks of 256
+    qabsmax = 8-bit index into ``code2`` (bnb's signed dynamic map, 256 entries)
+    absmax  ~ code2[qabsmax] * absmax2[b // 256] + offset      (fp32, two roundings)
+
+The 8-bit index follows bnb's CPU quantiser bit for bit: ``x = clamp(v * (1 / absmax2), -1, 1)``
+is mapped onto a 65536-entry grid ``j = trunc((x + 1) * 0.5 * 65535 + 0.5)`` and the grid
+point ``-1 + 2j / 65535`` takes the code whose midpoint interval contains it (a table
+lookup, so not always the exact nearest code; an all-zero block gets index 0).
+
+Ops: :func:`quantize_nf4` (pure PyTorch, any device), :func:`dequantize_nf4` and
+:func:`nf4_matmul` (``y = x W~^T + bias``, ``W~`` of shape ``[N, K]``, computed in
+``x``'s dtype like bnb's ``matmul_4bit``; differentiable in ``x`` and ``bias``:
+``dX = dY W~``). The latter two dispatch through :mod:`fastft.backends` to ``triton``
+(:mod:`fastft.kernels.nf4`), ``cpp`` (:mod:`fastft.kernels.nf4_cpu`) or ``torch`` (the
+reference below), all with one low-level contract on plain tensors with fp32 absmax:
+
+    dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype) -> 1-D [numel]
+    nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias)      -> [M, N] in x2d.dtype
+
+The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+
+from .. import backends
+
+__all__ = [
+    "NF4State",
+    "as_nf4_state",
+    "quantize_nf4",
+    "dequantize_nf4",
+    "nf4_matmul",
+    "nf4_matmul_reference",
+    "dequantize_nf4_torch",
+    "nf4_matmul_torch",
+    "nf4_code",
+    "dynamic_code",
+    "OP_DEQUANT",
+    "OP_NF4_MATMUL",
+]
+
+OP_DEQUANT = "dequantize_nf4"
+OP_NF4_MATMUL = "nf4_matmul"
+backends.register(OP_DEQUANT, ("triton", "cpp", "torch"))
+backends.register(OP_NF4_MATMUL, ("triton", "cpp", "torch"))
+
+# bitsandbytes' get_4bit_type("nf4") (already normalised: max |code| == 1)
+_NF4_VALUES = (
+    -1.0,
+    -0.6961928009986877,
+    -0.5250730514526367,
+    -0.39491748809814453,
+    -0.28444138169288635,
+    -0.18477343022823334,
+    -0.09105003625154495,
+    0.0,
+    0.07958029955625534,
+    0.16093020141124725,
+    0.24611230194568634,
+    0.33791524171829224,
+    0.44070982933044434,
+    0.5626170039176941,
+    0.7229568362236023,
+    1.0,
+)
+_ZERO_CODE = 7
+_DQ_BLOCKSIZE = 256
+_LUT_SIZE = 65536
+_FLOAT_OUT = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def nf4_code(device=None) -> torch.Tensor:
+    """The NF4 table, fp32 [16] (same values as bitsandbytes' ``get_4bit_type("nf4")``)."""
+    return torch.tensor(_NF4_VALUES, dtype=torch.float32, device=device)
+
+
+def _dynamic_values() -> list[float]:
+    # bitsandbytes' create_dynamic_map(signed=True, max_exponent_bits=7, total_bits=8)
+    data: list[float] = []
+    for i in range(7):
+        items = int(2**i + 1)
+        bounds = torch.linspace(0.1, 1, items, dtype=torch.float32)
+        means = (bounds[:-1] + bounds[1:]) / 2.0
+        data += ((10 ** (-6 + i)) * means).tolist()
+        data += (-(10 ** (-6 + i)) * means).tolist()
+    data.append(0)
+    data.append(1.0)
+    data.sort()
+    return data
+
+
+_DYNAMIC = _dynamic_values()
+
+
+def dynamic_code(device=None) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic map, fp32 [256] (the ``code2`` of double quantisation)."""
+    return torch.tensor(_DYNAMIC, dtype=torch.float32, device=device)
+
+
+# --------------------------------------------------------------------------------------
+# state
+# --------------------------------------------------------------------------------------
+@dataclass
+class NF4State:
+    """Everything besides the packed bytes needed to dequantise an NF4 weight.
+
+    ``absmax`` is fp32 ``[nblocks]``, or uint8 ``[nblocks]`` indices into ``code2`` when
+    double-quantised (then ``offset``, ``absmax2`` and ``code2`` are set).
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int
+    absmax: torch.Tensor
+    code: torch.Tensor
+    offset: torch.Tensor | None = None
+    absmax2: torch.Tensor | None = None
+    code2: torch.Tensor | None = None
+    blocksize2: int = _DQ_BLOCKSIZE
+
+    def __post_init__(self):
+        self.shape = torch.Size(self.shape)
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax2 is not None
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def nblocks(self) -> int:
+        return -(-self.numel // self.blocksize)
+
+    @property
+    def device(self) -> torch.device:
+        return self.absmax.device
+
+    def absmax_fp32(self) -> torch.Tensor:
+        """Per-block scales, fp32 ``[nblocks]`` (the double quantisation undone as bnb does it)."""
+        if not self.double_quant:
+            return self.absmax if self.absmax.dtype == torch.float32 else self.absmax.float()
+        q = self.absmax.reshape(-1).long()
+        n = q.numel()
+        bs2 = int(self.blocksize2)
+        nb2 = -(-n // bs2)
+        vals = self.code2.to(device=q.device, dtype=torch.float32)[q]
+        if n % bs2:
+            vals = torch.nn.functional.pad(vals, (0, nb2 * bs2 - n))
+        scales = self.absmax2.to(device=q.device, dtype=torch.float32).reshape(nb2, 1)
+        out = (vals.view(nb2, bs2) * scales).reshape(-1)[:n]
+        return out + self.offset.to(device=q.device, dtype=torch.float32)
+
+    def to(self, device) -> NF4State:
+        def mv(t):
+            return None if t is None else t.to(device)
+
+        return NF4State(
+            shape=self.shape,
+            dtype=self.dtype,
+            blocksize=self.blocksize,
+            absmax=mv(self.absmax),
+            code=mv(self.code),
+            offset=mv(self.offset),
+            absmax2=mv(self.absmax2),
+            code2=mv(self.code2),
+            blocksize2=self.blocksize2,
+        )
+
+    @classmethod
+    def from_bnb(cls, quant_state) -> NF4State:
+        """From a bitsandbytes ``QuantState`` (quant_type ``"nf4"``); shares its tensors."""
+        qt = getattr(quant_state, "quant_type", "nf4")
+        if qt != "nf4":
+            raise ValueError(f"only NF4 quant states are supported, got quant_type={qt!r}")
+        if quant_state.shape is None:
+            raise ValueError("the bitsandbytes QuantState has no shape")
+        state2 = getattr(quant_state, "state2", None)
+        extra = {}
+        if state2 is not None:
+            extra = dict(
+                offset=quant_state.offset,
+                absmax2=state2.absmax,
+                code2=state2.code,
+                blocksize2=int(state2.blocksize),
+            )
+        return cls(
+            shape=torch.Size(quant_state.shape),
+            dtype=quant_state.dtype,
+            blocksize=int(quant_state.blocksize),
+            absmax=quant_state.absmax,
+            code=quant_state.code,
+            **extra,
+        )
+
+    def to_bnb(self):
+        """A bitsandbytes ``QuantState`` sharing these tensors (imports bitsandbytes)."""
+        from bitsandbytes.functional import QuantState
+
+        state2 = None
+        if self.double_quant:
+            state2 = QuantState(absmax=self.absmax2, code=self.code2, blocksize=self.blocksize2, dtype=torch.float32)
+        return QuantState(
+            absmax=self.absmax,
+            shape=self.shape,
+            code=self.code,
+            blocksize=self.blocksize,
+            quant_type="nf4",
+            dtype=self.dtype,
+            offset=self.offset,
+            state2=state2,
+        )
+
+
+def as_nf4_state(obj) -> NF4State:
+    """An :class:`NF4State` from itself or from a bitsandbytes ``QuantState``
+    (e.g. ``layer.weight.quant_state`` of a bnb ``Linear4bit``)."""
+    if isinstance(obj, NF4State):
+        return obj
+    # a bitsandbytes QuantState (duck-typed: bitsandbytes is optional; state2 is absent on
+    # some states that were never double-quantised)
+    if all(hasattr(obj, a) for a in ("absmax", "shape", "code", "blocksize", "dtype")):
+        return NF4State.from_bnb(obj)
+    raise TypeError(f"expected an NF4State or a bitsandbytes QuantState, got {type(obj).__name__}")
+
+
+# --------------------------------------------------------------------------------------
+# validation
+# --------------------------------------------------------------------------------------
+def _check_blocksize(blocksize, name: str = "blocksize") -> int:
+    if isinstance(blocksize, bool) or not isinstance(blocksize, int):
+        raise TypeError(f"{name} must be an int, got {type(blocksize).__name__}")
+    if blocksize < 32 or blocksize > 4096 or blocksize & (blocksize - 1):
+        raise ValueError(f"{name} must be a power of two in [32, 4096], got {blocksize}")
+    return blocksize
+
+
+def _plain(t: torch.Tensor) -> torch.Tensor:
+    """Strip tensor subclasses (nn.Parameter, bnb's Params4bit) to a plain tensor view."""
+    return t.data if isinstance(t, torch.nn.Parameter) or type(t) is not torch.Tensor else t
+
+
+def _check_state(packed, state) -> tuple[torch.Tensor, NF4State]:
+    state = as_nf4_state(state)
+    if not torch.is_tensor(packed):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8 (two NF4 codes per byte), got dtype {packed.dtype}")
+    _check_blocksize(state.blocksize, "state.blocksize")
+    n = state.numel
+    if n <= 0:
+        raise ValueError(f"state.shape {tuple(state.shape)} has no elements")
+    want = -(-n // 2)
+    if packed.numel() != want:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes (shape {tuple(packed.shape)}) but state.shape "
+            f"{tuple(state.shape)} needs ceil({n}/2) = {want}"
+        )
+    if state.absmax.numel() != state.nblocks:
+        raise ValueError(
+            f"state.absmax has {state.absmax.numel()} entries, expected ceil({n}/{state.blocksize}) = {state.nblocks}"
+        )
+    if state.code.numel() != 16:
+        raise ValueError(f"state.code must have 16 entries, got {state.code.numel()}")
+    if state.double_quant:
+        if state.absmax.dtype != torch.uint8:
+            raise TypeError(f"double-quantised state.absmax must be uint8, got {state.absmax.dtype}")
+        if state.offset is None or state.code2 is None:
+            raise ValueError("double-quantised state needs offset, absmax2 and code2")
+        if state.code2.numel() != 256:
+            raise ValueError(f"state.code2 must have 256 entries, got {state.code2.numel()}")
+        nb2 = -(-state.nblocks // int(state.blocksize2))
+        if state.absmax2.numel() != nb2:
+            raise ValueError(f"state.absmax2 has {state.absmax2.numel()} entries, expected {nb2}")
+    elif not state.absmax.dtype.is_floating_point:
+        raise TypeError(f"state.absmax must be floating point without double quantisation, got {state.absmax.dtype}")
+    for name, t in (("state.absmax", state.absmax), ("state.code", state.code)):
+        if t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+    return _plain(packed), state
+
+
+# --------------------------------------------------------------------------------------
+# quantisation (pure PyTorch; bitsandbytes' CPU algorithm)
+# --------------------------------------------------------------------------------------
+def _quantize_8bit_dynamic(A: torch.Tensor, code2: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's CPU ``quantize_blockwise`` (65536-point lookup table): uint8 [n], fp32 absmax [nb]."""
+    n = A.numel()
+    nb = -(-n // blocksize)
+    padded = torch.nn.functional.pad(A, (0, nb * blocksize - n)) if n % blocksize else A
+    am = padded.abs().view(nb, blocksize).amax(dim=1)
+    safe = torch.where(am == 0, torch.ones_like(am), am)
+    inv = (1.0 / safe).repeat_interleave(blocksize)[:n]
+    x = (A * inv).clamp_(-1.0, 1.0)
+    j = x.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5).to(torch.int64)  # trunc, as the C cast
+    mid = (code2[:-1] + code2[1:]) * 0.5
+    grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device=A.device)
+    grid = (2.0 * grid) / float(_LUT_SIZE - 1) - 1.0
+    lut = torch.searchsorted(mid, grid, side="left").to(torch.uint8)
+    q = lut[j]
+    zero = (am == 0).repeat_interleave(blocksize)[:n]
+    return q.masked_fill_(zero, 0), am
+
+
+@torch.no_grad()
+def quantize_nf4(
+    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True
+) -> tuple[torch.Tensor, NF4State]:
+    """Quantise ``weight`` to NF4: ``(packed uint8 [ceil(numel/2), 1], NF4State)``.
+
+    Same bytes and absmax as ``bitsandbytes.functional.quantize_4bit(weight, blocksize=...,
+    compress_statistics=double_quant, quant_type="nf4")``.
+    """
+    if not torch.is_tensor(weight):
+        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
+    if not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
+    _check_blocksize(blocksize)
+    n = weight.numel()
+    if n == 0:
+        raise ValueError(f"weight of shape {tuple(weight.shape)} has no elements")
+    device = weight.device
+    code = nf4_code(device)
+    A = weight.detach().reshape(-1).float()
+    rem = n % blocksize
+    full = n - rem
+    nfull = full // blocksize
+    blk = A[:full].view(nfull, blocksize)
+    absmax = blk.abs().amax(dim=-1) if nfull else A.new_empty(0)
+    scaled = torch.clamp(blk * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
+    if rem:
+        tail = A[full:]
+        am = tail.abs().max()
+        absmax = torch.cat([absmax, am.unsqueeze(0)])
+        scaled = torch.cat([scaled, torch.clamp(tail / am.clamp(min=1e-38), -1, 1)])
+    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
+    if n % 2:
+        q = torch.cat([q, q.new_full((1,), _ZERO_CODE)])
+    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
+
+    state = NF4State(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax, code=code)
+    if double_quant:
+        offset = absmax.mean()
+        code2 = dynamic_code(device)
+        qabsmax, absmax2 = _quantize_8bit_dynamic(absmax - offset, code2, _DQ_BLOCKSIZE)
+        state = NF4State(
+            shape=weight.shape,
+            dtype=weight.dtype,
+            blocksize=blocksize,
+            absmax=qabsmax,
+            code=code,
+            offset=offset,
+            absmax2=absmax2,
+            code2=code2,
+            blocksize2=_DQ_BLOCKSIZE,
+        )
+    return packed, state
+
+
+# --------------------------------------------------------------------------------------
+# torch backend: the low-level contract, pure PyTorch (the reference the kernels match)
+# --------------------------------------------------------------------------------------
+def dequantize_nf4_torch(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    numel: int,
+    out_dtype: torch.dtype,
+) -> torch.Tensor:
+    """``code[nibble_i] * absmax[i // blocksize]`` for ``i < numel`` (fp32 product, then cast): 1-D."""
+    p = packed.reshape(-1)
+    idx = torch.stack((p >> 4, p & 0xF), dim=-1).reshape(-1)[:numel]
+    vals = code.to(dtype=torch.float32)[idx.long()]
+    nb = -(-numel // blocksize)
+    if numel % blocksize:
+        vals = torch.nn.functional.pad(vals, (0, nb * blocksize - numel))
+    out = (vals.view(nb, blocksize) * absmax.to(torch.float32).reshape(nb, 1)).reshape(-1)
+    if numel % blocksize:
+        out = out[:numel]
+    return out.to(out_dtype)
+
+
+def nf4_matmul_torch(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    N: int,
+    K: int,
+    bias: torch.Tensor | None,
+) -> torch.Tensor:
+    """``x2d @ W.T + bias`` with ``W = dequant`` ``[N, K]`` in ``x2d.dtype`` (as bnb's matmul_4bit)."""
+    w = dequantize_nf4_torch(packed, absmax, code, blocksize, N * K, x2d.dtype).view(N, K)
+    if bias is not None and bias.dtype != x2d.dtype:
+        bias = bias.to(x2d.dtype)
+    return torch.nn.functional.linear(x2d, w, bias)
+
+
+def nf4_matmul_reference(x, packed, state, bias=None) -> torch.Tensor:
+    """``x @ dequantize_nf4(packed, state, dtype=x.dtype).T + bias``, with autograd in ``x``."""
+    w = dequantize_nf4(packed, state, dtype=x.dtype, backend="torch")
+    return torch.nn.functional.linear(x, w, None if bias is None else bias.to(x.dtype))
+
+
+# --------------------------------------------------------------------------------------
+# dispatch
+# --------------------------------------------------------------------------------------
+def _dequant_impl(backend: str, dtype: torch.dtype):
+    if backend == "triton" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4 import dequantize_nf4_triton
+
+        return dequantize_nf4_triton
+    if backend == "cpp" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4_cpu import dequantize_nf4_cpp
+
+        return dequantize_nf4_cpp
+    return dequantize_nf4_torch
+
+
+def _matmul_impl(backend: str, dtype: torch.dtype):
+    if backend == "triton" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4 import nf4_matmul_triton
+
+        return nf4_matmul_triton
+    if backend == "cpp" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4_cpu import nf4_matmul_cpp
+
+        return nf4_matmul_cpp
+    return nf4_matmul_torch
+
+
+def dequantize_nf4(packed: torch.Tensor, state, *, dtype: torch.dtype | None = None, backend: str = "auto"):
+    """The weight back, of ``state.shape`` in ``dtype`` (default ``state.dtype``).
+
+    ``state`` is an :class:`NF4State` or a bitsandbytes ``QuantState``. Equals
+    bitsandbytes' ``dequantize_4bit`` bit for bit (see the module docstring for the format).
+    """
+    packed, state = _check_state(packed, state)
+    out_dtype = state.dtype if dtype is None else dtype
+    if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating-point torch.dtype, got {out_dtype!r}")
+    choice = backends.select(OP_DEQUANT, packed.device, backend)
+    absmax = state.absmax_fp32()
+    code = state.code.to(torch.float32)
+    fn = _dequant_impl(choice.backend, out_dtype)
+    out = fn(packed, absmax, code, state.blocksize, state.numel, out_dtype)
+    return out.view(state.shape)
+
+
+class _NF4Matmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x2d, bias, packed, absmax, code, blocksize, N, K, backend):
+        y = _matmul_impl(backend, x2d.dtype)(x2d, packed, absmax, code, blocksize, N, K, bias)
+        ctx.save_for_backward(packed, absmax, code)
+        ctx.meta = (blocksize, N, K, backend, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, absmax, code = ctx.saved_tensors
+        blocksize, N, K, backend, has_bias = ctx.meta
+        dx = dbias = None
+        if ctx.needs_input_grad[0]:
+            w = _dequant_impl(backend, dy.dtype)(packed, absmax, code, blocksize, N * K, dy.dtype).view(N, K)
+            dx = torch.mm(dy, w)
+        if has_bias and ctx.needs_input_grad[1]:
+            dbias = dy.sum(0)
+        return dx, dbias, None, None, None, None, None, None, None
+
+
+def nf4_matmul(
+    x: torch.Tensor,
+    packed: torch.Tensor,
+    state,
+    bias: torch.Tensor | None = None,
+    *,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """``x @ W.T (+ bias)`` with ``W = dequantize_nf4(packed, state)`` of shape ``[N, K]``.
+
+    ``x`` is ``[..., K]`` floating point; the result is ``[..., N]`` in ``x.dtype``. The weight
+    is dequantised to ``x.dtype`` as bnb's ``matmul_4bit`` does; fused backends accumulate in
+    fp32. Differentiable in ``x`` and ``bias``. Needs ``K % state.blocksize == 0``.
+    """
+    packed, state = _check_state(packed, state)
+    if not torch.is_tensor(x):
+        raise TypeError(f"x must be a tensor, got {type(x).__name__}")
+    if not x.dtype.is_floating_point:
+        raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
+    if len(state.shape) != 2:
+        raise ValueError(f"nf4_matmul needs a 2-D weight [N, K], got state.shape {tuple(state.shape)}")
+    N, K = state.shape
+    if x.dim() < 1 or x.shape[-1] != K:
+        raise ValueError(f"x shape {tuple(x.shape)} does not match the weight [N, K] = [{N}, {K}]: need x[..., {K}]")
+    if K % state.blocksize:
+        raise ValueError(
+            f"K={K} is not a multiple of blocksize={state.blocksize} (the fused kernels need blocks within rows)"
+        )
+    if bias is not None:
+        if not torch.is_tensor(bias) or tuple(bias.shape) != (N,):
+            raise ValueError(f"bias must have shape ({N},), got {tuple(getattr(bias, 'shape', ()))}")
+        if not bias.dtype.is_floating_point:
+            raise TypeError(f"bias must be floating point, got dtype {bias.dtype}")
+        if bias.device != x.device:
+            raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
+    if packed.device != x.device:
+        raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
+    choice = backends.select(OP_NF4_MATMUL, x.device, backend)
+    if bias is not None and bias.dtype != x.dtype:
+        bias = bias.to(x.dtype)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    absmax = state.absmax_fp32()
+    code = state.code.to(torch.float32)
+    y = _NF4Matmul.apply(x2d, bias, packed, absmax, code, state.blocksize, N, K, choice.backend)
+    return y.reshape(*lead, N)
