@@ -1,0 +1,472 @@
+"""Triton kernels for 4-bit NF4 weights (bitsandbytes' layout): dequantisation and matmul.
+
+The low-level contract, on plain tensors, for a weight ``W`` of ``numel`` elements (an
+``[N, K]`` weight flattened row-major for the matmul):
+
+* ``packed`` uint8, ``ceil(numel / 2)`` bytes, contiguous: byte ``i`` holds flat element
+  ``2i`` in its HIGH nibble and ``2i + 1`` in its LOW nibble (an odd ``numel`` leaves the
+  last low nibble unused);
+* ``absmax`` float32, ``ceil(numel / blocksize)`` scales, contiguous (already dequantised
+  from any double quantisation);
+* ``code`` float32 ``[16]``, the NF4 table.
+
+::
+
+    W[j] = code[nib(j)] * absmax[j // blocksize]
+
+* :func:`dequantize_nf4_triton` writes ``W`` (1-D, fp32/bf16/fp16). Memory-bound: each
+  program reads a contiguous run of bytes, decodes both nibbles of each (a gather from the
+  16-entry table, which stays in L1) and writes the two outputs interleaved.
+* :func:`nf4_matmul_triton` ``y = x2d @ W.T (+ bias)`` for ``W`` viewed as ``[N, K]``,
+  ``K % blocksize == 0``, in ``x2d``'s dtype with fp32 accumulation, never materialising ``W``:
+
+  - ``M > 8`` (training): a dequant-GEMM. Programs tile the ``[M, N]`` output; each loop
+    step loads the ``[BLOCK_N, BLOCK_K / 2]`` packed bytes of its weight tile, decodes them
+    into a ``[BLOCK_N, BLOCK_K]`` tile in ``x``'s dtype (``code * absmax`` in fp32, rounded
+    once, as dequantise-then-matmul does) and feeds it to ``tl.dot`` with the ``x`` tile.
+  - ``M <= 8`` (generation): a GEMV. Each program owns a strip of ``BLOCK_N`` output
+    columns for all ``M`` rows, decodes its weights once per step in fp32 and multiplies
+    them against the even and odd columns of ``x`` (the high and low nibbles) with FMAs into
+    an un-reduced ``[BLOCK_M, BLOCK_N, BLOCK_K / 2]`` accumulator, summed once at the end
+    (no ``tl.dot``: for a few rows it would waste the tensor-core tile).
+
+  With ``K % blocksize == 0`` a row of ``W`` never shares a quantisation block with the
+  next, so the scale of element ``(n, k)`` is ``absmax[n * (K / blocksize) + k // blocksize]``:
+  when ``blocksize`` is a multiple of ``BLOCK_K`` one scale per row covers a whole tile
+  (one load per row), else the scales are gathered per byte.
+
+No host synchronisation.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ..backends import BackendUnavailable, interpreting
+
+__all__ = ["dequantize_nf4_triton", "nf4_matmul_triton"]
+
+# Dequantisation: bytes per program (2 outputs each). On a GPU 1024 bytes at 4 warps is 8
+# contiguous bytes in and 16 outputs (32 B in bf16) out per thread: wide vector accesses,
+# and enough programs (a 4096 x 4096 weight is 8192 of them) to fill every SM.
+_DEQUANT_BLOCK = 1024
+_DEQUANT_WARPS = 4
+# GEMM (M > 8): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by x's dtype. 16-bit x
+# runs wgmma with a 128 x 128 fp32 accumulator (64 registers per thread at 8 warps). The
+# weight tile is decoded in registers before it goes to shared memory, which is what limits
+# BLOCK_K: at 64, ptxas needs all 255 registers and spills for blocksize 32 (scales gathered
+# per byte); at 32 it uses 199 and never spills. BLOCK_K 32 (16 for fp32) divides every
+# bitsandbytes blocksize (32 ... 4096), so one absmax per row covers a tile. fp32 x (IEEE)
+# runs tl.dot on FMAs from registers: 64 x 64 x 16 at 8 warps (150 registers; 64 x 64 x 32
+# spills). Checked with ptxas for sm_90, not tuned on a GPU yet.
+_GEMM_CONFIG = {
+    "16bit": (128, 128, 32, 8, 3),
+    "fp32": (64, 64, 16, 8, 2),
+}
+# GEMV (M <= 8): BLOCK_M (M rounded up to a power of two) -> (BLOCK_N, BLOCK_K, num_warps).
+# The un-reduced accumulator holds BLOCK_M * BLOCK_N * BLOCK_K / 2 fp32 values (8-16 per
+# thread at 8 warps); each step reads BLOCK_N * BLOCK_K / 2 weight bytes (2 KiB for M <= 2).
+# 48-107 registers for sm_90 (4 warps with the same tiles need up to 187), not tuned yet.
+_GEMV_CONFIG = {
+    1: (16, 256, 8),
+    2: (16, 256, 8),
+    4: (16, 128, 8),
+    8: (16, 64, 8),
+}
+# Largest M the GEMV handles; above it the GEMM runs.
+GEMV_MAX_M = 8
+# The CPU interpreter runs each program in Python: small tiles, so that tests reach the
+# multi-program, multi-step, ragged-edge and per-byte-scale paths with small shapes.
+# Tests may change these.
+_DEQUANT_BLOCK_INTERPRET = 64
+_GEMM_INTERPRET = (16, 16, 32)  # BLOCK_M, BLOCK_N, BLOCK_K
+_GEMV_INTERPRET = (16, 32)  # BLOCK_N, BLOCK_K
+
+
+# --------------------------------------------------------------------------------------
+# kernels
+# --------------------------------------------------------------------------------------
+@triton.jit
+def _dequant_kernel(
+    packed_ptr,  # (ceil(numel / 2),) uint8: element 2i in the high nibble of byte i, 2i + 1 in the low
+    absmax_ptr,  # (ceil(numel / BLOCKSIZE),) fp32 scale per quantisation block
+    code_ptr,  # (16,) fp32 NF4 table
+    out_ptr,  # (numel,) out: code[nib] * absmax, fp32/bf16/fp16
+    numel,  # number of weight elements
+    nbytes,  # ceil(numel / 2)
+    BLOCKSIZE: tl.constexpr,  # elements per quantisation block (even: both nibbles of a byte share it)
+    BLOCK: tl.constexpr,  # bytes per program (power of two)
+):
+    byte = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)  # int64: 2 * byte overflows int32
+    byte_ok = byte < nbytes
+    b = tl.load(packed_ptr + byte, mask=byte_ok, other=0)
+    hi = (b >> 4).to(tl.int32)
+    lo = (b & 0xF).to(tl.int32)
+    scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE, mask=byte_ok, other=0.0)
+    w_hi = tl.load(code_ptr + hi) * scale
+    w_lo = tl.load(code_ptr + lo) * scale
+    w = tl.interleave(w_hi, w_lo)  # (2 * BLOCK,): element 2i then 2i + 1
+    offs = tl.program_id(0).to(tl.int64) * (2 * BLOCK) + tl.arange(0, 2 * BLOCK)
+    tl.store(out_ptr + offs, w.to(out_ptr.dtype.element_ty), mask=offs < numel)
+
+
+@triton.jit
+def _decode_tile(
+    packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    code_ptr,  # (16,) fp32 NF4 table
+    rn,  # (BLOCK_N,) int64 output columns (rows of W)
+    n_ok,  # (BLOCK_N,) rn < N
+    k0,  # first k of the tile (a multiple of BLOCK_K)
+    K,  # in_features (even)
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
+    BLOCK_K: tl.constexpr,  # weights per row of the tile
+):
+    """The tile ``W[rn, k0 : k0 + BLOCK_K]`` decoded in fp32 as (high, low) nibble halves, each
+    ``(BLOCK_N, BLOCK_K / 2)``: ``high[:, j]`` is column ``k0 + 2j``, ``low[:, j]`` column ``k0 + 2j + 1``.
+    Masked-out weights are 0."""
+    rb = tl.arange(0, BLOCK_K // 2)
+    kb = k0 // 2 + rb  # byte column
+    if EVEN_K:
+        mask = n_ok[:, None]
+    else:
+        mask = n_ok[:, None] & (kb < K // 2)[None, :]
+    b = tl.load(packed_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
+    hi = (b >> 4).to(tl.int32)
+    lo = (b & 0xF).to(tl.int32)
+    if ROW_SCALE:
+        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+    else:
+        scale = tl.load(
+            absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + (2 * kb[None, :]) // BLOCKSIZE, mask=mask, other=0.0
+        )
+    w_hi = tl.load(code_ptr + hi) * scale
+    w_lo = tl.load(code_ptr + lo) * scale
+    return w_hi, w_lo
+
+
+@triton.jit
+def _nf4_gemm_kernel(
+    x_ptr,  # (M, K) input, fp32/bf16/fp16; its dtype is the tl.dot operand dtype
+    stride_xm,  # elements between rows of x
+    stride_xk,  # elements between columns of x
+    packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    code_ptr,  # (16,) fp32 NF4 table
+    bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
+    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
+    stride_om,  # elements between rows of out
+    stride_on,  # elements between columns of out
+    M,  # rows of x
+    N,  # out_features (rows of W)
+    K,  # in_features (columns of x and W; a multiple of BLOCKSIZE)
+    HAS_BIAS: tl.constexpr,  # add bias
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
+    INPUT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee"/"tf32" for fp32 operands, else None
+    UPCAST_DOT: tl.constexpr,  # run tl.dot on fp32 copies of the (rounded) operands (interpreter + bf16)
+    BLOCKSIZE: tl.constexpr,  # elements per quantisation block
+    BLOCK_M: tl.constexpr,  # rows of x per program
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_K: tl.constexpr,  # in_features per loop step (even, >= 16)
+):
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * stride overflows int32
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: n * K overflows int32
+    m_ok = rm < M
+    n_ok = rn < N
+    rk = tl.arange(0, BLOCK_K)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        if EVEN_K:
+            x_mask = m_ok[:, None]
+        else:
+            x_mask = m_ok[:, None] & (k0 + rk < K)[None, :]
+        x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w_hi, w_lo = _decode_tile(
+            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+        )
+        w = tl.interleave(w_hi.to(x.dtype), w_lo.to(x.dtype))  # (BLOCK_N, BLOCK_K), rounded once
+        wt = tl.trans(w)
+        if UPCAST_DOT:
+            x, wt = x.to(tl.float32), wt.to(tl.float32)
+        acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    if HAS_BIAS:
+        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        acc.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+@triton.jit
+def _nf4_gemv_kernel(
+    x_ptr,  # (M, K) input, fp32/bf16/fp16 (upcast to fp32)
+    stride_xm,  # elements between rows of x
+    stride_xk,  # elements between columns of x
+    packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    code_ptr,  # (16,) fp32 NF4 table
+    bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
+    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
+    stride_om,  # elements between rows of out
+    stride_on,  # elements between columns of out
+    M,  # rows of x (<= BLOCK_M)
+    N,  # out_features (rows of W)
+    K,  # in_features (columns of x and W; a multiple of BLOCKSIZE)
+    HAS_BIAS: tl.constexpr,  # add bias
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
+    ROUND_W: tl.constexpr,  # round decoded weights to x's dtype first (as dequantise-then-matmul does)
+    BLOCKSIZE: tl.constexpr,  # elements per quantisation block
+    BLOCK_M: tl.constexpr,  # M rounded up to a power of two (<= 8): all rows in one program
+    BLOCK_N: tl.constexpr,  # output columns per program
+    BLOCK_K: tl.constexpr,  # in_features per loop step (even)
+):
+    pid_n = tl.program_id(0)
+    rm = tl.arange(0, BLOCK_M)
+    rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: n * K overflows int32
+    m_ok = rm < M
+    n_ok = rn < N
+    rb = tl.arange(0, BLOCK_K // 2)
+    x_rows = x_ptr + rm[:, None].to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_M, BLOCK_N, BLOCK_K // 2), dtype=tl.float32)
+    for k0 in range(0, K, BLOCK_K):
+        k_even = k0 + 2 * rb  # the columns of the high nibbles; +1 for the low ones
+        if EVEN_K:
+            x_mask = m_ok[:, None]
+        else:
+            x_mask = m_ok[:, None] & (k_even < K)[None, :]
+        x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
+        x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
+        w_hi, w_lo = _decode_tile(
+            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+        )
+        if ROUND_W:
+            w_hi = w_hi.to(x_ptr.dtype.element_ty).to(tl.float32)
+            w_lo = w_lo.to(x_ptr.dtype.element_ty).to(tl.float32)
+        acc += x_hi.to(tl.float32)[:, None, :] * w_hi[None, :, :]
+        acc += x_lo.to(tl.float32)[:, None, :] * w_lo[None, :, :]
+    y = tl.sum(acc, axis=2)  # (BLOCK_M, BLOCK_N)
+    if HAS_BIAS:
+        y += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+    tl.store(
+        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+        y.to(out_ptr.dtype.element_ty),
+        mask=m_ok[:, None] & n_ok[None, :],
+    )
+
+
+# --------------------------------------------------------------------------------------
+# launchers
+# --------------------------------------------------------------------------------------
+_FLOATS = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def _check_runnable(device: torch.device, what: str) -> None:
+    if device.type != "cuda" and not interpreting():
+        raise BackendUnavailable(
+            f"{what}: Triton kernels need CUDA tensors (got {device.type}; set TRITON_INTERPRET=1 to interpret)"
+        )
+
+
+def _check_count(name: str, value, *, positive: bool = False) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < (1 if positive else 0):
+        raise ValueError(f"{name} must be a {'positive' if positive else 'non-negative'} int, got {value!r}")
+    return int(value)
+
+
+def _check_quant_state(packed, absmax, code, blocksize, numel) -> tuple[int, int]:
+    """Validate the NF4 tensors for a weight of ``numel`` elements; returns (blocksize, numel)."""
+    blocksize = _check_count("blocksize", blocksize, positive=True)
+    if blocksize % 2:
+        raise ValueError(f"blocksize must be even (both nibbles of a byte share a scale), got {blocksize}")
+    numel = _check_count("numel", numel)
+    for name, t, dtype, want in (
+        ("packed", packed, torch.uint8, (numel + 1) // 2),
+        ("absmax", absmax, torch.float32, -(-numel // blocksize)),
+        ("code", code, torch.float32, 16),
+    ):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if t.dtype != dtype:
+            raise TypeError(f"{name} must be {dtype}, got dtype {t.dtype}")
+        if t.numel() != want:
+            raise ValueError(
+                f"{name} must have {want} elements for numel={numel}, blocksize={blocksize}; got {t.numel()}"
+            )
+        if not t.is_contiguous():
+            raise ValueError(f"{name} must be contiguous")
+        if t.device != packed.device:
+            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
+    return blocksize, numel
+
+
+def dequantize_nf4_triton(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    numel: int,
+    out_dtype: torch.dtype = torch.float32,
+) -> torch.Tensor:
+    """The NF4 weight ``W[j] = code[nib(j)] * absmax[j // blocksize]``, 1-D ``[numel]`` in ``out_dtype``.
+
+    ``packed`` uint8 ``ceil(numel / 2)`` bytes (element ``2i`` in the high nibble of byte ``i``),
+    ``absmax`` fp32 ``ceil(numel / blocksize)``, ``code`` fp32 ``[16]``, all contiguous on one
+    device; ``blocksize`` even; ``out_dtype`` fp32/bf16/fp16. The product is formed in fp32.
+    """
+    # check
+    blocksize, numel = _check_quant_state(packed, absmax, code, blocksize, numel)
+    if out_dtype not in _FLOATS:
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
+    _check_runnable(packed.device, "dequantize_nf4_triton")
+
+    # allocate
+    out = torch.empty(numel, device=packed.device, dtype=out_dtype)
+    if numel == 0:
+        return out
+
+    # launch
+    nbytes = (numel + 1) // 2
+    block = _DEQUANT_BLOCK_INTERPRET if interpreting() else _DEQUANT_BLOCK
+    _dequant_kernel[(triton.cdiv(nbytes, block),)](
+        packed,
+        absmax,
+        code,
+        out,
+        numel,
+        nbytes,
+        BLOCKSIZE=blocksize,
+        BLOCK=block,
+        num_warps=_DEQUANT_WARPS,
+    )
+    return out
+
+
+def _input_precision(dtype: torch.dtype) -> str | None:
+    """tl.dot precision for ``dtype`` operands: for fp32 what torch.mm uses (IEEE fp32 unless
+    TF32 is allowed); None (Triton's default, tensor cores) for 16-bit operands."""
+    if dtype != torch.float32:
+        return None
+    return "tf32" if torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
+def _upcast_dot(dtype: torch.dtype) -> bool:
+    """The interpreter's tl.dot multiplies bf16 operands as raw integers (numpy has no bf16):
+    there, run it on fp32 copies of the bf16-rounded operands (same products, fp32 accumulate)."""
+    return dtype == torch.bfloat16 and interpreting()
+
+
+def nf4_matmul_triton(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    blocksize: int,
+    N: int,
+    K: int,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """``x2d @ W.T (+ bias)`` ``[M, N]`` in ``x2d``'s dtype, ``W`` the ``[N, K]`` NF4 weight, fp32 accumulation.
+
+    ``x2d`` ``[M, K]`` fp32/bf16/fp16 (any strides); ``packed``/``absmax``/``code`` as for
+    :func:`dequantize_nf4_triton` with ``numel = N * K``; ``K % blocksize == 0``; ``bias``
+    ``[N]`` of any float dtype or None. The decoded weights are rounded to ``x2d``'s dtype
+    (as dequantise-then-matmul does). ``M <= 8`` runs the GEMV kernel, larger ``M`` the GEMM.
+    """
+    # check
+    if not torch.is_tensor(x2d):
+        raise TypeError(f"x2d must be a tensor, got {type(x2d).__name__}")
+    if x2d.dim() != 2:
+        raise ValueError(f"x2d must be 2-D, got shape {tuple(x2d.shape)}")
+    if x2d.dtype not in _FLOATS:
+        raise TypeError(f"x2d must be float32, bfloat16 or float16, got dtype {x2d.dtype}")
+    N = _check_count("N", N)
+    K = _check_count("K", K)
+    if x2d.shape[1] != K:
+        raise ValueError(f"x2d shape {tuple(x2d.shape)} must be [M, K] with K = {K}")
+    blocksize, _ = _check_quant_state(packed, absmax, code, blocksize, N * K)
+    if K % blocksize:
+        raise ValueError(f"K = {K} must be a multiple of blocksize = {blocksize}")
+    if packed.device != x2d.device:
+        raise ValueError(f"packed is on {packed.device} but x2d is on {x2d.device}")
+    if bias is not None:
+        if not torch.is_tensor(bias) or bias.dtype not in _FLOATS or tuple(bias.shape) != (N,):
+            what = f"shape {tuple(bias.shape)}, dtype {bias.dtype}" if torch.is_tensor(bias) else type(bias).__name__
+            raise ValueError(f"bias must be a [{N}] float32/bfloat16/float16 tensor, got {what}")
+        if bias.device != x2d.device:
+            raise ValueError(f"bias is on {bias.device} but x2d is on {x2d.device}")
+    _check_runnable(x2d.device, "nf4_matmul_triton")
+
+    # allocate
+    M = x2d.shape[0]
+    out = torch.empty((M, N), device=x2d.device, dtype=x2d.dtype)
+    if M == 0 or N == 0:
+        return out
+    if K == 0:
+        out.zero_()
+        return out if bias is None else out.add_(bias.to(out.dtype))
+
+    # launch
+    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize)
+    args = (
+        x2d,
+        x2d.stride(0),
+        x2d.stride(1),
+        packed,
+        absmax,
+        code,
+        bias if bias is not None else absmax,  # placeholder, never read
+        out,
+        out.stride(0),
+        out.stride(1),
+        M,
+        N,
+        K,
+    )
+    if M <= GEMV_MAX_M:
+        block_m = triton.next_power_of_2(M)
+        if interpreting():
+            (block_n, block_k), num_warps = _GEMV_INTERPRET, 4
+        else:
+            block_n, block_k, num_warps = _GEMV_CONFIG[block_m]
+        _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](
+            *args,
+            **common,
+            EVEN_K=K % block_k == 0,
+            ROW_SCALE=blocksize % block_k == 0,
+            ROUND_W=x2d.dtype != torch.float32,
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+        )
+    else:
+        if interpreting():
+            (block_m, block_n, block_k), num_warps, num_stages = _GEMM_INTERPRET, 4, 1
+        else:
+            block_m, block_n, block_k, num_warps, num_stages = _GEMM_CONFIG[
+                "fp32" if x2d.dtype == torch.float32 else "16bit"
+            ]
+        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
+        _nf4_gemm_kernel[grid](
+            *args,
+            **common,
+            EVEN_K=K % block_k == 0,
+            ROW_SCALE=blocksize % block_k == 0,
+            INPUT_PRECISION=_input_precision(x2d.dtype),
+            UPCAST_DOT=_upcast_dot(x2d.dtype),
+            BLOCK_M=block_m,
+            BLOCK_N=block_n,
+            BLOCK_K=block_k,
+            num_warps=num_warps,
+            num_stages=num_stages,
+        )
+    return out
