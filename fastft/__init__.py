@@ -9,6 +9,18 @@ __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402
 from .backends import BackendUnavailable  # noqa: E402
+from .nn import Linear4bit, quantize  # noqa: E402
 from .patching import PatchReport, patch, patch_report, unpatch  # noqa: E402
 
-__all__ = ["__version__", "ops", "backends", "BackendUnavailable", "patch", "unpatch", "patch_report", "PatchReport"]
+__all__ = [
+    "__version__",
+    "ops",
+    "backends",
+    "BackendUnavailable",
+    "patch",
+    "unpatch",
+    "patch_report",
+    "PatchReport",
+    "quantize",
+    "Linear4bit",
+]

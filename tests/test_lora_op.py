@@ -145,12 +145,6 @@ def test_bad_input_is_a_clear_error(mutate, err, match):
         lora_linear(a["x"], a["w"], a["A"], a["B"], a["s"], bias=a["b"], dropout_p=a["p"], backend=a["backend"])
 
 
-def test_quant_state_is_refused_until_nf4_lands():
-    x, w, b, A, B, _ = _inputs((5,), 12, 6, 2)
-    with pytest.raises(NotImplementedError, match="quant_state"):
-        lora_linear(x, w, A, B, 1.0, quant_state=object())
-
-
 def test_under_torch_compile():
     x, w, b, A, B, _ = _inputs((9,), 16, 12, 4)
 

@@ -252,7 +252,7 @@ def test_report_lists_what_is_not_available_and_reads_well():
     assert "loss" in text and "lora" in text and "checkpointing" in text
     assert "(x2)" in text  # the two decoder layers' q_proj share a row
     skipped = {s.feature: s.reason for s in report.skipped}
-    assert "not available" in skipped["quant"] and "not available" in skipped["checkpointing"]
+    assert "no 4-bit layers" in skipped["quant"] and "not available" in skipped["checkpointing"]
     d = report.to_dict()
     assert {p["feature"] for p in d["patched"]} == {"loss", "lora"}
     report = fastft.patch(model, loss=False, lora=False)

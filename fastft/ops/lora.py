@@ -165,11 +165,18 @@ def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
 # --------------------------------------------------------------------------------------
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels):
+    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels, quant):
         out_dtype = x2d.dtype
-        w = weight.t() if fan_in_fan_out else weight  # (out, in) view
-        # base: y = x W^T + b, straight into the output
-        y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+        if quant is not None:
+            # 4-bit base: the fused dequant-matmul reads the packed weight, no 16-bit copy kept
+            from .nf4 import nf4_matmul
+
+            state, nf4_backend = quant
+            y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+        else:
+            w = weight.t() if fan_in_fan_out else weight  # (out, in) view
+            # base: y = x W^T + b, straight into the output
+            y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
         drop = kernels.dropout(seed, p, x2d.shape, x2d.device, lora_A.dtype)
         xa = kernels.xa(x2d, lora_A, drop)  # (N, r)
         del drop
@@ -186,6 +193,7 @@ class _LoraLinear(torch.autograd.Function):
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
         ctx.kernels = kernels
+        ctx.quant = quant
         return y
 
     @staticmethod
@@ -200,7 +208,14 @@ class _LoraLinear(torch.autograd.Function):
         if p > 0.0 and (need_x or need_A):
             drop = K.dropout(ctx.seed, p, x2d.shape, x2d.device, lora_A.dtype)
         dx = dw = db = dA = dB = dlb = None
-        if need_x:
+        if need_x and ctx.quant is not None:
+            from .nf4 import dequantize_nf4
+
+            # dY W with W dequantised for this product only (freed right after)
+            state, nf4_backend = ctx.quant
+            dx = torch.mm(dy, dequantize_nf4(weight, state, dtype=dy.dtype, backend=nf4_backend))
+            dx = K.dx_add_(dx, t, lora_A, drop)
+        elif need_x:
             dx = torch.mm(dy, w.to(dy.dtype) if w.dtype != dy.dtype else w)  # (N, in)
             dx = K.dx_add_(dx, t, lora_A, drop)
         if need_A:
@@ -216,29 +231,44 @@ class _LoraLinear(torch.autograd.Function):
                 dw = dw.t()
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, dA, dB, dlb, None, None, None, None, None
+        return dx, dw, db, dA, dB, dlb, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------
 def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state):
+    """Validate; return the NF4 state (or None) and the base weight's logical (out, in)."""
     for name, t in (("x", x), ("weight", weight), ("lora_A", lora_A), ("lora_B", lora_B)):
         if not torch.is_tensor(t):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
-        if not t.dtype.is_floating_point:
+        if name != "weight" and not t.dtype.is_floating_point:
             raise TypeError(f"{name} must be a floating-point tensor, got dtype {t.dtype}")
+    state = None
     if quant_state is not None:
-        raise NotImplementedError("quant_state (a 4-bit base weight) is not supported in this version of fastft")
-    if weight.dim() != 2 or lora_A.dim() != 2 or lora_B.dim() != 2:
-        raise ValueError(
-            f"weight, lora_A and lora_B must be 2-D, got shapes {tuple(weight.shape)}, "
-            f"{tuple(lora_A.shape)}, {tuple(lora_B.shape)}"
-        )
-    out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+        from .nf4 import as_nf4_state
+
+        state = as_nf4_state(quant_state)
+        if weight.dtype != torch.uint8:
+            raise TypeError(f"with quant_state, weight must be the packed uint8 NF4 tensor, got dtype {weight.dtype}")
+        if fan_in_fan_out:
+            raise ValueError("fan_in_fan_out does not apply to a 4-bit base weight (it is stored [out, in])")
+        if len(state.shape) != 2:
+            raise ValueError(f"quant_state describes a weight of shape {tuple(state.shape)}, expected 2-D [out, in]")
+        out_f, in_f = state.shape
+    elif not weight.dtype.is_floating_point:
+        raise TypeError(f"weight must be a floating-point tensor (or packed NF4 with quant_state), got {weight.dtype}")
+    else:
+        if weight.dim() != 2:
+            raise ValueError(f"weight must be 2-D, got shape {tuple(weight.shape)}")
+        out_f, in_f = (weight.shape[1], weight.shape[0]) if fan_in_fan_out else tuple(weight.shape)
+    if lora_A.dim() != 2 or lora_B.dim() != 2:
+        raise ValueError(f"lora_A and lora_B must be 2-D, got shapes {tuple(lora_A.shape)}, {tuple(lora_B.shape)}")
     layout = "[in, out] (fan_in_fan_out)" if fan_in_fan_out else "[out, in]"
     if x.dim() < 1 or x.shape[-1] != in_f:
-        raise ValueError(f"x shape {tuple(x.shape)} does not match weight {tuple(weight.shape)} {layout}: in={in_f}")
+        raise ValueError(
+            f"x shape {tuple(x.shape)} does not match the base weight [out, in] = [{out_f}, {in_f}] {layout}"
+        )
     r = lora_A.shape[0]
     if lora_A.shape[1] != in_f:
         raise ValueError(f"lora_A shape {tuple(lora_A.shape)} must be [r, in] = [{r}, {in_f}]")
@@ -246,9 +276,10 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_i
         raise ValueError(f"lora_B shape {tuple(lora_B.shape)} must be [out, r] = [{out_f}, {r}]")
     if lora_A.dtype != lora_B.dtype:
         raise TypeError(f"lora_A dtype {lora_A.dtype} does not match lora_B dtype {lora_B.dtype}")
-    if x.dtype != weight.dtype:
+    base_dtype = x.dtype if state is not None else weight.dtype
+    if x.dtype != base_dtype:
         raise TypeError(f"x dtype {x.dtype} does not match weight dtype {weight.dtype}")
-    for name, b, dt in (("bias", bias, weight.dtype), ("lora_bias", lora_bias, lora_B.dtype)):
+    for name, b, dt in (("bias", bias, base_dtype), ("lora_bias", lora_bias, lora_B.dtype)):
         if b is not None:
             if not torch.is_tensor(b) or tuple(b.shape) != (out_f,):
                 raise ValueError(f"{name} must have shape ({out_f},), got {tuple(getattr(b, 'shape', ()))}")
@@ -267,6 +298,7 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_i
     ):
         if t is not None and t.device != x.device:
             raise ValueError(f"{name} is on {t.device} but x is on {x.device}")
+    return state
 
 
 @torch.compiler.disable
@@ -289,8 +321,26 @@ def lora_linear(
     See the module docstring for shapes, dtypes, dropout and the backward. ``dropout_p``
     is applied whenever it is > 0: pass 0.0 in eval mode (the PEFT patch does).
     """
-    _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
+    dev = x.device.type
+    if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
+        # what nn.Linear does under autocast: every floating operand in the autocast dtype
+        dt = torch.get_autocast_dtype(dev)
+
+        def cast(t):
+            return t.to(dt) if t is not None and t.dtype.is_floating_point else t
+
+        x, weight, lora_A, lora_B, bias, lora_bias = map(cast, (x, weight, lora_A, lora_B, bias, lora_bias))
+        with torch.autocast(dev, enabled=False):
+            return lora_linear(
+                x, weight, lora_A, lora_B, scaling, bias=bias, lora_bias=lora_bias, dropout_p=dropout_p,
+                fan_in_fan_out=fan_in_fan_out, quant_state=quant_state, backend=backend,
+            )  # fmt: skip
+    state = _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
     choice = backends.select(OP_LORA, x.device, backend)
+    quant = None
+    if state is not None:
+        state = state.to(x.device) if state.absmax.device != x.device else state
+        quant = (state, backend if backend not in (None, "auto") else "auto")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0  # CPU generator: no device sync
@@ -306,5 +356,6 @@ def lora_linear(
         seed,
         bool(fan_in_fan_out),
         _kernels(choice.backend, x2d, lora_A),
+        quant,
     )
     return y.reshape(*lead, y.shape[-1])

@@ -117,8 +117,13 @@ def patch(
 
     from . import lora as lora_feature
     from . import loss as loss_feature
+    from . import quant as quant_feature
 
-    features = [("lora", lora, lora_feature.apply), ("loss", loss, loss_feature.apply)]
+    features = [
+        ("lora", lora, lora_feature.apply),
+        ("quant", quant, quant_feature.apply),
+        ("loss", loss, loss_feature.apply),
+    ]
     try:
         for name, enabled, apply in features:
             if enabled:
@@ -128,8 +133,6 @@ def patch(
     except BaseException:
         _restore(state)
         raise
-    if quant:
-        report.skip("quant", "model", "not available in this version of fastft (planned); layers keep their forward")
     if checkpointing is not None:
         report.skip("checkpointing", "model", f"checkpointing={checkpointing!r} is not available in this version")
     object.__setattr__(hf_model, _STATE_ATTR, state)

@@ -28,12 +28,49 @@ def _is_conv1d(module) -> bool:
     return isinstance(module, Conv1D)
 
 
+def _is_bnb_4bit(module) -> bool:
+    return type(module).__module__.startswith("bitsandbytes") and hasattr(
+        getattr(module, "weight", None), "quant_state"
+    )
+
+
 def _base_kind(base) -> str | None:
     if type(base) is nn.Linear:
         return "linear"
     if _is_conv1d(base):
         return "conv1d"
+    from ..nn import Linear4bit
+
+    if isinstance(base, Linear4bit):
+        return "nf4"
+    if _is_bnb_4bit(base):
+        qs = base.weight.quant_state
+        return "bnb-nf4" if qs is not None and getattr(qs, "quant_type", "nf4") == "nf4" else None
     return None
+
+
+def bnb_standard_layout(module) -> None:
+    """Undo bitsandbytes' CPU repacking of a ``Linear4bit`` weight, in place.
+
+    On a CPU with AVX512-BF16, bitsandbytes' own eval-mode forward rewrites the packed
+    weight into a kernel-specific layout (and its absmax to bf16) the first time it runs;
+    fastft reads the standard NF4 layout, so it restores it with bitsandbytes' own inverse
+    (as bitsandbytes does before saving a state dict)."""
+    qs = module.weight.quant_state
+    if getattr(qs, "packing_format_for_cpu", False):
+        from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+        module.weight.data, module.weight.quant_state = _convert_weight_packed_for_cpu_inverse(module.weight.data, qs)
+
+
+def _base_weight(base, kind):
+    """(weight, bias, quant_state, compute dtype or None) of a base layer, for lora_linear."""
+    if kind == "nf4":
+        return base.weight, base.bias, base.quant_state, None
+    if kind == "bnb-nf4":
+        bnb_standard_layout(base)
+        return base.weight, base.bias, base.weight.quant_state, getattr(base, "compute_dtype", None)
+    return base.weight, base.bias, None, None
 
 
 def _is_lora_layer(module) -> bool:
@@ -47,11 +84,12 @@ def _is_lora_layer(module) -> bool:
 class FusedLoraForward:
     """The patched ``forward`` of one PEFT LoRA layer."""
 
-    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool):
+    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear"):
         self.layer = layer
         self.original = original
         self.backend = backend
         self.fan_in_fan_out = fan_in_fan_out
+        self.kind = kind
         self.__wrapped__ = original
 
     def unfused_reason(self, args, kwargs) -> str | None:
@@ -80,19 +118,26 @@ class FusedLoraForward:
         p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
         if not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != lora_A.weight.dtype:
             return self.original(x, *args, **kwargs)
-        base = layer.base_layer
-        return lora_linear(
+        weight, bias, quant_state, compute_dtype = _base_weight(layer.base_layer, self.kind)
+        in_dtype = x.dtype
+        if compute_dtype is not None and x.dtype != compute_dtype:  # bitsandbytes' Linear4bit casts its input
+            x = x.to(compute_dtype)
+        if quant_state is not None and bias is not None and bias.dtype != x.dtype:
+            bias = bias.to(x.dtype)
+        y = lora_linear(
             x,
-            base.weight,
+            weight,
             lora_A.weight,
             lora_B.weight,
             layer.scaling[adapter],
-            bias=base.bias,
+            bias=bias,
             lora_bias=lora_B.bias,
             dropout_p=p,
             fan_in_fan_out=self.fan_in_fan_out,
+            quant_state=quant_state,
             backend=self.backend,
         )
+        return y.to(in_dtype) if y.dtype != in_dtype else y
 
 
 def _dropout_text(layer) -> str:
@@ -111,7 +156,10 @@ def apply(ctx) -> None:
         base = module.base_layer
         kind = _base_kind(base)
         if kind is None:
-            ctx.report.skip(FEATURE, name, f"base layer is {type(base).__name__}: PEFT's forward is kept")
+            why = f"base layer is {type(base).__name__}"
+            if _is_bnb_4bit(base):
+                why += " with a 4-bit type other than NF4"
+            ctx.report.skip(FEATURE, name, f"{why}: PEFT's forward is kept")
             continue
         if not isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
             ctx.report.skip(FEATURE, name, f"{type(module).__name__} is not a LoRA linear layer")
@@ -121,15 +169,23 @@ def apply(ctx) -> None:
             v = type(module.lora_variant[variants[0]]).__name__
             ctx.report.skip(FEATURE, name, f"LoRA variant {v} (e.g. DoRA) is not fused: PEFT's forward is kept")
             continue
+        if kind in ("nf4", "bnb-nf4") and not ctx.options["quant"]:
+            ctx.report.skip(FEATURE, name, "4-bit base and quant=False: PEFT's forward is kept")
+            continue
         fifo = kind == "conv1d"
         if kind == "linear" and getattr(module, "fan_in_fan_out", False):
             ctx.report.skip(FEATURE, name, "fan_in_fan_out=True on an nn.Linear base is not a layout fastft fuses")
             continue
-        fwd = FusedLoraForward(module, module.forward, backend, fifo)
+        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind)
         ctx.swap(module, "forward", fwd)
         device = base.weight.device
         how = backends.select(OP_LORA, device, backend).backend
-        layout = "Conv1D base (fan_in_fan_out)" if fifo else "Linear base"
+        layout = {
+            "linear": "Linear base",
+            "conv1d": "Conv1D base (fan_in_fan_out)",
+            "nf4": "fastft 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
+            "bnb-nf4": "bitsandbytes 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
+        }[kind]
         ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}")
     if found == 0:
         where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"

@@ -1,0 +1,145 @@
+"""4-bit NF4 linear layers and ``fastft.quantize(model)``: QLoRA without bitsandbytes.
+
+:class:`Linear4bit` is an ``nn.Linear`` whose weight is stored packed in bitsandbytes'
+NF4 format (see :mod:`fastft.ops.nf4`). It subclasses ``nn.Linear`` so that PEFT wraps it
+with LoRA like any linear layer (``target_modules="all-linear"`` finds it) and
+``fastft.patch`` then fuses the LoRA branch with the 4-bit base (the dequantisation
+happens inside the fused op, forward and backward, with no persistent 16-bit copy).
+
+State dict: ``weight`` holds the packed bytes (uint8, ``[ceil(out*in/2), 1]`` like
+bitsandbytes), the per-block statistics are buffers (``absmax``, and with double
+quantisation ``nested_absmax``, ``nested_offset``, ``nested_code``), so a quantised model
+round-trips through ``save_pretrained``/safetensors. Adapter weights are keyed by module
+name only, so an adapter trained here loads onto a bitsandbytes-quantised or an
+unquantised base alike.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from .ops.nf4 import NF4State, nf4_matmul, quantize_nf4
+
+__all__ = ["Linear4bit", "quantize"]
+
+
+class Linear4bit(nn.Linear):
+    """``y = x @ W.T + b`` with ``W`` stored as NF4 (4 bits a weight, fp32 absmax per block)."""
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        weight_dtype: torch.dtype = torch.float32,
+        device=None,
+    ):
+        nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.double_quant, self.weight_dtype = blocksize, double_quant, weight_dtype
+        numel = in_features * out_features
+        self.weight = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=device), False)
+        self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
+        nblocks = -(-numel // blocksize)
+        self.register_buffer("absmax", torch.empty(nblocks, dtype=torch.uint8 if double_quant else torch.float32))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32))
+        if double_quant:
+            self.register_buffer("nested_absmax", torch.empty(-(-nblocks // 256), dtype=torch.float32))
+            self.register_buffer("nested_offset", torch.empty((), dtype=torch.float32))
+            self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32))
+
+    @classmethod
+    def from_linear(cls, linear: nn.Module, *, blocksize: int = 64, double_quant: bool = True) -> Linear4bit:
+        """Quantise an ``nn.Linear`` (or transformers' ``Conv1D``, whose weight is ``[in, out]``)."""
+        weight = linear.weight.detach()
+        if type(linear) is not nn.Linear:  # Conv1D: y = x @ W + b with W [in, out]
+            weight = weight.t()
+        out_f, in_f = weight.shape
+        layer = cls(
+            in_f,
+            out_f,
+            bias=linear.bias is not None,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            weight_dtype=weight.dtype,
+            device=weight.device,
+        )
+        packed, state = quantize_nf4(weight.contiguous(), blocksize=blocksize, double_quant=double_quant)
+        layer.load_state(packed, state)
+        if linear.bias is not None:
+            layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        return layer
+
+    def load_state(self, packed: torch.Tensor, state: NF4State) -> None:
+        with torch.no_grad():
+            self.weight.data = packed.to(self.weight.device)
+            self.absmax = state.absmax.to(self.weight.device)
+            self.code = state.code.to(self.weight.device)
+            if state.double_quant:
+                self.nested_absmax = state.absmax2.to(self.weight.device)
+                self.nested_offset = state.offset.to(self.weight.device).reshape(())
+                self.nested_code = state.code2.to(self.weight.device)
+
+    @property
+    def quant_state(self) -> NF4State:
+        """The NF4 state of the weight (built from the buffers; cheap, no copies)."""
+        extra = {}
+        if self.double_quant:
+            extra = dict(offset=self.nested_offset, absmax2=self.nested_absmax, code2=self.nested_code)
+        return NF4State(
+            shape=torch.Size((self.out_features, self.in_features)),
+            dtype=self.weight_dtype,
+            blocksize=self.blocksize,
+            absmax=self.absmax,
+            code=self.code,
+            **extra,
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
+        return nf4_matmul(x, self.weight, self.quant_state, bias)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}"
+        )
+
+
+def _is_linear_like(module: nn.Module) -> bool:
+    if type(module) is nn.Linear:
+        return True
+    try:
+        from transformers.pytorch_utils import Conv1D
+    except Exception:  # pragma: no cover
+        return False
+    return type(module) is Conv1D
+
+
+def quantize(
+    model: nn.Module, *, blocksize: int = 64, double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)
+) -> nn.Module:
+    """Replace every ``nn.Linear`` (and GPT-2 ``Conv1D``) in ``model`` with :class:`Linear4bit`, in place.
+
+    A layer is left alone when any dotted component of its name is in ``skip``
+    (default: the output head). Returns ``model``. Quantise before wrapping with PEFT.
+    """
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
+    if isinstance(skip, str):
+        skip = (skip,)
+    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+        raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if _is_linear_like(child) and not (set(full.split(".")) & set(skip)):
+                targets.append((module, child_name, child))
+    for parent, child_name, child in targets:
+        setattr(parent, child_name, Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant))
+    return model

@@ -1,0 +1,67 @@
+"""The quant patch: 4-bit NF4 layers without LoRA run fastft's dequant-matmul.
+
+bitsandbytes' ``Linear4bit`` (NF4) layers that are not the base of a LoRA layer get a
+forward calling :func:`fastft.ops.nf4_matmul` on their own packed weight and
+``QuantState`` (no re-quantisation, same bytes). fastft's own ``Linear4bit`` already
+runs fastft's kernels and is only reported. LoRA layers over 4-bit bases are the LoRA
+patch's business (the fused QLoRA path).
+"""
+
+from __future__ import annotations
+
+from .lora import _is_bnb_4bit, _is_lora_layer, bnb_standard_layout
+
+FEATURE = "quant"
+
+
+class BnbNF4Forward:
+    """The patched forward of a bitsandbytes NF4 ``Linear4bit``: same inputs, same output dtype."""
+
+    def __init__(self, module, original, backend: str):
+        self.module = module
+        self.original = original
+        self.backend = backend
+        self.__wrapped__ = original
+
+    def __call__(self, x, *args, **kwargs):
+        m = self.module
+        if args or kwargs or getattr(m.weight, "quant_state", None) is None:
+            return self.original(x, *args, **kwargs)
+        bnb_standard_layout(m)
+        qs = m.weight.quant_state
+        from ..ops.nf4 import nf4_matmul
+
+        in_dtype = x.dtype
+        cd = getattr(m, "compute_dtype", None)
+        if cd is not None and x.dtype != cd:
+            x = x.to(cd)
+        bias = m.bias.to(x.dtype) if m.bias is not None and m.bias.dtype != x.dtype else m.bias
+        y = nf4_matmul(x, m.weight, qs, bias, backend=self.backend)
+        return y.to(in_dtype) if y.dtype != in_dtype else y
+
+
+def apply(ctx) -> None:
+    from ..nn import Linear4bit
+
+    root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    inside_lora = set()
+    for module in root.modules():
+        if _is_lora_layer(module):
+            inside_lora.add(id(module.base_layer))
+    found = 0
+    for name, module in root.named_modules():
+        if id(module) in inside_lora:
+            continue
+        if isinstance(module, Linear4bit):
+            found += 1
+            ctx.report.add(FEATURE, name, "fastft Linear4bit: runs fastft's nf4_matmul natively")
+        elif _is_bnb_4bit(module):
+            found += 1
+            qs = module.weight.quant_state
+            if qs is None or getattr(qs, "quant_type", "nf4") != "nf4":
+                ctx.report.skip(FEATURE, name, "bitsandbytes 4-bit layer that is not NF4: its forward is kept")
+                continue
+            ctx.swap(module, "forward", BnbNF4Forward(module, module.forward, ctx.options["backend"]))
+            ctx.report.add(FEATURE, name, "bitsandbytes NF4 Linear4bit -> fastft nf4_matmul (same packed bytes)")
+    if not found:
+        ctx.report.skip(FEATURE, "model", "no 4-bit layers outside LoRA layers")

@@ -1,0 +1,184 @@
+"""QLoRA: fastft.quantize and bitsandbytes Linear4bit bases, wrapped by PEFT, patched by fastft."""
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from torch import nn
+
+import fastft
+from fastft.nn import Linear4bit
+from fastft.ops import dequantize_nf4, lora_linear, lora_linear_reference, quantize_nf4
+from fastft.patching.lora import FusedLoraForward
+from fastft.testing import tiny_batch, tiny_model
+
+VOCAB = 256
+
+
+def _lora(model, **kw):
+    cfg = LoraConfig(r=8, lora_alpha=16, target_modules="all-linear", init_lora_weights=False, **kw)
+    return get_peft_model(model, cfg)
+
+
+def _step(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _assert_same(ref, got, rtol=1e-4):
+    (l1, g1), (l2, g2) = ref, got
+    torch.testing.assert_close(l2, l1, rtol=1e-5, atol=1e-6)
+    assert g1.keys() == g2.keys() and g1
+    for n in g1:
+        err = (g2[n] - g1[n]).abs().max() / g1[n].abs().max().clamp(min=1e-8)
+        assert err <= rtol, f"{n}: {err:.2e}"
+
+
+def _bnb_quantize(model, skip=("lm_head",)):
+    bnb = pytest.importorskip("bitsandbytes")
+    for _name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is nn.Linear and child_name not in skip:
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=child.weight.dtype, quant_type="nf4", compress_statistics=True,
+                )  # fmt: skip
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
+                if child.bias is not None:
+                    q.bias = nn.Parameter(child.bias.data.clone())
+                setattr(module, child_name, q.to(child.weight.device))
+    return model
+
+
+def test_quantize_replaces_linears_and_keeps_the_head():
+    model = tiny_model("llama", vocab_size=VOCAB)
+    dense = model(**tiny_batch(VOCAB)).logits
+    fastft.quantize(model)
+    n4 = [n for n, m in model.named_modules() if isinstance(m, Linear4bit)]
+    assert len(n4) == 2 * 7 and "lm_head" not in " ".join(n4)
+    assert type(model.lm_head) is nn.Linear
+    q = model(**tiny_batch(VOCAB)).logits
+    assert (q - dense).abs().max() < 0.25 * dense.abs().max()  # 4-bit, but the same model
+    # the packed weight is what the op dequantises
+    layer = model.model.layers[0].self_attn.q_proj
+    w = dequantize_nf4(layer.weight, layer.quant_state)
+    assert w.shape == (layer.out_features, layer.in_features)
+
+
+def test_quantize_gpt2_conv1d_and_bad_options():
+    model = tiny_model("gpt2", vocab_size=VOCAB)
+    ref = model(**tiny_batch(VOCAB)).logits
+    fastft.quantize(model, double_quant=False)
+    assert isinstance(model.transformer.h[0].attn.c_attn, Linear4bit)
+    assert (model(**tiny_batch(VOCAB)).logits - ref).abs().max() < 0.25 * ref.abs().max()
+    with pytest.raises(ValueError, match="blocksize"):
+        fastft.quantize(tiny_model("llama", vocab_size=VOCAB), blocksize=48)
+    with pytest.raises(TypeError):
+        fastft.quantize("llama")
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
+def test_qlora_on_fastft_quantized_base_matches_unpatched(family):
+    model = _lora(fastft.quantize(tiny_model(family, vocab_size=VOCAB))).train()
+    n_lora = sum(1 for n, _ in model.named_modules() if n.endswith("lora_A"))
+    assert n_lora == (14 if family != "gpt2" else 8)  # all-linear found the 4-bit layers
+    batch = tiny_batch(VOCAB, seq=20)
+    ref = _step(model, batch)
+    report = fastft.patch(model)
+    fused = [p for p in report.patched if p.feature == "lora"]
+    assert len(fused) == n_lora and all("4-bit NF4 base" in p.detail for p in fused)
+    _assert_same(ref, _step(model, batch))
+
+
+@pytest.mark.parametrize("family", ["llama", "qwen2"])
+def test_qlora_on_bitsandbytes_base_matches_unpatched(family):
+    model = _lora(_bnb_quantize(tiny_model(family, vocab_size=VOCAB))).train()
+    batch = tiny_batch(VOCAB, seq=20)
+    ref = _step(model, batch)
+    report = fastft.patch(model)
+    fused = [p for p in report.patched if p.feature == "lora"]
+    assert fused and all("bitsandbytes 4-bit NF4" in p.detail for p in fused)
+    _assert_same(ref, _step(model, batch))
+
+
+def test_bare_bitsandbytes_layers_run_fastft_kernels():
+    model = _bnb_quantize(tiny_model("llama", vocab_size=VOCAB)).eval()
+    batch = tiny_batch(VOCAB)
+    ref = model(**batch).logits
+    report = fastft.patch(model)
+    assert any("bitsandbytes NF4 Linear4bit -> fastft" in p.detail for p in report.patched)
+    torch.testing.assert_close(model(**batch).logits, ref, rtol=1e-4, atol=1e-4)
+
+
+def test_adapter_trained_on_fastft_4bit_loads_on_bnb_and_dense_bases(tmp_path):
+    model = _lora(fastft.quantize(tiny_model("llama", vocab_size=VOCAB)), lora_dropout=0.1).train()
+    fastft.patch(model)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.05)
+    batch = tiny_batch(VOCAB)
+    for _ in range(2):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    on_bnb = PeftModel.from_pretrained(_bnb_quantize(tiny_model("llama", vocab_size=VOCAB)), tmp_path).eval()
+    on_dense = PeftModel.from_pretrained(tiny_model("llama", vocab_size=VOCAB), tmp_path).eval()
+    on_fastft = PeftModel.from_pretrained(fastft.quantize(tiny_model("llama", vocab_size=VOCAB)), tmp_path).eval()
+    torch.testing.assert_close(on_fastft(**batch).logits, want, rtol=0, atol=0)
+    # other bases differ only by their own quantisation, and the patch keeps their numbers:
+    # exactly on the dense base; on bitsandbytes' base up to its CPU inference kernel, which
+    # (in eval mode, on AVX512-BF16) repacks the weight with bf16 block scales and computes in bf16
+    for other, tol in ((on_dense, 1e-4), (on_bnb, 1e-2)):
+        got = other(**batch).logits
+        assert (got - want).abs().max() < 0.25 * want.abs().max()
+        fastft.patch(other)
+        torch.testing.assert_close(other(**batch).logits, got, rtol=tol, atol=tol)
+
+
+def test_quant_false_keeps_peft_forward_on_4bit_bases():
+    model = _lora(fastft.quantize(tiny_model("llama", vocab_size=VOCAB)))
+    report = fastft.patch(model, quant=False)
+    assert not [p for p in report.patched if p.feature == "lora"]
+    assert any("quant=False" in s.reason for s in report.skipped)
+    assert not any(isinstance(m.__dict__.get("forward"), FusedLoraForward) for m in model.modules())
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+def test_lora_linear_with_quant_state_matches_dequantised_formula(p):
+    torch.manual_seed(0)
+    w = torch.randn(48, 128) * 0.1
+    packed, state = quantize_nf4(w, blocksize=64)
+    wd = dequantize_nf4(packed, state)
+    x = torch.randn(3, 11, 128, requires_grad=True)
+    A = (torch.randn(8, 128) * 0.1).requires_grad_(True)
+    B = (torch.randn(48, 8) * 0.1).requires_grad_(True)
+    b = torch.randn(48)
+    torch.manual_seed(3)
+    y = lora_linear(x, packed, A, B, 0.5, bias=b, dropout_p=p, quant_state=state)
+    torch.manual_seed(3)
+    seed = int(torch.randint(0, 2**62, (1,)).item())
+    from fastft.ops import dropout_mask
+
+    mask = dropout_mask(seed, (33, 128), p, "cpu").reshape(3, 11, 128) if p else None
+    ref = lora_linear_reference(x, wd, A, B, 0.5, bias=b, mask=mask)
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-5)
+    go = torch.randn_like(y)
+    for g1, g2 in zip(torch.autograd.grad(y, (x, A, B), go), torch.autograd.grad(ref, (x, A, B), go)):
+        torch.testing.assert_close(g1, g2, rtol=1e-5, atol=1e-5)
+
+
+def test_lora_linear_quant_bad_input():
+    w = torch.randn(16, 64)
+    packed, state = quantize_nf4(w)
+    x = torch.randn(2, 64)
+    A, B = torch.randn(4, 64), torch.randn(16, 4)
+    with pytest.raises(TypeError, match="packed uint8"):
+        lora_linear(x, w, A, B, 1.0, quant_state=state)
+    with pytest.raises(ValueError, match="fan_in_fan_out"):
+        lora_linear(x, packed, A, B, 1.0, quant_state=state, fan_in_fan_out=True)
+    with pytest.raises(ValueError, match="x shape"):
+        lora_linear(torch.randn(2, 32), packed, A, B, 1.0, quant_state=state)
