@@ -122,3 +122,41 @@ def test_patched_tiny_model_on_device(family):
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert _rel(p.grad, ref_grads[n]) < 1e-3, n
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 8, 300])
+def test_nf4_kernels_on_device(dtype, M):
+    from fastft.ops import dequantize_nf4, nf4_matmul, quantize_nf4
+
+    assert backends.select("nf4_matmul", DEV).backend == "triton"
+    w = torch.randn(1536, 1024, device=DEV) * 0.05
+    packed, state = quantize_nf4(w, blocksize=64)
+    wd = dequantize_nf4(packed, state, dtype=dtype)
+    torch.testing.assert_close(wd, dequantize_nf4(packed, state, dtype=dtype, backend="torch"), rtol=0, atol=0)
+    x = torch.randn(M, 1024, device=DEV, dtype=dtype)
+    b = torch.randn(1536, device=DEV, dtype=dtype)
+    got = nf4_matmul(x, packed, state, b)
+    ref = x.float() @ wd.float().T + b.float()
+    assert _rel(got, ref) < (1e-4 if dtype == torch.float32 else 2e-2)
+
+
+def test_qlora_patch_on_device():
+    from peft import LoraConfig, get_peft_model
+
+    from fastft.testing import tiny_batch, tiny_model
+
+    model = fastft.quantize(tiny_model("llama", vocab_size=512).to(DEV))
+    model = get_peft_model(model, LoraConfig(r=8, target_modules="all-linear", init_lora_weights=False)).train()
+    batch = {k: v.to(DEV) for k, v in tiny_batch(512, batch=2, seq=64).items()}
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    model.zero_grad()
+    fastft.patch(model)
+    out = model(**batch)
+    out.loss.backward()
+    torch.testing.assert_close(out.loss, ref, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert _rel(p.grad, ref_grads[n]) < 1e-3, n
