@@ -13,28 +13,10 @@ import torch
 
 from fastft import _ext
 from fastft.kernels import nf4_cpu
+from fastft.ops.nf4 import dequantize_nf4_torch, nf4_code
 
-# bitsandbytes' NF4 table
-CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ]
-)
+# the NF4 table and the reference: the package's own (one reference per op)
+CODE = nf4_code()
 
 
 @pytest.fixture(scope="module")
@@ -64,9 +46,7 @@ def random_nf4(numel, blocksize, gen=None):
 
 
 def ref_dequant(packed, absmax, code, blocksize, numel):
-    nib = torch.stack([packed >> 4, packed & 0xF], dim=1).reshape(-1)[:numel].long()
-    scale = absmax.repeat_interleave(blocksize)[:numel]
-    return code[nib] * scale
+    return dequantize_nf4_torch(packed, absmax, code, blocksize, numel, torch.float32)
 
 
 # ---------------------------------------------------------------------------------------

@@ -15,28 +15,10 @@ import torch
 from fastft import backends
 from fastft.kernels import nf4 as knf4
 from fastft.kernels.nf4 import dequantize_nf4_triton, nf4_matmul_triton
+from fastft.ops.nf4 import dequantize_nf4_torch, nf4_code
 
-# bitsandbytes' NF4 table
-NF4_CODE = torch.tensor(
-    [
-        -1.0,
-        -0.6961928009986877,
-        -0.5250730514526367,
-        -0.39491748809814453,
-        -0.28444138169288635,
-        -0.18477343022823334,
-        -0.09105003625154495,
-        0.0,
-        0.07958029955625534,
-        0.16093020141124725,
-        0.24611230194568634,
-        0.33791524171829224,
-        0.44070982933044434,
-        0.5626170039176941,
-        0.7229568362236023,
-        1.0,
-    ]
-)
+# the NF4 table and the reference: the package's own (one reference per op)
+NF4_CODE = nf4_code()
 TOL32 = dict(atol=1e-5, rtol=1e-5)
 # one bf16 rounding: the interpreter truncates fp32 -> bf16 (a GPU rounds to nearest), so up to 1 ulp
 BF16_ULP = 2**-7
@@ -50,10 +32,8 @@ def _quant_state(numel, blocksize, seed=0):
 
 
 def dequant_reference(packed, absmax, code, blocksize, numel):
-    """fp32 ``W[j] = code[nib(j)] * absmax[j // blocksize]``, 1-D."""
-    p = packed.reshape(-1).long()
-    nib = torch.stack([p >> 4, p & 0xF], dim=1).reshape(-1)[:numel]
-    return code[nib] * absmax.repeat_interleave(blocksize)[:numel]
+    """fp32 ``W[j] = code[nib(j)] * absmax[j // blocksize]``, 1-D (the package's torch reference)."""
+    return dequantize_nf4_torch(packed, absmax, code, blocksize, numel, torch.float32)
 
 
 def matmul_reference(x, packed, absmax, code, blocksize, N, K, bias=None):
