@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 # backend -> (module name, ops it implements).
 _EXTENSIONS: dict[str, tuple[str, frozenset[str]]] = {
     "cpp": ("fastft._C_cpu", frozenset({"dequantize_nf4", "nf4_matmul"})),
-    "cuda": ("fastft._C_cuda", frozenset()),
+    "cuda": ("fastft._C_cuda", frozenset({"dequantize_nf4", "nf4_matmul"})),
 }
 
 
@@ -31,6 +31,9 @@ _EXTENSIONS: dict[str, tuple[str, frozenset[str]]] = {
 _JIT_PROVIDERS: dict[tuple[str, str], str] = {
     ("cpp", "dequantize_nf4"): "fastft.kernels.nf4_cpu",
     ("cpp", "nf4_matmul"): "fastft.kernels.nf4_cpu",
+    # fastft._C_cuda or a JIT build of csrc/cuda/nf4.cu; never tried on a CPU build of torch
+    ("cuda", "dequantize_nf4"): "fastft.kernels.nf4_cuda",
+    ("cuda", "nf4_matmul"): "fastft.kernels.nf4_cuda",
 }
 
 

@@ -160,3 +160,120 @@ def test_qlora_patch_on_device():
     for n, p in model.named_parameters():
         if p.grad is not None:
             assert _rel(p.grad, ref_grads[n]) < 1e-3, n
+
+
+# --------------------------------------------------------------------------------------
+# CUDA C++ NF4 kernels (csrc/cuda, fastft.kernels.nf4_cuda), forced with backend="cuda".
+# The first test JIT-builds the extension (a minute or two, cached afterwards) unless
+# fastft._C_cuda was built ahead of time.
+# --------------------------------------------------------------------------------------
+def _nf4_cuda_or_skip():
+    from fastft.kernels import nf4_cuda
+
+    ok, why = nf4_cuda.available()
+    assert ok, why  # on a GPU machine with nvcc + ninja the build must work
+    return nf4_cuda
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("shape,blocksize", [((1536, 1024), 64), ((1001,), 64), ((4096, 4096), 256), ((77, 96), 32)])
+def test_nf4_cuda_dequant_on_device(dtype, shape, blocksize):
+    from fastft.ops import dequantize_nf4, quantize_nf4
+
+    _nf4_cuda_or_skip()
+    w = torch.randn(*shape, device=DEV) * 0.05
+    packed, state = quantize_nf4(w, blocksize=blocksize)
+    got = dequantize_nf4(packed, state, dtype=dtype, backend="cuda")
+    ref = dequantize_nf4(packed, state, dtype=dtype, backend="torch")
+    assert got.dtype == dtype and got.shape == ref.shape
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)  # bit-exact
+
+
+def test_nf4_cuda_dequant_scalar_paths_on_device():
+    from fastft.ops.nf4 import dequantize_nf4_torch, nf4_code
+
+    nf4_cuda = _nf4_cuda_or_skip()
+    code = nf4_code(DEV)
+    numel = 1001
+    packed = torch.randint(0, 256, ((numel + 1) // 2,), device=DEV, dtype=torch.uint8)
+    # blocksize 7: no 16-element groups share a scale -> one thread per element
+    absmax = torch.rand(-(-numel // 7), device=DEV) + 0.1
+    got = nf4_cuda.dequantize_nf4_cuda(packed, absmax, code, 7, numel, torch.float32)
+    torch.testing.assert_close(got, dequantize_nf4_torch(packed, absmax, code, 7, numel, torch.float32), rtol=0, atol=0)
+    # packed at an odd address -> no 64-bit loads
+    absmax = torch.rand(-(-numel // 64), device=DEV) + 0.1
+    buf = torch.empty(packed.numel() + 1, device=DEV, dtype=torch.uint8)
+    buf[1:] = packed
+    got = nf4_cuda.dequantize_nf4_cuda(buf[1:], absmax, code, 64, numel, torch.bfloat16)
+    ref = dequantize_nf4_torch(packed, absmax, code, 64, numel, torch.bfloat16)
+    torch.testing.assert_close(got, ref, rtol=0, atol=0)
+    assert nf4_cuda.dequantize_nf4_cuda(packed[:0], absmax[:0], code, 64, 0, torch.float16).numel() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("M", [1, 4, 8, 33])
+@pytest.mark.parametrize("N,K,blocksize", [(1536, 1024, 64), (4096, 4096, 64), (1000, 14336, 128), (8, 96, 32)])
+def test_nf4_cuda_matmul_on_device(dtype, M, N, K, blocksize):
+    from fastft.ops import dequantize_nf4, nf4_matmul, quantize_nf4
+
+    _nf4_cuda_or_skip()
+    w = torch.randn(N, K, device=DEV) * 0.05
+    packed, state = quantize_nf4(w, blocksize=blocksize)
+    w32 = dequantize_nf4(packed, state, dtype=torch.float32, backend="torch")
+    wd = dequantize_nf4(packed, state, dtype=dtype, backend="torch")
+    x = torch.randn(M, K, device=DEV, dtype=dtype)
+    b = torch.randn(N, device=DEV, dtype=dtype)
+    got = nf4_matmul(x, packed, state, b, backend="cuda")
+    assert got.dtype == dtype and got.shape == (M, N)
+    ref32 = x.float() @ w32.T + b.float()  # the GEMV's own arithmetic (fp32 weights)
+    ref = x.float() @ wd.float().T + b.float()  # bnb's (weights rounded to x's dtype)
+    assert _rel(got, ref) < (1e-4 if dtype == torch.float32 else 2e-2)
+    if M <= 8:
+        assert _rel(got, ref32) < (1e-5 if dtype == torch.float32 else 1e-2)
+    nobias = nf4_matmul(x, packed, state, backend="cuda")
+    assert _rel(nobias, ref - b.float()) < (1e-4 if dtype == torch.float32 else 2e-2)
+    # gradient in x and bias through the CUDA dequant
+    xg = x.detach().clone().requires_grad_(True)
+    bg = b.detach().clone().requires_grad_(True)
+    gy = torch.randn(M, N, device=DEV, dtype=dtype)
+    dx, db = torch.autograd.grad(nf4_matmul(xg, packed, state, bg, backend="cuda"), (xg, bg), gy)
+    assert _rel(dx, gy.float() @ wd.float()) < (1e-4 if dtype == torch.float32 else 2e-2)
+    assert _rel(db, gy.float().sum(0)) < (1e-5 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_nf4_cuda_gemv_byte_path_on_device(dtype):
+    from fastft.ops.nf4 import dequantize_nf4_torch, nf4_code
+
+    nf4_cuda = _nf4_cuda_or_skip()
+    code = nf4_code(DEV)
+    for N, K, bs, shift in ((37, 30, 6, 0), (64, 1024, 64, 1)):  # K % 32 != 0; x at an odd address
+        packed = torch.randint(0, 256, (N * K // 2,), device=DEV, dtype=torch.uint8)
+        absmax = torch.rand(N * K // bs, device=DEV) + 0.1
+        w32 = dequantize_nf4_torch(packed, absmax, code, bs, N * K, torch.float32).view(N, K)
+        for M in (1, 3, 8):
+            buf = torch.randn(M * K + shift, device=DEV).to(dtype)
+            x = buf[shift:].view(M, K)
+            bias = torch.randn(N, device=DEV)
+            got = nf4_cuda.nf4_matmul_cuda(x, packed, absmax, code, bs, N, K, bias)
+            ref = x.float() @ w32.T + bias
+            assert got.dtype == dtype
+            assert _rel(got, ref) < (1e-5 if dtype == torch.float32 else 1e-2), (N, K, M)
+    x0 = torch.empty(0, 30, device=DEV, dtype=dtype)
+    assert nf4_cuda.nf4_matmul_cuda(x0, packed[: 37 * 15], absmax[: 37 * 5], code, 6, 37, 30, None).shape == (0, 37)
+
+
+def test_nf4_cuda_rejects_bad_inputs_on_device():
+    from fastft.ops.nf4 import nf4_code
+
+    nf4_cuda = _nf4_cuda_or_skip()
+    code = nf4_code(DEV)
+    packed = torch.zeros(64 * 32, device=DEV, dtype=torch.uint8)
+    absmax = torch.ones(64, device=DEV)
+    x = torch.randn(2, 64, device=DEV)
+    with pytest.raises(RuntimeError, match="CUDA"):
+        nf4_cuda.nf4_matmul_cuda(x, packed.cpu(), absmax, code, 64, 64, 64)
+    with pytest.raises((RuntimeError, ValueError), match="multiple of blocksize"):
+        nf4_cuda.nf4_matmul_cuda(torch.randn(2, 96, device=DEV), packed[: 32 * 48], absmax[:48], code, 64, 32, 96)
+    with pytest.raises(RuntimeError, match="absmax"):
+        nf4_cuda.dequantize_nf4_cuda(packed, absmax[:3], code, 64, 64 * 64, torch.float32)

@@ -328,8 +328,8 @@ def test_nf4_matmul_vs_bnb_matmul_4bit(dtype, double_quant):
 # --------------------------------------------------------------------------------------
 def test_backends_registered():
     ops = backends.registered_ops()
-    assert ops[OP_DEQUANT] == ("triton", "cpp", "torch")
-    assert ops[OP_NF4_MATMUL] == ("triton", "cpp", "torch")
+    assert ops[OP_DEQUANT] == ("triton", "cuda", "cpp", "torch")
+    assert ops[OP_NF4_MATMUL] == ("triton", "cuda", "cpp", "torch")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         assert backends.select(OP_NF4_MATMUL, "cpu", "auto").backend in ("cpp", "torch")

@@ -66,8 +66,13 @@ __all__ = [
 
 OP_DEQUANT = "dequantize_nf4"
 OP_NF4_MATMUL = "nf4_matmul"
-backends.register(OP_DEQUANT, ("triton", "cpp", "torch"))
-backends.register(OP_NF4_MATMUL, ("triton", "cpp", "torch"))
+# "auto" order. CUDA tensors: Triton first (its GEMV for M <= 8 and its fused dequant-GEMM
+# for training shapes are the GPU-tested defaults); the CUDA C++ kernels (fastft.kernels.
+# nf4_cuda: a GEMV for M <= 8, CUDA dequant + torch GEMM above) run when forced with
+# backend="cuda" / FASTFT_BACKEND=cuda, or when Triton cannot run. They come before "cpp"
+# only nominally: cuda runs on CUDA tensors, cpp on CPU tensors.
+backends.register(OP_DEQUANT, ("triton", "cuda", "cpp", "torch"))
+backends.register(OP_NF4_MATMUL, ("triton", "cuda", "cpp", "torch"))
 
 # bitsandbytes' get_4bit_type("nf4") (already normalised: max |code| == 1)
 _NF4_VALUES = (
@@ -438,6 +443,10 @@ def _dequant_impl(backend: str, dtype: torch.dtype):
         from ..kernels.nf4 import dequantize_nf4_triton
 
         return dequantize_nf4_triton
+    if backend == "cuda" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4_cuda import dequantize_nf4_cuda
+
+        return dequantize_nf4_cuda
     if backend == "cpp" and dtype in _FLOAT_OUT:
         from ..kernels.nf4_cpu import dequantize_nf4_cpp
 
@@ -450,6 +459,10 @@ def _matmul_impl(backend: str, dtype: torch.dtype):
         from ..kernels.nf4 import nf4_matmul_triton
 
         return nf4_matmul_triton
+    if backend == "cuda" and dtype in _FLOAT_OUT:
+        from ..kernels.nf4_cuda import nf4_matmul_cuda
+
+        return nf4_matmul_cuda
     if backend == "cpp" and dtype in _FLOAT_OUT:
         from ..kernels.nf4_cpu import nf4_matmul_cpp
 
@@ -509,6 +522,9 @@ def nf4_matmul(
     ``x`` is ``[..., K]`` floating point; the result is ``[..., N]`` in ``x.dtype``. The weight
     is dequantised to ``x.dtype`` as bnb's ``matmul_4bit`` does; fused backends accumulate in
     fp32. Differentiable in ``x`` and ``bias``. Needs ``K % state.blocksize == 0``.
+
+    Backends for CUDA tensors under ``"auto"``: ``triton``, then ``cuda`` (the CUDA C++ GEMV
+    for ``M <= 8`` rows, CUDA dequant + torch GEMM above; used when forced or without Triton).
     """
     packed, state = _check_state(packed, state)
     if not torch.is_tensor(x):
