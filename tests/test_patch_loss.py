@@ -243,6 +243,9 @@ def test_patch_twice_unpatch_and_deepcopy():
     assert not fastft.unpatch(model)
     assert fastft.patch_report(model) is None
     assert fastft.unpatch(clone)
+    cbase = clone.get_base_model()
+    assert "forward" not in cbase.__dict__ and "forward" not in cbase.lm_head.__dict__
+    torch.testing.assert_close(clone(**batch).loss, a)  # the unpatched copy still works
 
 
 def test_report_lists_what_is_not_available_and_reads_well():
@@ -252,9 +255,9 @@ def test_report_lists_what_is_not_available_and_reads_well():
     assert "loss" in text and "lora" in text and "checkpointing" in text
     assert "(x2)" in text  # the two decoder layers' q_proj share a row
     skipped = {s.feature: s.reason for s in report.skipped}
-    assert "no 4-bit layers" in skipped["quant"] and "not available" in skipped["checkpointing"]
+    assert "no 4-bit layers" in skipped["quant"]
     d = report.to_dict()
-    assert {p["feature"] for p in d["patched"]} == {"loss", "lora"}
+    assert {p["feature"] for p in d["patched"]} == {"loss", "lora", "checkpointing"}
     report = fastft.patch(model, loss=False, lora=False)
     assert not report.patched
     assert {s.reason for s in report.skipped if s.feature in ("loss", "lora")} == {"disabled by the caller"}

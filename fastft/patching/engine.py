@@ -10,6 +10,7 @@ changed, so ``save_pretrained``, state dicts and ``type(model)`` stay as they ar
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -19,7 +20,19 @@ from .. import backends
 from .report import PatchReport
 
 _STATE_ATTR = "_fastft_patch_state"
-_MISSING = object()
+
+
+class _Missing:
+    """Marks "no instance attribute before the swap"; survives deepcopy and pickling as itself."""
+
+    def __reduce__(self):
+        return "_MISSING"
+
+    def __repr__(self):
+        return "<missing>"
+
+
+_MISSING = _Missing()
 _CHECKPOINTING = (None, "recompute", "offload")
 
 
@@ -27,7 +40,7 @@ _CHECKPOINTING = (None, "recompute", "offload")
 class PatchState:
     options: dict
     report: PatchReport
-    # (object, attribute, previous value or _MISSING), in the order applied
+    # (object, attribute, previous value or _MISSING, value installed), in the order applied
     swaps: list = field(default_factory=list)
 
 
@@ -42,7 +55,7 @@ class PatchContext:
     def swap(self, obj, attr: str, value) -> None:
         """Set ``obj.attr = value``, remembering the previous instance attribute for unpatch."""
         prev = obj.__dict__.get(attr, _MISSING) if hasattr(obj, "__dict__") else _MISSING
-        self.state.swaps.append((obj, attr, prev))
+        self.state.swaps.append((obj, attr, prev, value))
         setattr(obj, attr, value)
 
 
@@ -115,6 +128,7 @@ def patch(
     state = PatchState(options=options, report=report)
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
+    from . import checkpointing as checkpointing_feature
     from . import lora as lora_feature
     from . import loss as loss_feature
     from . import quant as quant_feature
@@ -123,6 +137,7 @@ def patch(
         ("lora", lora, lora_feature.apply),
         ("quant", quant, quant_feature.apply),
         ("loss", loss, loss_feature.apply),
+        ("checkpointing", checkpointing is not None, checkpointing_feature.apply),
     ]
     try:
         for name, enabled, apply in features:
@@ -133,17 +148,23 @@ def patch(
     except BaseException:
         _restore(state)
         raise
-    if checkpointing is not None:
-        report.skip("checkpointing", "model", f"checkpointing={checkpointing!r} is not available in this version")
     object.__setattr__(hf_model, _STATE_ATTR, state)
     return report
 
 
 def _restore(state: PatchState) -> None:
-    for obj, attr, prev in reversed(state.swaps):
+    for obj, attr, prev, installed in reversed(state.swaps):
+        current = obj.__dict__.get(attr, _MISSING)
+        if current is not installed:
+            # someone replaced our swap after patching (e.g. TRL's SFTTrainer installs its own
+            # forward): theirs stays, and it is not ours to remove
+            warnings.warn(
+                f"fastft.unpatch: {type(obj).__name__}.{attr} was replaced after fastft.patch; leaving it as it is",
+                stacklevel=3,
+            )
+            continue
         if prev is _MISSING:
-            if attr in obj.__dict__:
-                delattr(obj, attr)
+            delattr(obj, attr)
         else:
             setattr(obj, attr, prev)
     state.swaps.clear()
