@@ -240,6 +240,14 @@ def apply(ctx) -> None:
             FEATURE, "lm_head", f"the output embedding's weight is a {type(lm_head.weight).__name__} (sharded?)"
         )
         return
+    if "forward" in model.__dict__:
+        report.skip(
+            FEATURE,
+            name,
+            f"its forward was already replaced by another library ({type(model.__dict__['forward']).__name__}); "
+            "fastft does not wrap a foreign forward",
+        )
+        return
     params = inspect.signature(model.forward).parameters
     if "labels" not in params:
         report.skip(FEATURE, name, "its forward takes no labels")
