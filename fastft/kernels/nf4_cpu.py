@@ -40,6 +40,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import sys
 import threading
 import warnings
 
@@ -112,6 +113,14 @@ class _Loader:
             cpp_extension.verify_ninja_availability()
         except Exception:
             return None, "ninja is not installed (pip install ninja)"
+        try:  # say so when this is a real compile, not a cache hit: it takes ~40 s on 2 cores
+            cached = os.path.exists(
+                os.path.join(cpp_extension._get_build_directory(self.name, False), f"{self.name}.so")
+            )
+        except Exception:
+            cached = False
+        if not cached:
+            print("fastft: compiling the C++ CPU kernels (first use only; cached afterwards)...", file=sys.stderr)
         try:
             mod = cpp_extension.load(
                 name=self.name,
