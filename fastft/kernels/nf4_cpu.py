@@ -40,116 +40,36 @@ from __future__ import annotations
 
 import os
 import shutil
-import sys
-import threading
-import warnings
 
 import torch
+
+from . import _jit
 
 __all__ = ["OPS", "available", "dequantize_nf4_cpp", "isa", "nf4_matmul_cpp", "source_candidates"]
 
 OPS = frozenset({"dequantize_nf4", "nf4_matmul"})
 JIT_NAME = "fastft_cpu_nf4"
 _SYMBOLS = ("dequantize_nf4", "dequantize_nf4_out", "nf4_matmul", "nf4_isa")
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../fastft
 
 
 def source_candidates() -> list[str]:
     """Where the JIT build looks for ``nf4.cpp``, in order."""
-    return [
-        os.path.join(_PKG_DIR, "csrc", "cpu", "nf4.cpp"),  # shipped as package data
-        os.path.join(os.path.dirname(_PKG_DIR), "csrc", "cpu", "nf4.cpp"),  # source checkout / editable
-    ]
+    return _jit.source_candidates("cpu", "nf4.cpp")
 
 
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[-1] if text else ""
-    for line in text:  # compiler errors: the first line that says "error" is the useful one
-        if "error" in line.lower():
-            msg = line.strip()
-            break
-    return f"{type(exc).__name__}: {msg[:limit]}"
-
-
-class _Loader:
-    """Loads (or builds) the extension once and remembers the outcome and its reason."""
+class _Loader(_jit.ExtensionLoader):
+    label = "C++ NF4 kernels"
+    symbols = _SYMBOLS
+    default_sources = ("cpu", "nf4.cpp")
 
     def __init__(self, sources: list[str] | None = None, aot_module: str = "fastft._C_cpu", name: str = JIT_NAME):
-        self.sources = sources  # None: source_candidates()
-        self.aot_module = aot_module
-        self.name = name
-        self.module = None
-        self.reason = "not loaded yet (loads or builds on first use)"
-        self.tried = False
-        self.warned = False
-        self._lock = threading.Lock()
+        super().__init__(sources, aot_module, name)
 
-    def _aot(self):
-        import importlib
-
-        try:
-            mod = importlib.import_module(self.aot_module)
-        except Exception as exc:  # not built (the usual case) or broken
-            return None, f"{self.aot_module} is not built ({type(exc).__name__})"
-        missing = [s for s in _SYMBOLS if not hasattr(mod, s)]
-        if missing:
-            return None, f"{self.aot_module} lacks the NF4 kernels ({', '.join(missing)})"
-        return mod, f"{self.aot_module} loaded"
-
-    def _jit(self):
-        if os.environ.get("FASTFT_NO_JIT", "0") not in ("", "0"):
-            return None, "FASTFT_NO_JIT=1 disables the JIT build"
-        candidates = source_candidates() if self.sources is None else list(self.sources)
-        src = next((p for p in candidates if os.path.isfile(p)), None)
-        if src is None:
-            return None, f"nf4.cpp not found for the JIT build (looked in {', '.join(candidates)})"
+    def prepare(self, src):
         cxx = os.environ.get("CXX", "c++")
         if shutil.which(cxx.split()[0]) is None:
             return None, f"no C++ compiler ({cxx!r} is not on PATH)"
-        from torch.utils import cpp_extension
-
-        try:
-            cpp_extension.verify_ninja_availability()
-        except Exception:
-            return None, "ninja is not installed (pip install ninja)"
-        try:  # say so when this is a real compile, not a cache hit: it takes ~40 s on 2 cores
-            cached = os.path.exists(
-                os.path.join(cpp_extension._get_build_directory(self.name, False), f"{self.name}.so")
-            )
-        except Exception:
-            cached = False
-        if not cached:
-            print("fastft: compiling the C++ CPU kernels (first use only; cached afterwards)...", file=sys.stderr)
-        try:
-            mod = cpp_extension.load(
-                name=self.name,
-                sources=[src],
-                extra_cflags=["-O3", "-fopenmp"],
-                extra_ldflags=["-fopenmp"],
-                verbose=False,
-            )
-        except Exception as exc:  # compile/link error, unwritable cache, ...
-            return None, f"JIT build of {src} failed ({_first_line(exc)})"
-        return mod, f"JIT-built {self.name} from {src}"
-
-    def load(self):
-        with self._lock:
-            if self.tried:
-                return self.module
-            self.tried = True
-            mod, why = self._aot()
-            if mod is None:
-                mod, jit_why = self._jit()
-                why = f"{why}; {jit_why}"
-            self.module, self.reason = mod, why
-            if mod is None and not self.warned:
-                self.warned = True
-                warnings.warn(f"fastft: C++ NF4 kernels unavailable: {why}", RuntimeWarning, stacklevel=4)
-            return mod
-
-    def available(self) -> tuple[bool, str]:
-        return self.load() is not None, self.reason
+        return {"extra_cflags": ["-O3", "-fopenmp"], "extra_ldflags": ["-fopenmp"]}, ""
 
 
 _LOADER = _Loader()
@@ -161,10 +81,7 @@ def available() -> tuple[bool, str]:
 
 
 def _module():
-    mod = _LOADER.load()
-    if mod is None:
-        raise RuntimeError(f"fastft: C++ NF4 kernels unavailable: {_LOADER.reason}")
-    return mod
+    return _LOADER.require()
 
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)

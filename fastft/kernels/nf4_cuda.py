@@ -51,10 +51,10 @@ from __future__ import annotations
 import hashlib
 import os
 import shutil
-import threading
-import warnings
 
 import torch
+
+from . import _jit
 
 __all__ = ["GEMV_MAX_M", "OPS", "available", "dequantize_nf4_cuda", "nf4_matmul_cuda", "source_candidates"]
 
@@ -63,25 +63,11 @@ JIT_NAME = "fastft_cuda_nf4"
 GEMV_MAX_M = 8  # kGemvMaxM in csrc/cuda/nf4_kernels.cuh; above it: CUDA dequant + torch GEMM
 _SYMBOLS = ("nf4_dequantize", "nf4_gemv")
 _HEADER = "nf4_kernels.cuh"
-_PKG_DIR = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # .../fastft
 
 
 def source_candidates() -> list[str]:
     """Where the JIT build looks for ``nf4.cu``, in order."""
-    return [
-        os.path.join(_PKG_DIR, "csrc", "cuda", "nf4.cu"),  # shipped as package data
-        os.path.join(os.path.dirname(_PKG_DIR), "csrc", "cuda", "nf4.cu"),  # source checkout / editable
-    ]
-
-
-def _first_line(exc: BaseException, limit: int = 300) -> str:
-    text = str(exc).strip().splitlines()
-    msg = text[-1] if text else ""
-    for line in text:  # compiler errors: the first line that says "error" is the useful one
-        if "error" in line.lower():
-            msg = line.strip()
-            break
-    return f"{type(exc).__name__}: {msg[:limit]}"
+    return _jit.source_candidates("cuda", "nf4.cu")
 
 
 def _precondition() -> str | None:
@@ -93,38 +79,18 @@ def _precondition() -> str | None:
     return None
 
 
-class _Loader:
-    """Loads (or builds) the extension once and remembers the outcome and its reason."""
+class _Loader(_jit.ExtensionLoader):
+    label = "CUDA NF4 kernels"
+    symbols = _SYMBOLS
+    default_sources = ("cuda", "nf4.cu")
 
     def __init__(self, sources: list[str] | None = None, aot_module: str = "fastft._C_cuda", name: str = JIT_NAME):
-        self.sources = sources  # None: source_candidates()
-        self.aot_module = aot_module
-        self.name = name
-        self.module = None
-        self.reason = "not loaded yet (loads or builds on first use)"
-        self.tried = False
-        self.warned = False
-        self._lock = threading.Lock()
+        super().__init__(sources, aot_module, name)
 
-    def _aot(self):
-        import importlib
+    def precondition(self):
+        return _precondition()
 
-        try:
-            mod = importlib.import_module(self.aot_module)
-        except Exception as exc:  # not built (the usual case) or broken
-            return None, f"{self.aot_module} is not built ({type(exc).__name__})"
-        missing = [s for s in _SYMBOLS if not hasattr(mod, s)]
-        if missing:
-            return None, f"{self.aot_module} lacks the NF4 kernels ({', '.join(missing)})"
-        return mod, f"{self.aot_module} loaded"
-
-    def _jit(self):
-        if os.environ.get("FASTFT_NO_JIT", "0") not in ("", "0"):
-            return None, "FASTFT_NO_JIT=1 disables the JIT build"
-        candidates = source_candidates() if self.sources is None else list(self.sources)
-        src = next((p for p in candidates if os.path.isfile(p)), None)
-        if src is None:
-            return None, f"nf4.cu not found for the JIT build (looked in {', '.join(candidates)})"
+    def prepare(self, src):
         header = os.path.join(os.path.dirname(src), _HEADER)
         if not os.path.isfile(header):
             return None, f"{header} not found (nf4.cu includes it)"
@@ -132,46 +98,9 @@ class _Loader:
 
         if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
             return None, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-        try:
-            cpp_extension.verify_ninja_availability()
-        except Exception:
-            return None, "ninja is not installed (pip install ninja)"
         with open(header, "rb") as f:  # torch hashes the sources and flags only, not included headers
             tag = hashlib.sha1(f.read()).hexdigest()[:12]
-        try:
-            mod = cpp_extension.load(
-                name=self.name,
-                sources=[src],
-                extra_cflags=["-O3"],
-                extra_cuda_cflags=["-O3", f"-DFASTFT_NF4_KERNELS_TAG={tag}"],
-                verbose=False,
-            )
-        except Exception as exc:  # compile/link error, unwritable cache, ...
-            return None, f"JIT build of {src} failed ({_first_line(exc)})"
-        return mod, f"JIT-built {self.name} from {src}"
-
-    def load(self):
-        if _precondition() is not None:
-            return None
-        with self._lock:
-            if self.tried:
-                return self.module
-            self.tried = True
-            mod, why = self._aot()
-            if mod is None:
-                mod, jit_why = self._jit()
-                why = f"{why}; {jit_why}"
-            self.module, self.reason = mod, why
-            if mod is None and not self.warned:
-                self.warned = True
-                warnings.warn(f"fastft: CUDA NF4 kernels unavailable: {why}", RuntimeWarning, stacklevel=4)
-            return mod
-
-    def available(self) -> tuple[bool, str]:
-        pre = _precondition()
-        if pre is not None:
-            return False, pre
-        return self.load() is not None, self.reason
+        return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", f"-DFASTFT_NF4_KERNELS_TAG={tag}"]}, ""
 
 
 _LOADER = _Loader()
@@ -183,10 +112,7 @@ def available() -> tuple[bool, str]:
 
 
 def _module():
-    mod = _LOADER.load()
-    if mod is None:
-        raise RuntimeError(f"fastft: CUDA NF4 kernels unavailable: {available()[1]}")
-    return mod
+    return _LOADER.require()
 
 
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
