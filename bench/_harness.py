@@ -24,10 +24,17 @@ What it offers, and what every bench script in this folder relies on:
 * :func:`write_result` - atomically write ``bench/results/<name>-<device-slug>.json``
   (the latest run for that device; runs on other devices do not overwrite it).
 * :func:`markdown_table` - render rows for the terminal / a PR description.
+* what the bench scripts share: :func:`add_common_args` (``--seed``, ``--skip-memory``,
+  ``--mem-parallel``, ``--out``, ``--no-write``), :func:`mem_parallel`, :func:`finish` (write the
+  JSON and print its path), :func:`worker_env` / :data:`CPU_WORKER_ENV` (memory workers on CPU),
+  :class:`LayerStep` / :func:`measure_layer_memory` (one layer's fwd+bwd and its memory),
+  :func:`max_abs_diff`, :func:`rel_err`, :func:`ratio`, :func:`torch_dtype`,
+  :func:`free_memory`, :func:`current_bytes`, :class:`Skip`.
 """
 
 from __future__ import annotations
 
+import argparse
 import gc
 import importlib.metadata
 import json
@@ -350,6 +357,214 @@ def run_isolated(
     script: str, args: Sequence[str], env: dict[str, str] | None = None, timeout: float | None = None
 ) -> dict[str, Any]:
     return collect_isolated(launch_isolated(script, args, env), timeout)
+
+
+# --------------------------------------------------------------------------------------
+# small helpers shared by the bench scripts
+# --------------------------------------------------------------------------------------
+def torch_dtype(name: str):
+    """``"fp32"`` / ``"bf16"`` -> the torch dtype."""
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
+
+
+def max_abs_diff(a, b) -> float | None:
+    """max |a - b| of two tensors (compared in fp32); None when either is None."""
+    if a is None or b is None:
+        return None
+    return (a.float() - b.float()).abs().max().item()
+
+
+def rel_err(a, b) -> float | None:
+    """max |a - b| / max |b| (compared in fp32); None when either is None."""
+    if a is None or b is None:
+        return None
+    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
+
+
+def ratio(a, b) -> float | None:
+    """a / b; None when either is None or b is 0."""
+    if a is None or b is None or not b:
+        return None
+    return a / b
+
+
+def free_memory(device) -> None:
+    """``gc.collect()``, and on CUDA give the cached blocks back (``torch.cuda.empty_cache``)."""
+    gc.collect()
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.empty_cache()
+
+
+def current_bytes(device) -> int | None:
+    """Memory held right now: CUDA ``memory_allocated`` (after a sync), CPU ``VmRSS``; None if unknown."""
+    if str(device).startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(torch.device(device))
+        return torch.cuda.memory_allocated(torch.device(device))
+    kb = _proc_status_kb("VmRSS")
+    return None if kb is None else kb * 1024
+
+
+class Skip(Exception):
+    """A provider that cannot run here; the message says why."""
+
+
+# --------------------------------------------------------------------------------------
+# command line and the end of a run
+# --------------------------------------------------------------------------------------
+def add_common_args(
+    p: argparse.ArgumentParser, name: str, *, memory: str | None = None, mem_processes: str | None = None
+) -> None:
+    """``--seed``, ``--skip-memory`` and ``--[no-]mem-parallel`` (only with ``memory``), ``--out``, ``--no-write``.
+
+    ``name`` is the results name (``bench/results/<name>-<device>.json``); ``memory`` what
+    ``--skip-memory`` skips (e.g. ``"peak memory"``) and ``mem_processes`` what ``--mem-parallel``
+    runs concurrently (e.g. ``"memory processes"``). See :func:`finish` and :func:`mem_parallel`.
+    """
+    p.add_argument("--seed", type=int, default=0)
+    if memory is not None:
+        p.add_argument("--skip-memory", action="store_true", help=f"do not measure {memory}")
+        p.add_argument(
+            "--mem-parallel",
+            action=argparse.BooleanOptionalAction,
+            default=None,
+            help=f"run the {mem_processes or 'memory processes'} concurrently (default: only with --quick)",
+        )
+    p.add_argument(
+        "--out",
+        help="results name: writes bench/results/<out>-<device>.json "
+        f"(default {name}; --quick defaults to {name}-quick under the git-ignored bench/results/tmp/)",
+    )
+    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+
+
+def add_run_args(p: argparse.ArgumentParser, defaults: dict[str, dict], *, unit: str = "repetitions") -> None:
+    """``--device {cpu,cuda,auto}``, ``--reps`` and ``--warmup``; their help states the per-device
+    defaults, read from ``defaults`` (``{"cpu": {"reps": ..., "warmup": ...}, "cuda": {...}}``)."""
+    cpu, cuda = defaults["cpu"], defaults["cuda"]
+    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
+    p.add_argument("--reps", type=int, help=f"timed {unit}; default CPU {cpu['reps']}, CUDA {cuda['reps']}")
+    p.add_argument(
+        "--warmup", type=int, help=f"untimed {unit} first; default CPU {cpu['warmup']}, CUDA {cuda['warmup']}"
+    )
+
+
+def mem_parallel(args: argparse.Namespace) -> bool:
+    """Whether the memory processes run concurrently: ``--[no-]mem-parallel``, else only with ``--quick``."""
+    return args.quick if args.mem_parallel is None else args.mem_parallel
+
+
+def finish(
+    args: argparse.Namespace, name: str, payload: dict[str, Any], *, device: str, quick: bool, t_start: float
+) -> str | None:
+    """Unless ``--no-write``: write ``{"bench": name, **payload, "elapsed_s": ...}`` and print its path.
+
+    The results name is ``--out``, else ``name`` (``<name>-quick`` with ``quick``); ``quick`` runs go
+    to the git-ignored :data:`SCRATCH_RESULTS_DIR`. ``elapsed_s`` is the time since ``t_start``
+    (``time.perf_counter()``). Returns the path written, or None.
+    """
+    elapsed = time.perf_counter() - t_start
+    if args.no_write:
+        return None
+    path = write_result(
+        args.out or (f"{name}-quick" if quick else name),
+        {"bench": name, **payload, "elapsed_s": elapsed},
+        device=device,
+        results_dir=SCRATCH_RESULTS_DIR if quick else RESULTS_DIR,
+    )
+    print(f"\nwrote {os.path.relpath(path, REPO_ROOT)} ({elapsed:.1f}s)")
+    return path
+
+
+# --------------------------------------------------------------------------------------
+# memory worker processes
+# --------------------------------------------------------------------------------------
+# CPU memory workers: a fixed mmap threshold disables glibc's dynamic one, so every block of
+# 16 KiB or more is mmap-ed and given back to the OS when freed, and RSS after the forward
+# counts what is still alive, not temporaries the allocator kept (see bench/README.md)
+CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384"}
+
+
+def worker_env(device) -> dict[str, str] | None:
+    """Environment of a memory worker: on CPU ours plus :data:`CPU_WORKER_ENV` (unless already set);
+    on CUDA None (ours, unchanged)."""
+    if str(device).startswith("cuda"):
+        return None
+    env = os.environ.copy()
+    for k, v in CPU_WORKER_ENV.items():
+        env.setdefault(k, v)
+    return env
+
+
+class LayerStep:
+    """One layer's forward + backward on fixed inputs (the providers of bench_lora / bench_nf4).
+
+    A subclass sets ``inp`` (a dict holding the input ``x``, which requires grad), ``dy`` (the
+    output gradient), ``forward`` (a zero-argument callable returning ``y``) and ``params`` (the
+    trainable tensors by name).
+    """
+
+    inp: dict
+    dy: Any
+    forward: Callable[[], Any]
+    params: dict
+
+    def clear(self) -> None:
+        self.inp["x"].grad = None
+        for t in self.params.values():
+            t.grad = None
+
+    def step(self):
+        """Clear the grads, run forward + backward, return y."""
+        self.clear()
+        y = self.forward()
+        y.backward(self.dy)
+        return y
+
+    def grads(self) -> dict:
+        out = {"x": self.inp["x"].grad}
+        out.update({k: t.grad for k, t in self.params.items()})
+        return out
+
+
+def measure_layer_memory(prov: LayerStep, device, tiny_prime: Callable[[], Any]) -> tuple[dict[str, Any], bool]:
+    """Activation memory (after the forward, output alive) and peak of one ``prov`` fwd+bwd.
+
+    Priming (see :func:`measure_peak_memory`): on CUDA a full-size step (Triton compilation /
+    autotuning, cuBLAS workspace; the peak is reset after it). On CPU the same when freed blocks
+    go back to the OS (:data:`CPU_WORKER_ENV` set) and VmHWM can be reset, so the library's one-off
+    buffers (GEMM packing) are not counted; otherwise ``tiny_prime`` (pages in code, starts
+    thread pools). Returns :func:`measure_peak_memory`'s dict plus ``activation_mib``, and
+    whether the full-size prime was used.
+    """
+    full_prime = str(device).startswith("cuda") or (
+        all(os.environ.get(k) for k in CPU_WORKER_ENV) and _reset_peak_rss()
+    )
+    if full_prime:
+
+        def prime():
+            prov.step()
+            prov.clear()
+
+    else:
+        prime = tiny_prime
+
+    marks = {}
+
+    def measured():
+        y = prov.forward()
+        marks["after_forward"] = current_bytes(device)  # y and what autograd saved are alive here
+        y.backward(prov.dy)
+
+    mem = measure_peak_memory(measured, device, prime=prime)
+    after, base = marks.get("after_forward"), mem.get("baseline_mib")
+    mem["activation_mib"] = None if after is None or base is None else after / 2**20 - base
+    return mem, full_prime
 
 
 # --------------------------------------------------------------------------------------

@@ -52,12 +52,10 @@ TARGETS = {
         ("offload step time <= 1.25x none", "offload", "time", 1.25),
     ],
 }
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384"}
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument("--layers", type=int, help="decoder layers; default 8")
     p.add_argument("--hidden", type=int, help="hidden size; default CPU 256, CUDA 2048")
     p.add_argument("--intermediate", type=int, help="MLP size; default CPU 704, CUDA 5632")
@@ -66,16 +64,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--vocab", type=int, help="vocabulary; default CPU 8192, CUDA 32000")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="model dtype; default CPU fp32, CUDA bf16")
     p.add_argument("--modes", default=None, help="comma-separated subset of none,recompute,offload")
-    p.add_argument("--reps", type=int, help="timed steps; default CPU 3, CUDA 10")
-    p.add_argument("--warmup", type=int, help="untimed steps first; default CPU 1, CUDA 3")
+    H.add_run_args(p, RUNS, unit="steps")
     p.add_argument("--quick", action="store_true", help="2 layers, hidden 64, 256 tokens, 1 rep: seconds")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument(
-        "--out",
-        help="results name: writes bench/results/<out>-<device>.json (default checkpointing; "
-        "--quick defaults to checkpointing-quick under the git-ignored bench/results/tmp/)",
-    )
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    H.add_common_args(p, "checkpointing")
     p.add_argument("--_worker", dest="worker", choices=MODES, help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
@@ -106,7 +97,7 @@ def build_model(cfg: dict):
     import torch
     from transformers import AutoModelForCausalLM, LlamaConfig
 
-    dtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[cfg["dtype"]]
+    dtype = H.torch_dtype(cfg["dtype"])
     config = LlamaConfig(
         vocab_size=cfg["vocab"],
         hidden_size=cfg["hidden"],
@@ -216,10 +207,7 @@ def main(argv=None) -> int:
     dev = cfg["device"]
     script = os.path.abspath(__file__)
     raw_args = list(sys.argv[1:] if argv is None else argv)
-    env = os.environ.copy()
-    if not dev.startswith("cuda"):
-        for k, v in CPU_WORKER_ENV.items():
-            env.setdefault(k, v)
+    env = H.worker_env(dev)  # CPU: large blocks mmap-ed, so freed memory leaves the RSS
     t0 = time.perf_counter()
     print(
         f"checkpointing bench: Llama-style, {cfg['layers']} layers, hidden {cfg['hidden']}, MLP {cfg['intermediate']}, "

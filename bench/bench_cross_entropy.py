@@ -63,8 +63,7 @@ TARGETS = {
 TOLERANCE = {"fp32": dict(loss=1e-4, grad=1e-3), "bf16": dict(loss=3e-2, grad=5e-2)}
 
 
-class Skip(Exception):
-    """A provider that cannot run here; the message says why."""
+Skip = H.Skip
 
 
 # --------------------------------------------------------------------------------------
@@ -76,9 +75,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--hidden", type=int, help="hidden size H; default CPU 512, CUDA 4096")
     p.add_argument("--vocab", type=int, help="vocabulary size V; default 128256")
     p.add_argument("--dtype", choices=("fp32", "bf16"), help="default CPU fp32, CUDA bf16")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--reps", type=int, help="timed repetitions; default CPU 3, CUDA 20")
-    p.add_argument("--warmup", type=int, help="untimed repetitions first; default CPU 1, CUDA 5")
+    H.add_run_args(p, DEFAULTS)
     p.add_argument("--quick", action="store_true", help="small shape (256 x 64 x 4096), reps 2: a few seconds")
     p.add_argument(
         "--providers",
@@ -87,20 +84,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--fastft-backend", default="auto", help="backend= for the fastft op (auto, torch, triton)")
     p.add_argument("--ignore-frac", type=float, default=0.05, help="fraction of labels set to -100 (default 0.05)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-memory", action="store_true", help="do not measure peak memory")
-    p.add_argument(
-        "--mem-parallel",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the per-provider memory processes concurrently (default: only with --quick)",
-    )
-    p.add_argument(
-        "--out",
-        help="results name: writes bench/results/<out>-<device>.json "
-        "(default cross_entropy; --quick defaults to cross_entropy-quick under the git-ignored bench/results/tmp/)",
-    )
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    H.add_common_args(p, "cross_entropy", memory="peak memory", mem_processes="per-provider memory processes")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names = [s.strip() for s in args.providers.split(",") if s.strip()]
@@ -131,7 +115,7 @@ def resolve(args: argparse.Namespace) -> dict:
 def make_inputs(tokens: int, hidden: int, vocab: int, dtype: str, device: str, seed: int, ignore_frac: float):
     import torch
 
-    tdtype = {"fp32": torch.float32, "bf16": torch.bfloat16}[dtype]
+    tdtype = H.torch_dtype(dtype)
     torch.manual_seed(seed)
     h = torch.randn(1, tokens, hidden, device=device, dtype=tdtype)
     w = torch.randn(vocab, hidden, device=device, dtype=tdtype).mul_(hidden**-0.5)  # logits ~ N(0, 1)
@@ -236,24 +220,6 @@ def worker_main(args: argparse.Namespace) -> None:
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
-def _max_abs_diff(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _rel_err(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-
-
-def _ratio(a, b) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
 def main(argv=None) -> int:
     args = parse_args(argv)
     if args.mem_worker:
@@ -262,7 +228,7 @@ def main(argv=None) -> int:
     script = os.path.abspath(__file__)
     raw_args = list(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    parallel = args.quick if args.mem_parallel is None else args.mem_parallel
+    parallel = H.mem_parallel(args)
 
     # --quick: start the memory processes at once, they import torch while we do
     early = {}
@@ -323,8 +289,8 @@ def main(argv=None) -> int:
         if ref is None:
             ref = {"loss": loss, "gh": gh, "gw": gw}
         row["loss_abs_diff"] = abs(loss - ref["loss"])
-        row["grad_hidden_rel_err"] = _rel_err(gh, ref["gh"])
-        row["grad_weight_rel_err"] = _rel_err(gw, ref["gw"])
+        row["grad_hidden_rel_err"] = H.rel_err(gh, ref["gh"])
+        row["grad_weight_rel_err"] = H.rel_err(gw, ref["gw"])
         row["agrees"] = bool(
             row["loss_abs_diff"] <= tol["loss"]
             and (row["grad_hidden_rel_err"] or 0.0) <= tol["grad"]
@@ -360,14 +326,14 @@ def main(argv=None) -> int:
 
     base = rows.get(BASELINE, {})
     for row in rows.values():
-        row["time_x"] = _ratio(row.get("median_ms"), base.get("median_ms"))
-        row["mem_x"] = _ratio(row.get("peak_mib"), base.get("peak_mib"))
+        row["time_x"] = H.ratio(row.get("median_ms"), base.get("median_ms"))
+        row["mem_x"] = H.ratio(row.get("peak_mib"), base.get("peak_mib"))
 
     # targets (reported, never asserted)
     targets = []
     for label, metric, who, versus, limit in TARGETS[dev.split(":")[0]]:
         key = "median_ms" if metric == "time" else "peak_mib"
-        value = _ratio(rows.get(who, {}).get(key), rows.get(versus, {}).get(key))
+        value = H.ratio(rows.get(who, {}).get(key), rows.get(versus, {}).get(key))
         met = None if value is None else value <= limit
         note = "" if cfg["at_target_shape"] else "not the target shape: for information only"
         if value is None:
@@ -408,17 +374,14 @@ def main(argv=None) -> int:
     print()
     print(H.markdown_table(targets, ["target", "value", "limit", "met", "note"]))
 
-    elapsed = time.perf_counter() - t_start
-    if not args.no_write:
-        name = args.out or ("cross_entropy-quick" if cfg["quick"] else "cross_entropy")
-        results_dir = H.SCRATCH_RESULTS_DIR if cfg["quick"] else H.RESULTS_DIR
-        path = H.write_result(
-            name,
-            {"bench": "cross_entropy", "config": cfg, "results": table_rows, "targets": targets, "elapsed_s": elapsed},
-            device=dev,
-            results_dir=results_dir,
-        )
-        print(f"\nwrote {os.path.relpath(path, H.REPO_ROOT)} ({elapsed:.1f}s)")
+    H.finish(
+        args,
+        "cross_entropy",
+        {"config": cfg, "results": table_rows, "targets": targets},
+        device=dev,
+        quick=cfg["quick"],
+        t_start=t_start,
+    )
     return 0
 
 

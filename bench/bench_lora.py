@@ -27,7 +27,6 @@ backward, output included) and the peak of one fwd+bwd, both measured in fresh p
 from __future__ import annotations
 
 import argparse
-import gc
 import itertools
 import os
 import sys
@@ -68,14 +67,7 @@ TARGETS = {
 # informational agreement thresholds on max|diff| / max|peft| (the bench never fails on them)
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
-# CPU memory workers: a fixed mmap threshold disables glibc's dynamic one, so every block of
-# 16 KiB or more is mmap-ed and given back to the OS when freed, and RSS after the forward
-# counts what is still alive, not temporaries the allocator kept (see bench/README.md)
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384"}
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the message says why."""
+Skip = H.Skip
 
 
 # --------------------------------------------------------------------------------------
@@ -108,9 +100,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         default="fp32",
         help="A and B dtype (default fp32: PEFT's default, it upcasts bf16 adapters)",
     )
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--reps", type=int, help="timed repetitions; default CPU 3, CUDA 20")
-    p.add_argument("--warmup", type=int, help="untimed repetitions first; default CPU 1, CUDA 5")
+    H.add_run_args(p, RUNS)
     p.add_argument("--quick", action="store_true", help="tiny shape (256 tokens, 64 -> 96, r 8), reps 2: seconds")
     p.add_argument(
         "--providers",
@@ -118,20 +108,7 @@ def parse_args(argv=None) -> argparse.Namespace:
         help=f"comma-separated subset of {','.join(PROVIDERS)} (default {DEFAULT_PROVIDERS})",
     )
     p.add_argument("--fastft-backend", default="auto", help="backend= for the fastft op (auto, torch, triton)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-memory", action="store_true", help="do not measure memory")
-    p.add_argument(
-        "--mem-parallel",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the memory processes concurrently (default: only with --quick)",
-    )
-    p.add_argument(
-        "--out",
-        help="results name: writes bench/results/<out>-<device>.json "
-        "(default lora; --quick defaults to lora-quick under the git-ignored bench/results/tmp/)",
-    )
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    H.add_common_args(p, "lora", memory="memory", mem_processes="memory processes")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     p.add_argument("--_mem-cells", dest="mem_cells", type=ints, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -178,17 +155,11 @@ def _scaling(cfg: dict, rank: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------
 # inputs and providers
 # --------------------------------------------------------------------------------------
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
 def make_inputs(tokens, in_features, out_features, rank, dtype, adapter_dtype, device, seed):
     """x [1, tokens, in] (requires grad), dy [1, tokens, out], frozen W [out, in], A [r, in], B [out, r]."""
     import torch
 
-    dt, adt = _torch_dtype(dtype), _torch_dtype(adapter_dtype)
+    dt, adt = H.torch_dtype(dtype), H.torch_dtype(adapter_dtype)
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
 
@@ -260,7 +231,7 @@ def build_peft_layer(inp: dict, rank: int, alpha: float, dropout: float):
     return model, layer
 
 
-class Provider:
+class Provider(H.LayerStep):
     """One provider on one cell's inputs: ``step()`` clears grads, runs forward + backward, returns y."""
 
     def __init__(self, name: str, inp: dict, cell: dict, cfg: dict):
@@ -293,22 +264,6 @@ class Provider:
         else:
             raise ValueError(name)
 
-    def clear(self) -> None:
-        self.inp["x"].grad = None
-        for t in self.params.values():
-            t.grad = None
-
-    def step(self):
-        self.clear()
-        y = self.forward()
-        y.backward(self.dy)
-        return y
-
-    def grads(self) -> dict:
-        out = {"x": self.inp["x"].grad}
-        out.update({k: t.grad for k, t in self.params.items()})
-        return out
-
 
 def cell_inputs(cfg: dict, cell: dict, dev: str) -> dict:
     return make_inputs(
@@ -323,66 +278,27 @@ def cell_inputs(cfg: dict, cell: dict, dev: str) -> dict:
     )
 
 
-def _free(dev: str) -> None:
-    gc.collect()
-    if dev.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
-
-
 # --------------------------------------------------------------------------------------
 # memory worker (runs in a fresh process)
 # --------------------------------------------------------------------------------------
-def _current_bytes(dev: str) -> int | None:
-    if dev.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(torch.device(dev))
-        return torch.cuda.memory_allocated(torch.device(dev))
-    kb = H._proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
-
-
 def measure_cell(name: str, cfg: dict, cell: dict, dev: str) -> dict:
     """Activation memory (after forward, output alive) and peak of one fwd+bwd, above the inputs."""
     inp = cell_inputs(cfg, cell, dev)
     prov = Provider(name, inp, cell, cfg)
-    # CUDA: a full-size warm-up (Triton compilation / autotuning, cuBLAS workspace); the peak is
-    # reset after it. CPU: the same when freed blocks go back to the OS (fixed mmap threshold, see
-    # CPU_WORKER_ENV) and VmHWM can be reset, so the library's one-off buffers (GEMM packing) are
-    # not counted; otherwise the harness's tiny call (pages in code, starts thread pools).
-    full_prime = dev.startswith("cuda") or (all(os.environ.get(k) for k in CPU_WORKER_ENV) and H._reset_peak_rss())
-    if full_prime:
 
-        def prime():
-            prov.step()
-            prov.clear()
+    def tiny_prime():  # used unless a full-size prime is possible (see H.measure_layer_memory)
+        tiny_cell = dict(in_features=32, out_features=32, rank=min(cell["rank"], 4), dropout=cell["dropout"])
+        tiny = make_inputs(16, 32, 32, tiny_cell["rank"], cfg["dtype"], cfg["adapter_dtype"], dev, 1)
+        Provider(name, tiny, tiny_cell, cfg).step()
+        del tiny
 
-    else:
-
-        def prime():
-            tiny_cell = dict(in_features=32, out_features=32, rank=min(cell["rank"], 4), dropout=cell["dropout"])
-            tiny = make_inputs(16, 32, 32, tiny_cell["rank"], cfg["dtype"], cfg["adapter_dtype"], dev, 1)
-            Provider(name, tiny, tiny_cell, cfg).step()
-            del tiny
-
-    marks = {}
-
-    def measured():
-        y = prov.forward()
-        marks["after_forward"] = _current_bytes(dev)  # y and what autograd saved are alive here
-        y.backward(prov.dy)
-
-    mem = H.measure_peak_memory(measured, dev, prime=prime)
-    after, base = marks.get("after_forward"), mem.get("baseline_mib")
-    mem["activation_mib"] = None if after is None or base is None else after / 2**20 - base
+    mem, full_prime = H.measure_layer_memory(prov, dev, tiny_prime)
     mem["activation_method"] = (
         "cuda memory_allocated after forward - before" if dev.startswith("cuda") else "VmRSS after forward - before"
     ) + " (output kept alive)"
     mem["prime"] = "full-size call" if full_prime else "tiny call"
     if not dev.startswith("cuda"):
-        mem["malloc_env"] = {k: os.environ.get(k) for k in CPU_WORKER_ENV}
+        mem["malloc_env"] = {k: os.environ.get(k) for k in H.CPU_WORKER_ENV}
     return mem
 
 
@@ -399,7 +315,7 @@ def worker_main(args: argparse.Namespace) -> None:
                 out["cells"][str(idx)] = {"status": "skipped", "reason": str(exc)}
             except Exception as exc:
                 out["cells"][str(idx)] = {"status": "error", "reason": f"{type(exc).__name__}: {exc}"}
-            _free(dev)  # the cell's inputs are gone with measure_cell's frame
+            H.free_memory(dev)  # the cell's inputs are gone with measure_cell's frame
     except Exception as exc:  # report, never hang the parent
         out = {"provider": name, "status": "error", "reason": f"{type(exc).__name__}: {exc}"}
     H.emit_worker_result(out)
@@ -427,24 +343,6 @@ def memory_jobs(cfg: dict, providers: list[str]) -> list[tuple[str, list[int]]]:
 # --------------------------------------------------------------------------------------
 # main
 # --------------------------------------------------------------------------------------
-def _max_abs_diff(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    return (a.float() - b.float()).abs().max().item()
-
-
-def _rel_err(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-
-
-def _ratio(a, b) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
 def _compare(op: str, value: float, limit: float, p: float) -> bool:
     if op == "<=!":
         op = "<" if p > 0 else "<="
@@ -465,14 +363,14 @@ def check_agreement(cfg: dict, cell: dict, dev: str) -> dict:
     worst = 0.0
     for k in ("y", "x", "A", "B"):
         a, b = outs["fastft"].get(k), outs["peft"].get(k)
-        res[f"{k}_max_abs_diff"] = _max_abs_diff(a, b)
-        rel = _rel_err(a, b)
+        res[f"{k}_max_abs_diff"] = H.max_abs_diff(a, b)
+        rel = H.rel_err(a, b)
         res[f"{k}_rel_err"] = rel
         worst = max(worst, rel if rel is not None else float("inf"))
     res["max_rel_err"] = worst
     res["agrees"] = bool(worst <= TOLERANCE[cfg["dtype"]])
     del outs, inp
-    _free(dev)
+    H.free_memory(dev)
     return res
 
 
@@ -484,7 +382,7 @@ def main(argv=None) -> int:
     script = os.path.abspath(__file__)
     raw_args = list(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    parallel = args.quick if args.mem_parallel is None else args.mem_parallel
+    parallel = H.mem_parallel(args)
 
     import torch
 
@@ -495,11 +393,7 @@ def main(argv=None) -> int:
 
     # memory processes: with --mem-parallel (default with --quick) started now, to import while we do
     jobs = [] if args.skip_memory else memory_jobs(cfg, providers)
-    env = None
-    if not dev.startswith("cuda"):
-        env = os.environ.copy()
-        for k, v in CPU_WORKER_ENV.items():
-            env.setdefault(k, v)
+    env = H.worker_env(dev)
 
     def launch(job):
         name, idxs = job
@@ -526,7 +420,7 @@ def main(argv=None) -> int:
         f"{' [quick]' if cfg['quick'] else ''}"
     )
     print(f"fastft backend: {cfg['fastft_backend_selected']}")
-    elem = torch.tensor([], dtype=_torch_dtype(cfg["dtype"])).element_size()
+    elem = torch.tensor([], dtype=H.torch_dtype(cfg["dtype"])).element_size()
     outs_mib = {o: cfg["tokens"] * o * elem / 2**20 for o in cfg["out_features"]}
     print("output y (counted in activation memory): " + ", ".join(f"out={o}: {m:.2f} MiB" for o, m in outs_mib.items()))
 
@@ -595,15 +489,15 @@ def main(argv=None) -> int:
             elif m is not None:
                 row["memory_error"] = m.get("reason", m.get("status"))
                 print(f"  memory measurement failed for {name} {cell}: {row['memory_error']}")
-            _free(dev)
+            H.free_memory(dev)
         del inp
-        _free(dev)
+        H.free_memory(dev)
         peft, base = cell_rows.get("peft", {}), cell_rows.get("base", {})
         for row in cell_rows.values():
-            row["time_x_peft"] = _ratio(row.get("median_ms"), peft.get("median_ms"))
-            row["time_x_base"] = _ratio(row.get("median_ms"), base.get("median_ms"))
-            row["act_x_peft"] = _ratio(row.get("activation_mib"), peft.get("activation_mib"))
-            row["peak_x_peft"] = _ratio(row.get("peak_mib"), peft.get("peak_mib"))
+            row["time_x_peft"] = H.ratio(row.get("median_ms"), peft.get("median_ms"))
+            row["time_x_base"] = H.ratio(row.get("median_ms"), base.get("median_ms"))
+            row["act_x_peft"] = H.ratio(row.get("activation_mib"), peft.get("activation_mib"))
+            row["peak_x_peft"] = H.ratio(row.get("peak_mib"), peft.get("peak_mib"))
 
     # targets (reported, never asserted)
     targets = []
@@ -613,7 +507,7 @@ def main(argv=None) -> int:
         for label, metric, who, versus, op, limit in TARGETS[dev.split(":")[0]]:
             a = by.get((ci, who), {}).get(key_of[metric])
             b = by.get((ci, versus), {}).get(key_of[metric])
-            value = _ratio(b, a) if metric == "speedup" else _ratio(a, b)
+            value = H.ratio(b, a) if metric == "speedup" else H.ratio(a, b)
             met = None if value is None else _compare(op, value, limit, cell["dropout"])
             note = "" if cfg["at_target_shape"] else "not the target shape: for information only"
             if value is None:
@@ -687,24 +581,14 @@ def main(argv=None) -> int:
         )
     )
 
-    elapsed = time.perf_counter() - t_start
-    if not args.no_write:
-        name = args.out or ("lora-quick" if cfg["quick"] else "lora")
-        results_dir = H.SCRATCH_RESULTS_DIR if cfg["quick"] else H.RESULTS_DIR
-        path = H.write_result(
-            name,
-            {
-                "bench": "lora",
-                "config": cfg,
-                "results": rows,
-                "agreement": agreement,
-                "targets": targets,
-                "elapsed_s": elapsed,
-            },
-            device=dev,
-            results_dir=results_dir,
-        )
-        print(f"\nwrote {os.path.relpath(path, H.REPO_ROOT)} ({elapsed:.1f}s)")
+    H.finish(
+        args,
+        "lora",
+        {"config": cfg, "results": rows, "agreement": agreement, "targets": targets},
+        device=dev,
+        quick=cfg["quick"],
+        t_start=t_start,
+    )
     return 0
 
 

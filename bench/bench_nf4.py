@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
 import itertools
 import math
 import os
@@ -89,12 +88,7 @@ BANDWIDTH_GBS = (
 # informational agreement thresholds on max|diff| / max|reference| (the bench never fails on them)
 TOLERANCE = {"fp32": 1e-4, "bf16": 2e-2}
 
-# CPU memory workers: every block >= 16 KiB is mmap-ed and returned when freed (see bench_lora.py)
-CPU_WORKER_ENV = {"MALLOC_MMAP_THRESHOLD_": "16384"}
-
-
-class Skip(Exception):
-    """A provider that cannot run here; the message says why."""
+Skip = H.Skip
 
 
 # --------------------------------------------------------------------------------------
@@ -107,9 +101,7 @@ def _ints(s: str) -> list[int]:
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--sections", default=",".join(SECTIONS), help=f"comma-separated subset of {','.join(SECTIONS)}")
-    p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
-    p.add_argument("--reps", type=int, help="timed repetitions; default CPU 3, CUDA 20")
-    p.add_argument("--warmup", type=int, help="untimed repetitions first; default CPU 1, CUDA 5")
+    H.add_run_args(p, RUNS)
     p.add_argument(
         "--inner",
         type=int,
@@ -146,20 +138,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument(
         "--bandwidth-gbs", type=float, help="GPU memory bandwidth for the dequant target (default: from the name)"
     )
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--skip-memory", action="store_true", help="do not measure QLoRA memory")
-    p.add_argument(
-        "--mem-parallel",
-        action=argparse.BooleanOptionalAction,
-        default=None,
-        help="run the QLoRA memory processes concurrently (default: only with --quick)",
-    )
-    p.add_argument(
-        "--out",
-        help="results name: writes bench/results/<out>-<device>.json "
-        "(default nf4; --quick defaults to nf4-quick under the git-ignored bench/results/tmp/)",
-    )
-    p.add_argument("--no-write", action="store_true", help="print only, write no JSON")
+    H.add_common_args(p, "nf4", memory="QLoRA memory", mem_processes="QLoRA memory processes")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=QLORA_PROVIDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     names = [s.strip() for s in args.sections.split(",") if s.strip()]
@@ -208,12 +187,6 @@ def resolve(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # helpers
 # --------------------------------------------------------------------------------------
-def _torch_dtype(name: str):
-    import torch
-
-    return {"fp32": torch.float32, "bf16": torch.bfloat16}[name]
-
-
 def _randn(g, *shape, scale, dtype, device):
     """Drawn on the CPU (the same values on every device), then moved."""
     import torch
@@ -227,26 +200,6 @@ def _gen(seed: int):
     g = torch.Generator(device="cpu")
     g.manual_seed(seed)
     return g
-
-
-def _ratio(a, b) -> float | None:
-    if a is None or b is None or not b:
-        return None
-    return a / b
-
-
-def _rel_err(a, b) -> float | None:
-    if a is None or b is None:
-        return None
-    return (a.float() - b.float()).abs().max().item() / max(b.float().abs().max().item(), 1e-30)
-
-
-def _free(dev: str) -> None:
-    gc.collect()
-    if dev.startswith("cuda"):
-        import torch
-
-        torch.cuda.empty_cache()
 
 
 def _state_bytes(packed, state) -> int:
@@ -385,7 +338,7 @@ def run_dequant(cfg: dict, dev: str) -> tuple[list[dict], dict]:
                 row["backend"] = f"bitsandbytes {bnb_version()}"
                 calls = [partial(bnbF.dequantize_4bit, p, qs) for p in packs]
             out = calls[0]()
-            row["max_abs_diff_vs_torch"] = (out.float() - ref.float()).abs().max().item()
+            row["max_abs_diff_vs_torch"] = H.max_abs_diff(out, ref)
             row["out_dtype"] = str(out.dtype).replace("torch.", "")
             del out
         except Skip as exc:
@@ -396,12 +349,12 @@ def run_dequant(cfg: dict, dev: str) -> tuple[list[dict], dict]:
         row.update(status="ok", time=t, median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"])
         row["gb_s"] = (read + written) / (t["median_ms"] * 1e-3) / 1e9
         row["label"] = f"{name} ({row['backend']})" if name == "fastft" else name
-        _free(dev)
+        H.free_memory(dev)
     bnb_ms = next((r.get("median_ms") for r in rows if r["provider"] == "bitsandbytes"), None)
     for r in rows:
-        r["speedup_vs_bnb"] = _ratio(bnb_ms, r.get("median_ms"))
+        r["speedup_vs_bnb"] = H.ratio(bnb_ms, r.get("median_ms"))
     del packs, packed, state, ref
-    _free(dev)
+    H.free_memory(dev)
     return rows, info
 
 
@@ -426,7 +379,7 @@ def run_matmul(cfg: dict, dev: str) -> tuple[list[dict], dict]:
     be = cfg["fastft_backend"]
     rows = []
     for dname in cfg["x_dtypes"]:
-        dt = _torch_dtype(dname)
+        dt = H.torch_dtype(dname)
         state = dataclasses.replace(state32, dtype=dt)  # bnb dequantises to quant_state.dtype
         dense = dequantize_nf4(packed, state, dtype=dt, backend="torch")
         dense_bytes = dense.numel() * dense.element_size()
@@ -458,7 +411,7 @@ def run_matmul(cfg: dict, dev: str) -> tuple[list[dict], dict]:
                         wbytes = dense_bytes
                     with torch.no_grad():
                         y = calls[0]()
-                        row["rel_err_vs_fp32"] = _rel_err(y, ref)
+                        row["rel_err_vs_fp32"] = H.rel_err(y, ref)
                         del y
                 except Skip as exc:
                     row.update(status="skipped", reason=str(exc))
@@ -470,12 +423,12 @@ def run_matmul(cfg: dict, dev: str) -> tuple[list[dict], dict]:
             bnb_ms = group["bitsandbytes"].get("median_ms")
             dense_ms = group["dense"].get("median_ms")
             for r in group.values():
-                r["speedup_vs_bnb"] = _ratio(bnb_ms, r.get("median_ms"))
-                r["time_x_dense"] = _ratio(r.get("median_ms"), dense_ms)
+                r["speedup_vs_bnb"] = H.ratio(bnb_ms, r.get("median_ms"))
+                r["time_x_dense"] = H.ratio(r.get("median_ms"), dense_ms)
             del x, ref
-            _free(dev)
+            H.free_memory(dev)
         del denses, dense
-        _free(dev)
+        H.free_memory(dev)
     skipped = {r["reason"] for r in rows if r.get("status") == "skipped"}
     for why in skipped:
         print(f"  matmul: skipping bitsandbytes: {why}")
@@ -490,7 +443,7 @@ def qlora_inputs(cfg: dict, dev: str, tokens=None, features=None, rank=None, see
     tokens = cfg["tokens"] if tokens is None else tokens
     in_f, out_f = cfg["features"] if features is None else features
     r = cfg["rank"] if rank is None else rank
-    dt, adt = _torch_dtype(cfg["dtype"]), _torch_dtype(cfg["adapter_dtype"])
+    dt, adt = H.torch_dtype(cfg["dtype"]), H.torch_dtype(cfg["adapter_dtype"])
     g = _gen(cfg["seed"] + 2 if seed is None else seed)
     x = _randn(g, 1, tokens, in_f, scale=1.0, dtype=dt, device=dev).requires_grad_(True)
     dy = _randn(g, 1, tokens, out_f, scale=1.0, dtype=dt, device=dev)
@@ -566,7 +519,7 @@ def build_peft_bnb_layer(inp: dict, cfg: dict, alpha: float):
     return model, layer
 
 
-class QloraProvider:
+class QloraProvider(H.LayerStep):
     """One provider on the QLoRA inputs: ``step()`` clears grads, runs forward + backward, returns y."""
 
     def __init__(self, name: str, inp: dict, cfg: dict):
@@ -602,37 +555,11 @@ class QloraProvider:
         else:
             raise ValueError(name)
 
-    def clear(self) -> None:
-        self.inp["x"].grad = None
-        for t in self.params.values():
-            t.grad = None
-
-    def step(self):
-        self.clear()
-        y = self.forward()
-        y.backward(self.dy)
-        return y
-
-    def grads(self) -> dict:
-        out = {"x": self.inp["x"].grad}
-        out.update({k: t.grad for k, t in self.params.items()})
-        return out
-
 
 def _as_state(qs):
     from fastft.ops.nf4 import as_nf4_state
 
     return as_nf4_state(qs)
-
-
-def _current_bytes(dev: str) -> int | None:
-    if dev.startswith("cuda"):
-        import torch
-
-        torch.cuda.synchronize(torch.device(dev))
-        return torch.cuda.memory_allocated(torch.device(dev))
-    kb = H._proc_status_kb("VmRSS")
-    return None if kb is None else kb * 1024
 
 
 def measure_qlora(name: str, cfg: dict, dev: str) -> dict:
@@ -641,32 +568,15 @@ def measure_qlora(name: str, cfg: dict, dev: str) -> dict:
     inp = qlora_inputs(cfg, dev)
     prov = QloraProvider(name, inp, cfg)
     inp["weight"] = None  # only the provider's own copy of the base weight stays alive
-    _free(dev)
-    full_prime = dev.startswith("cuda") or (all(os.environ.get(k) for k in CPU_WORKER_ENV) and H._reset_peak_rss())
-    if full_prime:
+    H.free_memory(dev)
 
-        def prime():
-            prov.step()
-            prov.clear()
+    def tiny_prime():  # used unless a full-size prime is possible (see H.measure_layer_memory)
+        small = dict(cfg, features=[64, 64])
+        tiny = qlora_inputs(small, dev, tokens=16, features=[64, 64], rank=min(cfg["rank"], 4), seed=1)
+        QloraProvider(name, tiny, small).step()
+        del tiny
 
-    else:
-
-        def prime():
-            small = dict(cfg, features=[64, 64])
-            tiny = qlora_inputs(small, dev, tokens=16, features=[64, 64], rank=min(cfg["rank"], 4), seed=1)
-            QloraProvider(name, tiny, small).step()
-            del tiny
-
-    marks = {}
-
-    def measured():
-        y = prov.forward()
-        marks["after_forward"] = _current_bytes(dev)
-        y.backward(prov.dy)
-
-    mem = H.measure_peak_memory(measured, dev, prime=prime)
-    after, base = marks.get("after_forward"), mem.get("baseline_mib")
-    mem["activation_mib"] = None if after is None or base is None else after / 2**20 - base
+    mem, full_prime = H.measure_layer_memory(prov, dev, tiny_prime)
     mem["prime"] = "full-size call" if full_prime else "tiny call"
     mem["weight_mib"] = prov.weight_bytes / 2**20
     return mem
@@ -726,14 +636,14 @@ def run_qlora(cfg: dict, dev: str, mem: dict) -> tuple[list[dict], dict]:
             row["memory_error"] = m.get("reason", m.get("status"))
             print(f"  qlora: memory measurement failed for {name}: {row['memory_error']}")
         del prov
-        _free(dev)
+        H.free_memory(dev)
     by = {r["provider"]: r for r in rows}
     dense_ms, peft_ms = by["dense"].get("median_ms"), by["peft-bnb"].get("median_ms")
     peft_peak = by["peft-bnb"].get("peak_mib")
     for r in rows:
-        r["time_x_dense"] = _ratio(r.get("median_ms"), dense_ms)
-        r["speedup_vs_peft"] = _ratio(peft_ms, r.get("median_ms"))
-        r["peak_x_peft"] = _ratio(r.get("peak_mib"), peft_peak)
+        r["time_x_dense"] = H.ratio(r.get("median_ms"), dense_ms)
+        r["speedup_vs_peft"] = H.ratio(peft_ms, r.get("median_ms"))
+        r["peak_x_peft"] = H.ratio(r.get("peak_mib"), peft_peak)
     agreement = []
     if "fastft" in packs and "peft-bnb" in packs:
         a, b = packs["fastft"], packs["peft-bnb"]
@@ -744,7 +654,7 @@ def run_qlora(cfg: dict, dev: str, mem: dict) -> tuple[list[dict], dict]:
             res = {"fastft vs": other}
             worst = 0.0
             for k in ("y", "x", "A", "B"):
-                e = _rel_err(outs["fastft"].get(k), outs[other].get(k))
+                e = H.rel_err(outs["fastft"].get(k), outs[other].get(k))
                 res[f"{k}_rel_err"] = e
                 worst = max(worst, e if e is not None else float("inf"))
             res["max_rel_err"] = worst
@@ -752,7 +662,7 @@ def run_qlora(cfg: dict, dev: str, mem: dict) -> tuple[list[dict], dict]:
             agreement.append(res)
     info["agreement"] = agreement
     del inp, outs, packs
-    _free(dev)
+    H.free_memory(dev)
     return rows, info
 
 
@@ -826,7 +736,7 @@ def main(argv=None) -> int:
     script = os.path.abspath(__file__)
     raw_args = list(sys.argv[1:] if argv is None else argv)
     t_start = time.perf_counter()
-    parallel = args.quick if args.mem_parallel is None else args.mem_parallel
+    parallel = H.mem_parallel(args)
 
     import torch
 
@@ -836,11 +746,7 @@ def main(argv=None) -> int:
     # QLoRA memory processes: with --mem-parallel (default with --quick) started now, to import
     # while this process imports; all are collected before the first timing
     jobs = [] if (args.skip_memory or "qlora" not in cfg["sections"]) else list(QLORA_PROVIDERS)
-    env = None
-    if not dev.startswith("cuda"):
-        env = os.environ.copy()
-        for k, v in CPU_WORKER_ENV.items():
-            env.setdefault(k, v)
+    env = H.worker_env(dev)
 
     def launch(name):
         return H.launch_isolated(script, raw_args + ["--_mem-worker", name], env=env)
@@ -1001,24 +907,14 @@ def main(argv=None) -> int:
     else:
         print(f"(no targets for the sections run on {dev})")
 
-    elapsed = time.perf_counter() - t_start
-    if not args.no_write:
-        name = args.out or ("nf4-quick" if cfg["quick"] else "nf4")
-        results_dir = H.SCRATCH_RESULTS_DIR if cfg["quick"] else H.RESULTS_DIR
-        path = H.write_result(
-            name,
-            {
-                "bench": "nf4",
-                "config": cfg,
-                "sections": infos,
-                "results": results,
-                "targets": targets,
-                "elapsed_s": elapsed,
-            },
-            device=dev,
-            results_dir=results_dir,
-        )
-        print(f"\nwrote {os.path.relpath(path, H.REPO_ROOT)} ({elapsed:.1f}s)")
+    H.finish(
+        args,
+        "nf4",
+        {"config": cfg, "sections": infos, "results": results, "targets": targets},
+        device=dev,
+        quick=cfg["quick"],
+        t_start=t_start,
+    )
     return 0
 
 
