@@ -4,6 +4,7 @@ Every op has a pure-PyTorch reference next to it (``*_reference``), used by the
 CPU path, the tests and the benchmarks alike.
 """
 
+from .activations import geglu, geglu_reference, swiglu, swiglu_reference
 from .cross_entropy import (
     cross_entropy,
     cross_entropy_reference,
@@ -19,8 +20,16 @@ from .nf4 import (
     nf4_matmul_reference,
     quantize_nf4,
 )
+from .rms_norm import rms_norm, rms_norm_reference
+from .rope import rope, rope_reference
 
 __all__ = [
+    "swiglu",
+    "swiglu_reference",
+    "geglu",
+    "geglu_reference",
+    "rope",
+    "rope_reference",
     "cross_entropy",
     "cross_entropy_reference",
     "fused_linear_cross_entropy",
@@ -34,4 +43,6 @@ __all__ = [
     "dequantize_nf4",
     "nf4_matmul",
     "nf4_matmul_reference",
+    "rms_norm",
+    "rms_norm_reference",
 ]

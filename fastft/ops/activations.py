@@ -1,0 +1,179 @@
+"""Gated MLP activations: SwiGLU and GeGLU, ``act(gate) * up``.
+
+What a Llama / Gemma style MLP computes between its projections
+(``act_fn(gate_proj(x)) * up_proj(x)``), fused into one elementwise pass::
+
+    swiglu(gate, up) = silu(gate) * up                  silu(x) = x * sigmoid(x)
+    geglu(gate, up)  = gelu(gate) * up                  gelu exact (erf) or tanh-approximated
+
+Forward and backward compute in fp32 and store once in the inputs' dtype (the eager
+MLP rounds twice in low precision: after the activation and after the product; these
+ops round once, so they are never further from the fp32 result). Output, ``gate`` and
+``up`` share shape and dtype; no broadcasting.
+
+Backward, with upstream gradient ``d``::
+
+    dgate = d * up * act'(gate)          dup = d * act(gate)
+
+    silu'(x)      = s (1 + x (1 - s)),   s = sigmoid(x)
+    gelu'(x)      = Phi(x) + x phi(x)                                   (exact)
+    gelu_tanh'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),
+                    t = tanh(sqrt(2/pi) (x + 0.044715 x^3))
+
+The autograd Function saves only ``gate`` and ``up``; backward recomputes the
+activation and its derivative (no activation tensor is kept alive between passes).
+
+Layers: the public functions validate then pick a backend (:mod:`fastft.backends`:
+``triton``, then ``torch``); the autograd Function calls a backend's forward /
+backward pair; :func:`swiglu_reference` / :func:`geglu_reference` are the plain
+PyTorch definitions the tests compare against.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+
+__all__ = ["swiglu", "geglu", "swiglu_reference", "geglu_reference"]
+
+OP_SWIGLU = "swiglu"
+OP_GEGLU = "geglu"
+backends.register(OP_SWIGLU, ("triton", "torch"))
+backends.register(OP_GEGLU, ("triton", "torch"))
+
+_APPROXIMATE = {"none": "gelu", "tanh": "gelu_tanh"}
+
+
+# --------------------------------------------------------------------------------------
+# references (pure PyTorch, autograd): the oracles for tests and benchmarks
+# --------------------------------------------------------------------------------------
+def swiglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
+    """``silu(gate) * up`` exactly as transformers' eager MLP computes it (in the input dtype)."""
+    return F.silu(gate) * up
+
+
+def geglu_reference(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = "tanh") -> torch.Tensor:
+    """``gelu(gate, approximate) * up`` exactly as transformers' eager MLP computes it."""
+    return F.gelu(gate, approximate=approximate) * up
+
+
+# --------------------------------------------------------------------------------------
+# the torch backend (same contract as fastft.kernels.activations.gated_act_*_triton)
+# --------------------------------------------------------------------------------------
+def _act_and_grad_torch(g: torch.Tensor, act: str, need_grad: bool):
+    """act(g) and act'(g) (None unless need_grad) for fp32 ``g``."""
+    if act == "silu":
+        s = torch.sigmoid(g)
+        a = g * s
+        return a, (s * (1.0 + g * (1.0 - s)) if need_grad else None)
+    if act == "gelu":
+        cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
+        a = g * cdf
+        return a, (cdf + g * torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi)) if need_grad else None)
+    if act == "gelu_tanh":
+        k = math.sqrt(2.0 / math.pi)
+        u = k * (g + 0.044715 * g * g * g)
+        # tanh(u) = t from e = exp(-2|u|), so that neither 1 + t nor 1 - t^2 cancels
+        e = torch.exp(-2.0 * u.abs())
+        r = 1.0 / (1.0 + e)
+        one_plus_t = torch.where(u < 0.0, 2.0 * e * r, 2.0 * r)
+        a = 0.5 * g * one_plus_t
+        if not need_grad:
+            return a, None
+        return a, 0.5 * one_plus_t + 2.0 * g * e * r * r * k * (1.0 + 3.0 * 0.044715 * g * g)
+    raise ValueError(f"unknown activation {act!r}")
+
+
+def gated_act_fwd_torch(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
+    """``act(gate) * up`` in ``gate``'s dtype, computed in fp32."""
+    a, _ = _act_and_grad_torch(gate.float(), act, False)
+    return (a * up.float()).to(gate.dtype)
+
+
+def gated_act_bwd_torch(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)`` of ``act(gate) * up`` for upstream ``dout``, computed in fp32."""
+    a, da = _act_and_grad_torch(gate.float(), act, True)
+    d = dout.float()
+    return (d * up.float() * da).to(gate.dtype), (d * a).to(up.dtype)
+
+
+def _kernels(backend: str):
+    if backend == "triton":
+        from ..kernels.activations import gated_act_bwd_triton, gated_act_fwd_triton
+
+        return gated_act_fwd_triton, gated_act_bwd_triton
+    return gated_act_fwd_torch, gated_act_bwd_torch
+
+
+# --------------------------------------------------------------------------------------
+# autograd
+# --------------------------------------------------------------------------------------
+class _GatedAct(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, gate, up, act, fwd, bwd):
+        ctx.act, ctx.bwd = act, bwd
+        ctx.save_for_backward(gate, up)
+        return fwd(gate, up, act)
+
+    @staticmethod
+    def backward(ctx, dout):
+        gate, up = ctx.saved_tensors
+        dgate, dup = ctx.bwd(dout, gate, up, ctx.act)
+        return (
+            dgate if ctx.needs_input_grad[0] else None,
+            dup if ctx.needs_input_grad[1] else None,
+            None,
+            None,
+            None,
+        )
+
+
+def _check_inputs(op: str, gate, up) -> None:
+    for name, t in (("gate", gate), ("up", up)):
+        if not torch.is_tensor(t):
+            raise TypeError(f"{op}: {name} must be a tensor, got {type(t).__name__}")
+        if not t.dtype.is_floating_point:
+            raise TypeError(f"{op}: {name} must be a floating-point tensor, got dtype {t.dtype}")
+    if gate.shape != up.shape:
+        raise ValueError(f"{op}: gate shape {tuple(gate.shape)} does not match up shape {tuple(up.shape)}")
+    if gate.dtype != up.dtype:
+        raise TypeError(f"{op}: gate dtype {gate.dtype} does not match up dtype {up.dtype}")
+    if gate.device != up.device:
+        raise ValueError(f"{op}: up is on {up.device} but gate is on {gate.device}")
+
+
+def _run(op: str, gate, up, act: str, backend: str) -> torch.Tensor:
+    choice = backends.select(op, gate.device, backend)
+    fwd, bwd = _kernels(choice.backend)
+    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
+        return fwd(gate.detach(), up.detach(), act)
+    return _GatedAct.apply(gate, up, act, fwd, bwd)
+
+
+@torch.compiler.disable
+def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """``silu(gate) * up``, fused; ``gate`` and ``up`` have the same shape and float dtype.
+
+    Returns a tensor of that shape and dtype. ``backend``: ``"auto"`` (Triton on CUDA
+    tensors, else torch), ``"triton"`` or ``"torch"``; see :mod:`fastft.backends`.
+    """
+    _check_inputs("swiglu", gate, up)
+    return _run(OP_SWIGLU, gate, up, "silu", backend)
+
+
+@torch.compiler.disable
+def geglu(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = "tanh", backend: str = "auto") -> torch.Tensor:
+    """``gelu(gate, approximate=approximate) * up``, fused; ``approximate`` is ``"tanh"`` or ``"none"``.
+
+    ``gate`` and ``up`` have the same shape and float dtype; returns that shape and dtype.
+    """
+    if approximate not in _APPROXIMATE:
+        raise ValueError(f"geglu: approximate must be one of {tuple(_APPROXIMATE)}, got {approximate!r}")
+    _check_inputs("geglu", gate, up)
+    return _run(OP_GEGLU, gate, up, _APPROXIMATE[approximate], backend)
