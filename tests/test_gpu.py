@@ -277,3 +277,36 @@ def test_nf4_cuda_rejects_bad_inputs_on_device():
         nf4_cuda.nf4_matmul_cuda(torch.randn(2, 96, device=DEV), packed[: 32 * 48], absmax[:48], code, 64, 32, 96)
     with pytest.raises(RuntimeError, match="absmax"):
         nf4_cuda.dequantize_nf4_cuda(packed, absmax[:3], code, 64, 64 * 64, torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rms_norm_swiglu_rope_triton_on_device(dtype):
+    from fastft.ops import (
+        geglu,
+        geglu_reference,
+        rms_norm,
+        rms_norm_reference,
+        rope,
+        rope_reference,
+        swiglu,
+        swiglu_reference,
+    )
+
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    x = torch.randn(4, 333, 1536, device=DEV, dtype=dtype, requires_grad=True)
+    w = torch.randn(1536, device=DEV, dtype=dtype, requires_grad=True)
+    for offset in (0.0, 1.0):
+        y = rms_norm(x, w, 1e-6, offset=offset)
+        assert backends.select("rms_norm", DEV).backend == "triton"
+        assert _rel(y, rms_norm_reference(x, w, 1e-6, offset=offset)) < tol
+        g1 = torch.autograd.grad(y.float().sum(), (x, w))
+        g2 = torch.autograd.grad(rms_norm_reference(x, w, 1e-6, offset=offset).float().sum(), (x, w))
+        assert all(_rel(a, b) < 10 * tol for a, b in zip(g1, g2))
+    gate, up = torch.randn(2, 3, 2, 4096, device=DEV, dtype=dtype, requires_grad=True).unbind(2)
+    assert _rel(swiglu(gate, up), swiglu_reference(gate, up)) < tol
+    assert _rel(geglu(gate, up), geglu_reference(gate, up)) < tol
+    q = torch.randn(2, 8, 100, 128, device=DEV, dtype=dtype)
+    k = torch.randn(2, 2, 100, 128, device=DEV, dtype=dtype)
+    cos, sin = torch.randn(2, 100, 128, device=DEV, dtype=dtype), torch.randn(2, 100, 128, device=DEV, dtype=dtype)
+    for got, want in zip(rope(q, k, cos, sin), rope_reference(q, k, cos, sin)):
+        assert _rel(got, want) < tol

@@ -103,7 +103,7 @@ def test_rslora_and_lora_bias_follow_peft():
 
 def test_trained_patched_adapter_loads_in_plain_peft(tmp_path):
     model = _peft_model("llama", dropout=0.1).train()
-    fastft.patch(model)
+    fastft.patch(model, norms=False, mlp=False, rope=False)
     opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
     batch = tiny_batch(VOCAB)
     for _ in range(3):
@@ -124,7 +124,7 @@ def test_merge_and_unload_and_disable_adapter():
     base_model = model.get_base_model()
     with model.disable_adapter():
         plain = model(**batch).logits
-    fastft.patch(model)
+    fastft.patch(model, norms=False, mlp=False, rope=False)
     lora_logits = model(**batch).logits
     with model.disable_adapter():  # fused layers see disable_adapters and run PEFT's path
         torch.testing.assert_close(model(**batch).logits, plain, rtol=0, atol=0)
@@ -147,7 +147,7 @@ def test_unfusable_layers_are_reported_or_fall_back():
     batch = tiny_batch(VOCAB)
     model.base_model.set_adapter(["default", "second"])
     ref = model(**batch).logits
-    fastft.patch(model)
+    fastft.patch(model, norms=False, mlp=False, rope=False)
     layer = _fused_layers(model)[0]
     assert "2 active adapters" in layer.__dict__["forward"].unfused_reason((), {})
     torch.testing.assert_close(model(**batch).logits, ref, rtol=0, atol=0)

@@ -75,7 +75,7 @@ def test_eval_and_unlabelled_calls_return_the_usual_logits(family):
     ref_train = model(input_ids=batch["input_ids"]).logits
     model.eval()
     ref_eval = model(**batch)
-    fastft.patch(model)
+    fastft.patch(model, norms=False, mlp=False, rope=False)  # the loss feature alone: exact logits
     out_eval = model(**batch)  # eval mode with labels: the original forward
     torch.testing.assert_close(out_eval.logits, ref_eval.logits, rtol=0, atol=0)
     torch.testing.assert_close(out_eval.loss, ref_eval.loss, rtol=0, atol=0)
@@ -212,7 +212,7 @@ def test_unrecognised_logit_transform_falls_back_with_a_warning():
     model = _build("llama", False, final_logit_softcapping=5.0)
     batch = tiny_batch(VOCAB)
     out_ref, grads_ref = _loss_and_grads(model, batch)
-    report = fastft.patch(model)
+    report = fastft.patch(model, norms=False, mlp=False, rope=False)  # the loss path alone: exact
     with pytest.warns(UserWarning, match="fused loss disabled"):
         out, grads = _loss_and_grads(model, batch)
     _assert_same(out_ref, grads_ref, out, grads, rtol_loss=0, rtol_grad=0)
@@ -257,8 +257,8 @@ def test_report_lists_what_is_not_available_and_reads_well():
     skipped = {s.feature: s.reason for s in report.skipped}
     assert "no 4-bit layers" in skipped["quant"]
     d = report.to_dict()
-    assert {p["feature"] for p in d["patched"]} == {"loss", "lora", "checkpointing"}
-    report = fastft.patch(model, loss=False, lora=False)
+    assert {p["feature"] for p in d["patched"]} == {"loss", "lora", "checkpointing", "norms", "mlp", "rope"}
+    report = fastft.patch(model, loss=False, lora=False, norms=False, mlp=False, rope=False)
     assert not report.patched
     assert {s.reason for s in report.skipped if s.feature in ("loss", "lora")} == {"disabled by the caller"}
     assert "forward" not in model.get_base_model().__dict__
@@ -273,7 +273,8 @@ def test_models_without_a_causal_lm_head_are_reported_not_broken():
     )  # fmt: skip
     model = AutoModelForSequenceClassification.from_config(cfg)
     report = fastft.patch(model)
-    assert not report.patched and "output embedding" in {s.feature: s.reason for s in report.skipped}["loss"]
+    assert "loss" not in report.features()
+    assert "output embedding" in {s.feature: s.reason for s in report.skipped}["loss"]
     with pytest.raises(TypeError, match="PreTrainedModel"):
         fastft.patch(nn.Linear(2, 2))
     with pytest.raises(TypeError):

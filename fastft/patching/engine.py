@@ -90,6 +90,9 @@ def patch(
     lora: bool = True,
     loss: bool = True,
     quant: bool = True,
+    norms: bool = True,
+    rope: bool = True,
+    mlp: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
 ) -> PatchReport:
@@ -107,21 +110,40 @@ def patch(
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
-    for name, flag in (("lora", lora), ("loss", loss), ("quant", quant)):
+    for name, flag in (
+        ("lora", lora),
+        ("loss", loss),
+        ("quant", quant),
+        ("norms", norms),
+        ("rope", rope),
+        ("mlp", mlp),
+    ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
     backends.requested(backend)  # ValueError for an unknown name
     device = _model_device(hf_model)
     if backend != "auto":
+        from ..ops.activations import OP_SWIGLU
         from ..ops.cross_entropy import OP_FLCE
         from ..ops.lora import OP_LORA
+        from ..ops.rms_norm import OP_RMS_NORM
+        from ..ops.rope import OP_ROPE
 
-        for op, enabled in ((OP_FLCE, loss), (OP_LORA, lora and wrapper is not None)):
+        forced = (
+            (OP_FLCE, loss),
+            (OP_LORA, lora and wrapper is not None),
+            (OP_RMS_NORM, norms),
+            (OP_SWIGLU, mlp),
+            (OP_ROPE, rope),
+        )
+        for op, enabled in forced:
             if enabled:
                 backends.check_forced(op, device, backend)
 
     unpatch(hf_model)
-    options = dict(lora=lora, loss=loss, quant=quant, checkpointing=checkpointing, backend=backend)
+    options = dict(
+        lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
+    )
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )
@@ -129,6 +151,7 @@ def patch(
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
     from . import checkpointing as checkpointing_feature
+    from . import fused_ops
     from . import lora as lora_feature
     from . import loss as loss_feature
     from . import quant as quant_feature
@@ -136,6 +159,9 @@ def patch(
     features = [
         ("lora", lora, lora_feature.apply),
         ("quant", quant, quant_feature.apply),
+        ("norms", norms, fused_ops.apply_norms),
+        ("mlp", mlp, fused_ops.apply_mlp),
+        ("rope", rope, fused_ops.apply_rope),
         ("loss", loss, loss_feature.apply),
         ("checkpointing", checkpointing is not None, checkpointing_feature.apply),
     ]

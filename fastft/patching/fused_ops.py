@@ -1,0 +1,284 @@
+"""The norms / mlp / rope patches: RMSNorm, gated MLPs and rotary embeddings run fastft's ops.
+
+All three are found by structure and confirmed by a *probe* before anything is swapped:
+the module's own forward runs once on a tiny random input (no grad, eval mode for the
+probe only) and fastft's formula must give the same numbers; a module that computes
+something else keeps its forward, and the report says why. Nothing is matched by model name.
+
+* norms: a module with a 1-D ``weight``, a float ``variance_epsilon`` or ``eps`` and no
+  ``bias``; the probe also tells Llama-style ``w * x_hat`` from Gemma-style ``(1 + w) * x_hat``.
+* mlp: ``down_proj(act(gate_proj(x)) * up_proj(x))`` (Llama, Mistral, Qwen2, Gemma-2) or
+  ``down_proj(act(gate) * up)`` with ``gate, up = gate_up_proj(x).chunk(2)`` (Phi-3); ``act`` is
+  recognised as SiLU (-> swiglu) or GELU exact / tanh (-> geglu). The projections are still
+  called as modules, so LoRA layers on them keep their fused LoRA path.
+* rope: transformers' attention modules call their modeling file's module-level
+  ``apply_rotary_pos_emb(q, k, cos, sin, ...)``. The patch swaps that function for a
+  dispatcher that runs :func:`fastft.ops.rope` only while a patched model's attention
+  module is running (its forward is wrapped to say so), so another, unpatched model of the
+  same family in the process keeps transformers' function.
+"""
+
+from __future__ import annotations
+
+import inspect
+import sys
+import threading
+
+import torch
+from torch import nn
+
+FEATURES = ("norms", "mlp", "rope")
+
+
+def _probe_eval(module: nn.Module):
+    """Context: every submodule in eval mode (dropout off) for the probe, then the flags restored."""
+
+    class _Ctx:
+        def __enter__(self):
+            self.flags = [(m, m.training) for m in module.modules()]
+            for m, _ in self.flags:
+                m.training = False
+
+        def __exit__(self, *exc):
+            for m, flag in self.flags:
+                m.training = flag
+
+    return _Ctx()
+
+
+def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
+    tol = 1e-5 if a.dtype == torch.float32 and b.dtype == torch.float32 else 2e-2
+    return a.shape == b.shape and bool(torch.allclose(a.float(), b.float(), rtol=tol, atol=tol))
+
+
+# --------------------------------------------------------------------------------------
+# norms
+# --------------------------------------------------------------------------------------
+class FusedRMSNormForward:
+    def __init__(self, module, original, eps: float, offset: float, backend: str):
+        self.module, self.original, self.eps, self.offset, self.backend = module, original, eps, offset, backend
+        self.__wrapped__ = original
+
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs:
+            return self.original(x, *args, **kwargs)
+        from ..ops import rms_norm
+
+        return rms_norm(x, self.module.weight, self.eps, offset=self.offset, backend=self.backend)
+
+
+def _rmsnorm_eps(module) -> float | None:
+    w = getattr(module, "weight", None)
+    if not isinstance(w, torch.Tensor) or w.dim() != 1 or getattr(module, "bias", None) is not None:
+        return None
+    if isinstance(module, (nn.LayerNorm, nn.GroupNorm)):
+        return None
+    for attr in ("variance_epsilon", "eps"):
+        eps = getattr(module, attr, None)
+        if isinstance(eps, float) and eps > 0:
+            return eps
+    return None
+
+
+def apply_norms(ctx) -> None:
+    from ..ops import rms_norm_reference
+
+    root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    backend = ctx.options["backend"]
+    found = 0
+    for name, module in root.named_modules():
+        eps = _rmsnorm_eps(module)
+        if eps is None:
+            continue
+        found += 1
+        w = module.weight
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(3, w.shape[0], generator=g).to(device=w.device, dtype=w.dtype)
+        with torch.no_grad(), _probe_eval(module):
+            try:
+                got = module(x)
+            except Exception as exc:  # not callable on a plain (rows, hidden) tensor
+                ctx.report.skip("norms", name, f"probe failed ({type(exc).__name__}): forward kept")
+                continue
+            offset = next((o for o in (0.0, 1.0) if _close(got, rms_norm_reference(x, w, eps, offset=o))), None)
+        if offset is None:
+            ctx.report.skip("norms", name, f"{type(module).__name__} does not compute RMSNorm: forward kept")
+            continue
+        ctx.swap(module, "forward", FusedRMSNormForward(module, module.forward, eps, offset, backend))
+        kind = "(1 + w) * x_hat, Gemma-style" if offset else "w * x_hat"
+        ctx.report.add("norms", name, f"rms_norm, {kind}, eps={eps:g}")
+    if not found:
+        ctx.report.skip("norms", "model", "no RMSNorm-like modules (weight + eps, no bias)")
+
+
+# --------------------------------------------------------------------------------------
+# gated MLPs
+# --------------------------------------------------------------------------------------
+def _act_kind(act) -> tuple[str, dict] | None:
+    """Which fused activation ``act`` is: ('swiglu', {}) / ('geglu', {'approximate': ...}) / None."""
+    if not callable(act):
+        return None
+    t = torch.linspace(-6, 6, 97)
+    try:
+        with torch.no_grad():
+            y = act(t)
+    except Exception:
+        return None
+    if _close(y, nn.functional.silu(t)):
+        return "swiglu", {}
+    for approx in ("tanh", "none"):
+        if _close(y, nn.functional.gelu(t, approximate=approx)):
+            return "geglu", {"approximate": approx}
+    return None
+
+
+class FusedMLPForward:
+    def __init__(self, module, original, layout: str, act_attr: str, kind: str, kw: dict, backend: str):
+        self.module, self.original, self.layout, self.act_attr = module, original, layout, act_attr
+        self.kind, self.kw, self.backend = kind, kw, backend
+        self.__wrapped__ = original
+
+    def __call__(self, x, *args, **kwargs):
+        if args or kwargs:
+            return self.original(x, *args, **kwargs)
+        from ..ops import geglu, swiglu
+
+        m = self.module
+        if self.layout == "gate_up_proj":
+            gate, up = m.gate_up_proj(x).chunk(2, dim=-1)
+        else:
+            gate, up = m.gate_proj(x), m.up_proj(x)
+        fn = swiglu if self.kind == "swiglu" else geglu
+        return m.down_proj(fn(gate, up, **self.kw, backend=self.backend))
+
+
+def _mlp_layout(module) -> tuple[str, str] | None:
+    act_attr = next((a for a in ("act_fn", "activation_fn", "act") if hasattr(module, a)), None)
+    if act_attr is None or not hasattr(module, "down_proj"):
+        return None
+    if hasattr(module, "gate_proj") and hasattr(module, "up_proj"):
+        return "gate_proj", act_attr
+    if hasattr(module, "gate_up_proj"):
+        return "gate_up_proj", act_attr
+    return None
+
+
+def apply_mlp(ctx) -> None:
+    root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    backend = ctx.options["backend"]
+    found = 0
+    for name, module in root.named_modules():
+        layout = _mlp_layout(module)
+        if layout is None:
+            continue
+        found += 1
+        layout, act_attr = layout
+        act = _act_kind(getattr(module, act_attr))
+        if act is None:
+            ctx.report.skip("mlp", name, f"activation {type(getattr(module, act_attr)).__name__} is not SiLU or GELU")
+            continue
+        kind, kw = act
+        fwd = FusedMLPForward(module, module.forward, layout, act_attr, kind, kw, backend)
+        hidden = module.down_proj.out_features if hasattr(module.down_proj, "out_features") else None
+        param = next(module.parameters(), None)
+        if hidden is None or param is None:
+            ctx.report.skip("mlp", name, "cannot size a probe input: forward kept")
+            continue
+        dtype = param.dtype if param.dtype.is_floating_point else torch.float32
+        g = torch.Generator(device="cpu").manual_seed(0)
+        x = torch.randn(2, hidden, generator=g).to(device=param.device, dtype=dtype)
+        with torch.no_grad(), _probe_eval(module):
+            try:
+                ok = _close(fwd(x), module(x))
+            except Exception as exc:
+                ctx.report.skip("mlp", name, f"probe failed ({type(exc).__name__}): forward kept")
+                continue
+        if not ok:
+            ctx.report.skip("mlp", name, "its forward is not act(gate) * up -> down_proj: forward kept")
+            continue
+        ctx.swap(module, "forward", fwd)
+        what = "swiglu" if kind == "swiglu" else f"geglu (approximate={kw['approximate']!r})"
+        ctx.report.add("mlp", name, f"{what} between {layout} and down_proj (LoRA on the projections stays fused)")
+    if not found:
+        ctx.report.skip("mlp", "model", "no gated MLPs (gate/up/down projections with an activation)")
+
+
+# --------------------------------------------------------------------------------------
+# rotary embeddings
+# --------------------------------------------------------------------------------------
+_ACTIVE = threading.local()
+
+
+class RopeDispatch:
+    """Stands in for a modeling file's ``apply_rotary_pos_emb``: fastft's rope inside patched attention."""
+
+    def __init__(self, original, backend: str):
+        self.original, self.backend = original, backend
+        self.__wrapped__ = original
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
+        if getattr(_ACTIVE, "depth", 0) <= 0 or args or set(kwargs) - {"unsqueeze_dim"}:
+            return self.original(q, k, cos, sin, *args, **kwargs)
+        from ..ops import rope
+
+        return rope(q, k, cos, sin, unsqueeze_dim=kwargs.get("unsqueeze_dim", 1), backend=self.backend)
+
+
+class RopeScope:
+    """The patched forward of an attention module: marks that its rope calls may be fused."""
+
+    def __init__(self, original):
+        self.original = original
+        self.__wrapped__ = original
+
+    def __call__(self, *args, **kwargs):
+        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+        try:
+            return self.original(*args, **kwargs)
+        finally:
+            _ACTIVE.depth -= 1
+
+
+def _rope_probe(fn) -> bool:
+    """Does ``fn`` compute transformers' rotate-half RoPE? (checked once per modeling file)."""
+    from ..ops import rope_reference
+
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(1, 2, 3, 8, generator=g), torch.randn(1, 1, 3, 8, generator=g)
+    cos, sin = torch.randn(1, 3, 8, generator=g), torch.randn(1, 3, 8, generator=g)
+    try:
+        with torch.no_grad():
+            got = fn(q, k, cos, sin)
+    except Exception:
+        return False
+    want = rope_reference(q, k, cos, sin)
+    return isinstance(got, tuple) and len(got) == 2 and all(_close(a, b) for a, b in zip(got, want))
+
+
+def apply_rope(ctx) -> None:
+    root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    backend = ctx.options["backend"]
+    files: dict[str, bool] = {}
+    found = 0
+    for name, module in root.named_modules():
+        pymod = sys.modules.get(type(module).__module__)
+        fn = getattr(pymod, "apply_rotary_pos_emb", None) if pymod is not None else None
+        is_attention = hasattr(module, "q_proj") or hasattr(module, "qkv_proj")
+        if fn is None or not is_attention or "position_embeddings" not in inspect.signature(module.forward).parameters:
+            continue
+        found += 1
+        if pymod.__name__ not in files:
+            original = fn.original if isinstance(fn, RopeDispatch) else fn
+            ok = _rope_probe(original)
+            files[pymod.__name__] = ok
+            if ok and not isinstance(fn, RopeDispatch):
+                ctx.swap(pymod, "apply_rotary_pos_emb", RopeDispatch(original, backend))
+            if not ok:
+                ctx.report.skip("rope", pymod.__name__, "its apply_rotary_pos_emb is not rotate-half RoPE: kept")
+        if files[pymod.__name__]:
+            ctx.swap(module, "forward", RopeScope(module.forward))
+            ctx.report.add(
+                "rope", name, f"rope (fastft) in place of {pymod.__name__.split('.')[-1]}.apply_rotary_pos_emb"
+            )
+    if not found:
+        ctx.report.skip("rope", "model", "no attention modules calling a module-level apply_rotary_pos_emb")
