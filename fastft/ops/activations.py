@@ -31,8 +31,6 @@ PyTorch definitions the tests compare against.
 
 from __future__ import annotations
 
-import math
-
 import torch
 import torch.nn.functional as F
 
@@ -64,43 +62,34 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = 
 # --------------------------------------------------------------------------------------
 # the torch backend (same contract as fastft.kernels.activations.gated_act_*_triton)
 # --------------------------------------------------------------------------------------
-def _act_and_grad_torch(g: torch.Tensor, act: str, need_grad: bool):
-    """act(g) and act'(g) (None unless need_grad) for fp32 ``g``."""
+def _native_act(g: torch.Tensor, act: str) -> torch.Tensor:
     if act == "silu":
-        s = torch.sigmoid(g)
-        a = g * s
-        return a, (s * (1.0 + g * (1.0 - s)) if need_grad else None)
-    if act == "gelu":
-        cdf = 0.5 * (1.0 + torch.erf(g * (1.0 / math.sqrt(2.0))))
-        a = g * cdf
-        return a, (cdf + g * torch.exp(-0.5 * g * g) * (1.0 / math.sqrt(2.0 * math.pi)) if need_grad else None)
-    if act == "gelu_tanh":
-        k = math.sqrt(2.0 / math.pi)
-        u = k * (g + 0.044715 * g * g * g)
-        # tanh(u) = t from e = exp(-2|u|), so that neither 1 + t nor 1 - t^2 cancels
-        e = torch.exp(-2.0 * u.abs())
-        r = 1.0 / (1.0 + e)
-        one_plus_t = torch.where(u < 0.0, 2.0 * e * r, 2.0 * r)
-        a = 0.5 * g * one_plus_t
-        if not need_grad:
-            return a, None
-        return a, 0.5 * one_plus_t + 2.0 * g * e * r * r * k * (1.0 + 3.0 * 0.044715 * g * g)
-    raise ValueError(f"unknown activation {act!r}")
+        return F.silu(g)
+    return F.gelu(g, approximate="tanh" if act == "gelu_tanh" else "none")
 
 
 def gated_act_fwd_torch(gate: torch.Tensor, up: torch.Tensor, act: str) -> torch.Tensor:
-    """``act(gate) * up`` in ``gate``'s dtype, computed in fp32."""
-    a, _ = _act_and_grad_torch(gate.float(), act, False)
-    return (a * up.float()).to(gate.dtype)
+    """``act(gate) * up`` with torch's native (vectorised, single-pass) activation kernels.
+
+    The CPU path: it computes what the eager MLP computes, op for op, in two passes and
+    without keeping the activation for backward. (A hand-written fp32 chain of elementwise
+    ops measured 2.3x / 8.8x slower than eager for swiglu / geglu on a 2-core CPU.)
+    """
+    return _native_act(gate, act).mul_(up)
 
 
 def gated_act_bwd_torch(
     dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """``(dgate, dup)`` of ``act(gate) * up`` for upstream ``dout``, computed in fp32."""
-    a, da = _act_and_grad_torch(gate.float(), act, True)
-    d = dout.float()
-    return (d * up.float() * da).to(gate.dtype), (d * a).to(up.dtype)
+    """``(dgate, dup)`` of ``act(gate) * up``: the activation is recomputed, its derivative
+    applied by torch's native backward kernels (``silu_backward`` / ``gelu_backward``)."""
+    dup = _native_act(gate, act).mul_(dout)
+    dact = dout * up
+    if act == "silu":
+        dgate = torch.ops.aten.silu_backward(dact, gate)
+    else:
+        dgate = torch.ops.aten.gelu_backward(dact, gate, approximate="tanh" if act == "gelu_tanh" else "none")
+    return dgate, dup.to(up.dtype)
 
 
 def _kernels(backend: str):
