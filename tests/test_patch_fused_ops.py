@@ -38,7 +38,7 @@ def test_fused_norms_mlp_rope_match_the_model(family, wrapped):
     model = (_peft(model) if wrapped else model).train()
     batch = tiny_batch(VOCAB, seq=20)
     ref_loss, ref_grads = _step(model, batch)
-    report = fastft.patch(model, backend="torch")  # forced: the MLP swap too (auto keeps it eager on CPU)
+    report = fastft.patch(model)
     feats = report.features()
     assert {"norms", "mlp", "rope"} <= feats, str(report)
     n_layers = model.config.num_hidden_layers
@@ -56,20 +56,12 @@ def test_fused_norms_mlp_rope_match_the_model(family, wrapped):
 
 
 def test_gemma_norm_offset_and_phi3_fused_gate_up_are_recognised():
-    report = str(fastft.patch(tiny_model("gemma2", vocab_size=VOCAB), backend="torch"))
+    report = str(fastft.patch(tiny_model("gemma2", vocab_size=VOCAB)))
     assert "Gemma-style" in report and "geglu (approximate='tanh')" in report
-    report = str(fastft.patch(tiny_model("phi3", vocab_size=VOCAB), backend="torch"))
+    report = str(fastft.patch(tiny_model("phi3", vocab_size=VOCAB)))
     assert "between gate_up_proj and down_proj" in report
-    report = str(fastft.patch(tiny_model("llama", vocab_size=VOCAB), backend="torch"))
+    report = str(fastft.patch(tiny_model("llama", vocab_size=VOCAB)))
     assert "w * x_hat" in report and "swiglu" in report
-
-
-def test_auto_keeps_the_eager_mlp_where_only_the_torch_path_would_run():
-    model = tiny_model("llama", vocab_size=VOCAB)
-    report = fastft.patch(model)  # CPU, auto: norms and rope pay here, the MLP activation does not
-    assert {"norms", "rope"} <= report.features() and "mlp" not in report.features()
-    assert "slower than the eager module" in {s.feature: s.reason for s in report.skipped}["mlp"]
-    assert not _swapped(model, FusedMLPForward)
 
 
 def test_gpt2_has_nothing_to_fuse_and_says_so():

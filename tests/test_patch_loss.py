@@ -257,7 +257,7 @@ def test_report_lists_what_is_not_available_and_reads_well():
     skipped = {s.feature: s.reason for s in report.skipped}
     assert "no 4-bit layers" in skipped["quant"]
     d = report.to_dict()
-    assert {p["feature"] for p in d["patched"]} == {"loss", "lora", "checkpointing", "norms", "rope"}
+    assert {p["feature"] for p in d["patched"]} == {"loss", "lora", "checkpointing", "norms", "mlp", "rope"}
     report = fastft.patch(model, loss=False, lora=False, norms=False, mlp=False, rope=False)
     assert not report.patched
     assert {s.reason for s in report.skipped if s.feature in ("loss", "lora")} == {"disabled by the caller"}

@@ -163,20 +163,7 @@ def _mlp_layout(module) -> tuple[str, str] | None:
     return None
 
 
-# Measured (bench/bench_fused_ops.py, 2-core CPU, 4096 x 5632 fp32, fwd+bwd): the torch path of
-# swiglu / geglu is 2.3x / 8.8x the time of the eager activation, so with backend="auto" a gated
-# MLP whose op would run on the torch backend keeps its eager forward (the Triton kernels are
-# what pays, on CUDA). Forcing backend="torch" still patches it.
-_MLP_TORCH_REASON = (
-    "on this device the activation would run fastft's torch path, which is slower than the eager "
-    "module (measured 2.3x swiglu, 8.8x geglu on CPU): eager forward kept; Triton runs it on CUDA"
-)
-
-
 def apply_mlp(ctx) -> None:
-    from .. import backends
-    from ..ops.activations import OP_SWIGLU
-
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
     backend = ctx.options["backend"]
     found = 0
@@ -186,9 +173,6 @@ def apply_mlp(ctx) -> None:
             continue
         found += 1
         param = next(module.parameters(), None)
-        if backend == "auto" and param is not None and backends.select(OP_SWIGLU, param.device).backend == "torch":
-            ctx.report.skip("mlp", name, _MLP_TORCH_REASON)
-            continue
         layout, act_attr = layout
         act = _act_kind(getattr(module, act_attr))
         if act is None:
