@@ -10,14 +10,11 @@ Low-precision results are judged against what plain PyTorch gets in that dtype.
 from __future__ import annotations
 
 import importlib
-import os
-import pathlib
-import subprocess
-import sys
 
 import pytest
 import torch
 import torch.nn.functional as F
+from _aot import run_compile_script
 
 import fastft
 from fastft import backends
@@ -856,12 +853,4 @@ def test_triton_kernel_compiles_for_gpu():
     """Compile the kernel ahead of time for sm_90 (no GPU needed): catches what the
     interpreter lets through, such as a loop-carried variable that changes type.
     In a fresh process: the kernels of this one are already defined as interpreted."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion on is the default anyway
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):  # pragma: no cover - depends on the Triton install
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    run_compile_script(_COMPILE_SCRIPT, timeout=300)

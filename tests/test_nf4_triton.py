@@ -4,13 +4,9 @@ The oracle is plain PyTorch on the same packed tensors: unpack the nibbles (high
 look them up in the table, scale by the block's absmax; the matmul is ``x @ W.T``.
 """
 
-import os
-import pathlib
-import subprocess
-import sys
-
 import pytest
 import torch
+from _aot import run_compile_script
 
 from fastft import backends
 from fastft.kernels import nf4 as knf4
@@ -294,12 +290,4 @@ def test_kernels_compile_for_gpu_without_spills():
     """Compile the kernels ahead of time for sm_90 (no GPU needed), at the launchers' GPU tile
     configs: catches what the interpreter lets through, and register spills (via cuobjdump).
     In a fresh process: the kernels of this one are already defined as interpreted."""
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"  # silence triton 3.9's notice; fusion on is the default anyway
-    root = str(pathlib.Path(__file__).resolve().parents[1])
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    proc = subprocess.run([sys.executable, "-c", _COMPILE_SCRIPT], env=env, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    if proc.stdout.startswith("SKIP"):  # pragma: no cover - depends on the Triton install
-        pytest.skip(proc.stdout.strip())
-    assert proc.stdout.strip().endswith("OK"), proc.stdout
+    run_compile_script(_COMPILE_SCRIPT, timeout=600)
