@@ -3,6 +3,8 @@
 report = fastft.patch(model)      # a transformers or PEFT model, before training
 print(report)                     # what was accelerated, what was not and why
 fastft.unpatch(model)             # back to the original behaviour
+
+result = fastft.train(fastft.TrainConfig(model=..., data=..., method="lora"))   # the lean trainer
 """
 
 __version__ = "0.1.0"
@@ -23,4 +25,17 @@ __all__ = [
     "PatchReport",
     "quantize",
     "Linear4bit",
+    "train",
+    "TrainConfig",
+    "TrainResult",
 ]
+
+_LAZY = {"train", "TrainConfig", "TrainResult"}  # fastft.trainer, imported on first use
+
+
+def __getattr__(name):
+    if name in _LAZY:
+        from . import trainer
+
+        return getattr(trainer, name)
+    raise AttributeError(f"module 'fastft' has no attribute {name!r}")
