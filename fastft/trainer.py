@@ -968,6 +968,7 @@ class _Trainer:
                 epoch, gi = epoch + 1, 0
                 continue
             t0 = time.perf_counter()
+            lr = self.sched.get_last_lr()[0]  # the rate this step uses
             loss, norm, ntok = self._step(batches[gi * group : (gi + 1) * group])
             self.sched.step()
             dt = time.perf_counter() - t0
@@ -984,7 +985,6 @@ class _Trainer:
                 now = time.perf_counter()
                 tps = tok_window / max(now - t_window, 1e-9)
                 tok_window, t_window = 0, now
-                lr = self.sched.get_last_lr()[0]
                 rec = {
                     "step": step,
                     "epoch": round(epoch + gi / max(groups, 1), 4),
