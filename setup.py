@@ -7,7 +7,7 @@ built ahead of time only when asked:
     FASTFT_BUILD_EXT=1 pip install --no-build-isolation .
 
 which compiles ``csrc/cpu/*.cpp`` into ``fastft._C_cpu`` and, when nvcc and a CUDA
-build of torch are present, ``csrc/cuda/*.cu`` into ``fastft._C_cuda``. Otherwise
+build of torch are present, ``csrc/cuda/*.cu`` and ``*.cpp`` into ``fastft._C_cuda``. Otherwise
 :mod:`fastft._ext` finds them missing, the ops fall back, and ``fastft info`` says
 why. Nothing here probes the hardware.
 """
@@ -32,7 +32,8 @@ def _ext_modules():
         mods.append(
             CppExtension("fastft._C_cpu", cpu_src, extra_compile_args=["-O3", "-fopenmp"], extra_link_args=["-fopenmp"])
         )
-    cuda_src = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")))
+    # the kernels (*.cu, nvcc) and their torch binding (*.cpp, the host compiler)
+    cuda_src = sorted(glob.glob(os.path.join("csrc", "cuda", "*.cu")) + glob.glob(os.path.join("csrc", "cuda", "*.cpp")))
     if cuda_src and torch.version.cuda and CUDA_HOME:
         mods.append(CUDAExtension("fastft._C_cuda", cuda_src, extra_compile_args={"cxx": ["-O3"], "nvcc": ["-O3"]}))
     return mods, {"build_ext": BuildExtension}

@@ -271,12 +271,52 @@ def test_nf4_cuda_rejects_bad_inputs_on_device():
     packed = torch.zeros(64 * 32, device=DEV, dtype=torch.uint8)
     absmax = torch.ones(64, device=DEV)
     x = torch.randn(2, 64, device=DEV)
-    with pytest.raises(RuntimeError, match="CUDA"):
+    with pytest.raises(ValueError, match="CUDA"):
         nf4_cuda.nf4_matmul_cuda(x, packed.cpu(), absmax, code, 64, 64, 64)
-    with pytest.raises((RuntimeError, ValueError), match="multiple of blocksize"):
+    with pytest.raises(ValueError, match="multiple of blocksize"):
         nf4_cuda.nf4_matmul_cuda(torch.randn(2, 96, device=DEV), packed[: 32 * 48], absmax[:48], code, 64, 32, 96)
-    with pytest.raises(RuntimeError, match="absmax"):
+    with pytest.raises(ValueError, match="absmax"):
         nf4_cuda.dequantize_nf4_cuda(packed, absmax[:3], code, 64, 64 * 64, torch.float32)
+    with pytest.raises(ValueError, match="x must be on"):
+        nf4_cuda.nf4_matmul_cuda(x.cpu(), packed, absmax, code, 64, 64, 64)
+
+
+_BINDING_CHECKS = """
+import torch
+from fastft.kernels import nf4_cuda
+from fastft.ops.nf4 import nf4_code
+mod = nf4_cuda._module()
+code = nf4_code("cuda")
+packed = torch.zeros(64 * 32, device="cuda", dtype=torch.uint8)
+absmax = torch.ones(64, device="cuda")
+x = torch.randn(2, 64, device="cuda")
+calls = [
+    lambda: mod.nf4_gemv(x, packed.cpu(), absmax, code, 64, 64, 64, None),
+    lambda: mod.nf4_gemv(torch.randn(9, 64, device="cuda"), packed, absmax, code, 64, 64, 64, None),
+    lambda: mod.nf4_gemv(torch.randn(2, 96, device="cuda"), packed[:1536], absmax[:48], code, 64, 32, 96, None),
+    lambda: mod.nf4_dequantize(packed, absmax[:3], code, 64, 64 * 64, torch.float32),
+]
+for call in calls:
+    try:
+        call()
+    except (RuntimeError, ValueError) as exc:
+        print("raised:", str(exc).splitlines()[0])
+    else:
+        raise SystemExit("no error")
+print("OK")
+"""
+
+
+def test_nf4_cuda_binding_checks_raise_not_crash():
+    """The C++ checks themselves (the Python wrapper bypassed) raise Python exceptions; in a
+    subprocess, so a crash fails this test instead of the whole run."""
+    import subprocess
+    import sys
+
+    _nf4_cuda_or_skip()
+    proc = subprocess.run([sys.executable, "-c", _BINDING_CHECKS], capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
+    assert proc.stdout.strip().endswith("OK") and proc.stdout.count("raised:") == 4, proc.stdout
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])

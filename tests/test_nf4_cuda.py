@@ -82,10 +82,17 @@ def test_loader_failure_warns_once(monkeypatch):
 def test_sources_found_and_one_module():
     found = [p for p in nf4_cuda.source_candidates() if os.path.isfile(p)]
     assert found, nf4_cuda.source_candidates()
-    assert os.path.isfile(os.path.join(os.path.dirname(found[0]), "nf4_kernels.cuh"))
-    # setup.py compiles every csrc/cuda/*.cu into fastft._C_cuda: only one may define the module
-    cu = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu"))
-    assert sum("PYBIND11_MODULE" in open(p).read() for p in cu) == 1
+    here = os.path.dirname(found[0])
+    for name in ("nf4_kernels.cuh", "nf4_launch.h", "nf4_binding.cpp"):
+        assert os.path.isfile(os.path.join(here, name)), name
+    # setup.py compiles every csrc/cuda/*.cu and *.cpp into fastft._C_cuda: only one may define
+    # the module, and it is host-compiled C++ (the checks that throw never go through nvcc)
+    src = glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")) + glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cpp"))
+    with_module = [p for p in src if "PYBIND11_MODULE" in open(p).read()]
+    assert [os.path.basename(p) for p in with_module] == ["nf4_binding.cpp"]
+    for p in glob.glob(os.path.join(ROOT, "csrc", "cuda", "*.cu")):
+        text = open(p).read()
+        assert "TORCH_CHECK" not in text and "torch/extension.h" not in text, p
 
 
 @pytest.mark.slow
@@ -97,5 +104,10 @@ def test_kernels_compile_for_sm90(tmp_path):
         "-D__CUDA_NO_BFLOAT16_CONVERSIONS__", "-D__CUDA_NO_HALF2_OPERATORS__",
         "-c", os.path.join(ROOT, "csrc", "cuda", "nf4_kernels.cuh"), "-o", str(tmp_path / "k.o"),
     ]  # fmt: skip
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
+    assert res.returncode == 0, res.stderr[-3000:]
+    # the launchers the binding calls (nvcc's half of the extension; no torch headers)
+    cmd = cmd[: cmd.index("-c")] + ["-c", os.path.join(ROOT, "csrc", "cuda", "nf4.cu"), "-o", str(tmp_path / "l.o")]
+    cmd.remove("-DFASTFT_NF4_KERNELS_SELFTEST")
     res = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert res.returncode == 0, res.stderr[-3000:]

@@ -1,145 +1,48 @@
-// Torch binding of the NF4 CUDA kernels (csrc/cuda/nf4_kernels.cuh): fastft._C_cuda when
-// setup.py builds it ahead of time (FASTFT_BUILD_EXT=1, a CUDA torch and nvcc), or the JIT
-// module fastft_cuda_nf4 built by fastft/kernels/nf4_cuda.py.
-//
-//   nf4_dequantize(packed, absmax, code, blocksize, numel, out_dtype) -> 1-D [numel]
-//   nf4_gemv(x [M, K], packed, absmax, code, blocksize, N, K, bias=None) -> [M, N]
-//
-// Contract: packed uint8 [ceil(numel / 2)] (first element in the HIGH nibble), absmax fp32
-// [ceil(numel / blocksize)], code fp32 [16], W[j] = code[nibble(j)] * absmax[j / blocksize];
-// all contiguous on one CUDA device. nf4_gemv computes y = x W.view(N, K)^T (+ bias) for
-// 0 <= M <= 8 rows of x (fp32/bf16/fp16, fp32 accumulation, y in x's dtype) and needs K and
-// blocksize even with K % blocksize == 0. Kernels run on the current CUDA stream of the
-// tensors' device; nothing synchronises the host.
-//
-// This file is the only one in csrc/cuda/*.cu with a PYBIND11_MODULE: setup.py compiles
-// every csrc/cuda/*.cu into the one module fastft._C_cuda, so further .cu files must add
-// their functions here (or through an init function called from here), not their own module.
-
-#include <torch/extension.h>
-
-#include <c10/cuda/CUDAGuard.h>
-#include <c10/cuda/CUDAStream.h>  // not ATen/cuda/CUDAContext.h: that one also needs the cuBLAS/cuSPARSE headers
+// The NF4 CUDA launchers behind csrc/cuda/nf4_launch.h: one non-template entry point per
+// operation that dispatches on the element type to the templates in nf4_kernels.cuh. Only
+// nvcc compiles this file; it includes no torch headers and throws nothing (errors come back
+// as cudaError_t and csrc/cuda/nf4_binding.cpp turns them into Python exceptions).
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
 
 #include "nf4_kernels.cuh"
+#include "nf4_launch.h"
 
-namespace {
+static_assert(fastft::nf4::kMaxGemvRows == fastft::nf4::kGemvMaxM, "nf4_launch.h and nf4_kernels.cuh disagree");
 
-namespace k = fastft::nf4;
+namespace fastft {
+namespace nf4 {
 
-void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                  int64_t numel) {
-  TORCH_CHECK_VALUE(blocksize > 0, "nf4: blocksize must be positive, got ", blocksize);
-  TORCH_CHECK_VALUE(numel >= 0, "nf4: numel must be non-negative, got ", numel);
-  for (const auto* t : {&packed, &absmax, &code}) {
-    TORCH_CHECK(t->is_cuda(), "nf4 (cuda): packed, absmax and code must be CUDA tensors, got ", t->device());
-    TORCH_CHECK(t->device() == packed.device(), "nf4 (cuda): all tensors must be on one device, got ",
-                t->device(), " and ", packed.device());
-    TORCH_CHECK(t->is_contiguous(), "nf4 (cuda): packed, absmax and code must be contiguous");
-  }
-  TORCH_CHECK(packed.scalar_type() == at::kByte, "nf4: packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4: absmax must be float32, got ", absmax.scalar_type());
-  TORCH_CHECK(code.scalar_type() == at::kFloat, "nf4: code must be float32, got ", code.scalar_type());
-  TORCH_CHECK(code.numel() == 16, "nf4: code must have 16 entries, got ", code.numel());
-  TORCH_CHECK(packed.numel() == (numel + 1) / 2, "nf4: packed has ", packed.numel(), " bytes, expected ceil(", numel,
-              " / 2) = ", (numel + 1) / 2);
-  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
-  TORCH_CHECK(absmax.numel() == nblocks, "nf4: absmax has ", absmax.numel(), " entries, expected ceil(", numel, " / ",
-              blocksize, ") = ", nblocks);
-}
-
-void check_launch(cudaError_t err, const char* what) {
-  TORCH_CHECK(err == cudaSuccess, what, ": CUDA launch failed: ", cudaGetErrorString(err));
-}
-
-}  // namespace
-
-at::Tensor nf4_dequantize(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                          int64_t blocksize, int64_t numel, at::ScalarType out_dtype) {
-  TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
-                    "nf4: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
-  check_common(packed, absmax, code, blocksize, numel);
-  const c10::cuda::CUDAGuard guard(packed.device());
-  at::Tensor out = at::empty({numel}, packed.options().dtype(out_dtype));
-  if (numel == 0) return out;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
-  const auto* c = code.data_ptr<float>();
-  cudaError_t err;
-  switch (out_dtype) {
-    case at::kFloat:
-      err = k::launch_dequant(p, am, c, blocksize, numel, out.data_ptr<float>(), stream);
-      break;
-    case at::kBFloat16:
-      err = k::launch_dequant(p, am, c, blocksize, numel, reinterpret_cast<__nv_bfloat16*>(out.data_ptr()), stream);
-      break;
+cudaError_t dequant(int dtype, const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
+                    int64_t numel, void* out, cudaStream_t stream) {
+  switch (dtype) {
+    case kF32:
+      return launch_dequant(packed, absmax, code, blocksize, numel, static_cast<float*>(out), stream);
+    case kBF16:
+      return launch_dequant(packed, absmax, code, blocksize, numel, static_cast<__nv_bfloat16*>(out), stream);
+    case kF16:
+      return launch_dequant(packed, absmax, code, blocksize, numel, static_cast<__half*>(out), stream);
     default:
-      err = k::launch_dequant(p, am, c, blocksize, numel, reinterpret_cast<__half*>(out.data_ptr()), stream);
-      break;
+      return cudaErrorInvalidValue;
   }
-  check_launch(err, "nf4_dequantize");
-  return out;
 }
 
-at::Tensor nf4_gemv(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                    int64_t blocksize, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias) {
-  TORCH_CHECK_VALUE(N > 0 && K > 0, "nf4_gemv: N and K must be positive, got N=", N, " K=", K);
-  TORCH_CHECK_VALUE(K % 2 == 0, "nf4_gemv: K must be even (each weight row starts on a byte), got ", K);
-  TORCH_CHECK_VALUE(blocksize > 0 && blocksize % 2 == 0, "nf4_gemv: blocksize must be positive and even, got ",
-                    blocksize);
-  TORCH_CHECK_VALUE(K % blocksize == 0, "nf4_gemv: K (", K, ") must be a multiple of blocksize (", blocksize, ")");
-  check_common(packed, absmax, code, blocksize, N * K);
-  TORCH_CHECK(x.is_cuda() && x.device() == packed.device(), "nf4_gemv: x must be on ", packed.device(), ", got ",
-              x.device());
-  TORCH_CHECK(x.dim() == 2, "nf4_gemv: x must be 2-D [M, K], got ", x.dim(), " dims");
-  TORCH_CHECK(x.size(1) == K, "nf4_gemv: x has ", x.size(1), " columns, expected K=", K);
-  TORCH_CHECK(x.size(0) <= k::kGemvMaxM, "nf4_gemv: at most ", k::kGemvMaxM, " rows of x, got ", x.size(0));
-  TORCH_CHECK(x.scalar_type() == at::kFloat || x.scalar_type() == at::kBFloat16 || x.scalar_type() == at::kHalf,
-              "nf4_gemv: x must be float32, bfloat16 or float16, got ", x.scalar_type());
-  TORCH_CHECK(x.is_contiguous(), "nf4_gemv: x must be contiguous");
-  at::Tensor bf;
-  if (bias.has_value() && bias->defined()) {
-    TORCH_CHECK(bias->device() == x.device(), "nf4_gemv: bias must be on ", x.device(), ", got ", bias->device());
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "nf4_gemv: bias must have shape [", N, "], got ",
-                bias->sizes());
-    TORCH_CHECK(at::isFloatingType(bias->scalar_type()), "nf4_gemv: bias must be floating point, got ",
-                bias->scalar_type());
-  }
-  const c10::cuda::CUDAGuard guard(x.device());
-  const int64_t M = x.size(0);
-  at::Tensor y = at::empty({M, N}, x.options());
-  if (M == 0) return y;
-  if (bias.has_value() && bias->defined()) bf = bias->to(at::kFloat).contiguous();
-  const float* bp = bf.defined() ? bf.data_ptr<float>() : nullptr;
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream().stream();
-  const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
-  const auto* c = code.data_ptr<float>();
-  cudaError_t err;
-  switch (x.scalar_type()) {
-    case at::kFloat:
-      err = k::launch_gemv(x.data_ptr<float>(), p, am, c, bp, y.data_ptr<float>(), M, N, K, blocksize, stream);
-      break;
-    case at::kBFloat16:
-      err = k::launch_gemv(reinterpret_cast<const __nv_bfloat16*>(x.data_ptr()), p, am, c, bp,
-                           reinterpret_cast<__nv_bfloat16*>(y.data_ptr()), M, N, K, blocksize, stream);
-      break;
+cudaError_t gemv(int dtype, const void* x, const uint8_t* packed, const float* absmax, const float* code,
+                 const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t blocksize, cudaStream_t stream) {
+  switch (dtype) {
+    case kF32:
+      return launch_gemv(static_cast<const float*>(x), packed, absmax, code, bias, static_cast<float*>(y), M, N, K,
+                         blocksize, stream);
+    case kBF16:
+      return launch_gemv(static_cast<const __nv_bfloat16*>(x), packed, absmax, code, bias,
+                         static_cast<__nv_bfloat16*>(y), M, N, K, blocksize, stream);
+    case kF16:
+      return launch_gemv(static_cast<const __half*>(x), packed, absmax, code, bias, static_cast<__half*>(y), M, N,
+                         K, blocksize, stream);
     default:
-      err = k::launch_gemv(reinterpret_cast<const __half*>(x.data_ptr()), p, am, c, bp,
-                           reinterpret_cast<__half*>(y.data_ptr()), M, N, K, blocksize, stream);
-      break;
+      return cudaErrorInvalidValue;
   }
-  check_launch(err, "nf4_gemv");
-  return y;
 }
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("nf4_dequantize", &nf4_dequantize, "NF4 dequantisation (CUDA) to a new 1-D tensor of out_dtype",
-        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("numel"),
-        py::arg("out_dtype"));
-  m.def("nf4_gemv", &nf4_gemv, "NF4 GEMV (CUDA): x [M <= 8, K] @ W[N, K].T (+ bias), fp32 accumulation",
-        py::arg("x"), py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("N"),
-        py::arg("K"), py::arg("bias") = py::none());
-  m.attr("GEMV_MAX_M") = py::int_(fastft::nf4::kGemvMaxM);
-}
+}  // namespace nf4
+}  // namespace fastft

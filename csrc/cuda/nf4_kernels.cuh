@@ -1,6 +1,7 @@
 // NF4 (bitsandbytes 4-bit NormalFloat) CUDA kernels on raw pointers: no torch headers here,
-// so this file compiles on its own (see the self-test at the bottom); the torch binding is
-// csrc/cuda/nf4.cu.
+// so this file compiles on its own (see the self-test at the bottom). csrc/cuda/nf4.cu wraps
+// the launchers below into the plain entry points of nf4_launch.h; the torch binding is
+// csrc/cuda/nf4_binding.cpp.
 //
 // Contract (see fastft/kernels/nf4_cuda.py):
 //   packed  uint8 [ceil(numel / 2)]: byte i holds flat element 2i in the HIGH nibble and

@@ -58,7 +58,8 @@ class ExtensionLoader:
         return None
 
     def prepare(self, src: str) -> tuple[dict | None, str]:
-        """Build keywords for ``cpp_extension.load`` (besides name and sources), or (None, why not)."""
+        """Build keywords for ``cpp_extension.load`` (besides name and sources; ``extra_sources``
+        lists files compiled with ``src``), or (None, why not)."""
         return {}, ""
 
     # --- the machinery -------------------------------------------------------------------
@@ -86,6 +87,7 @@ class ExtensionLoader:
         kwargs, why = self.prepare(src)
         if kwargs is None:
             return None, why
+        sources = [src, *kwargs.pop("extra_sources", ())]
         from torch.utils import cpp_extension
 
         try:
@@ -100,7 +102,7 @@ class ExtensionLoader:
         if not cached:
             print(f"fastft: compiling the {self.label} (first use only; cached afterwards)...", file=sys.stderr)
         try:
-            mod = cpp_extension.load(name=self.name, sources=[src], verbose=False, **kwargs)
+            mod = cpp_extension.load(name=self.name, sources=sources, verbose=False, **kwargs)
         except Exception as exc:  # compile/link error, unwritable cache, ...
             return None, f"JIT build of {src} failed ({first_line(exc)})"
         return mod, f"JIT-built {self.name} from {src}"

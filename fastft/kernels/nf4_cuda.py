@@ -20,21 +20,24 @@ dtype (fp32/bf16/fp16), ``K % blocksize == 0``:
   kernel and the product goes to torch's GEMM (cuBLAS, tensor cores), as bitsandbytes'
   ``matmul_4bit`` does. It never returns None: a forced ``backend="cuda"`` runs every shape.
 
-The kernels are in ``csrc/cuda/nf4_kernels.cuh`` (raw pointers, no torch headers), the
-torch binding in ``csrc/cuda/nf4.cu``. Kernels launch on the current CUDA stream; nothing
+The kernels are in ``csrc/cuda/nf4_kernels.cuh`` (raw pointers, no torch headers), their
+launchers in ``csrc/cuda/nf4.cu`` (nvcc) and the torch binding in ``csrc/cuda/nf4_binding.cpp``
+(the host compiler: the checks that throw are there, never in nvcc-compiled code). Inputs are
+also checked here, in Python, before the extension is called. Kernels launch on the current CUDA stream; nothing
 synchronises the host.
 
 Where the compiled code comes from, in order:
 
 1. ``fastft._C_cuda``, built ahead of time by ``FASTFT_BUILD_EXT=1 pip install
    --no-build-isolation .`` when nvcc and a CUDA build of torch are present (setup.py
-   compiles ``csrc/cuda/*.cu`` into it);
-2. otherwise a just-in-time build of ``nf4.cu`` with ``torch.utils.cpp_extension.load``
+   compiles ``csrc/cuda/*.cu`` and ``*.cpp`` into it);
+2. otherwise a just-in-time build of ``nf4.cu`` + ``nf4_binding.cpp`` with ``torch.utils.cpp_extension.load``
    (needs nvcc -- ``CUDA_HOME`` or nvcc on PATH -- and ninja; a minute or two once, for the
    visible GPU's architecture or ``TORCH_CUDA_ARCH_LIST``; torch caches it under
    ``TORCH_EXTENSIONS_DIR``, default ``~/.cache/torch_extensions``). The source is looked
    up at ``<fastft>/csrc/cuda/nf4.cu`` (package data) and then at ``<repo>/csrc/cuda/nf4.cu``
-   (source checkouts and editable installs); ``nf4_kernels.cuh`` must sit next to it (its
+   (source checkouts and editable installs); ``nf4_binding.cpp``, ``nf4_launch.h`` and
+   ``nf4_kernels.cuh`` must sit next to it (its
    hash is part of the build flags, so editing it rebuilds). ``FASTFT_NO_JIT=1`` disables
    the JIT build.
 
@@ -63,6 +66,7 @@ JIT_NAME = "fastft_cuda_nf4"
 GEMV_MAX_M = 8  # kGemvMaxM in csrc/cuda/nf4_kernels.cuh; above it: CUDA dequant + torch GEMM
 _SYMBOLS = ("nf4_dequantize", "nf4_gemv")
 _HEADER = "nf4_kernels.cuh"
+_BINDING = "nf4_binding.cpp"
 
 
 def source_candidates() -> list[str]:
@@ -92,15 +96,23 @@ class _Loader(_jit.ExtensionLoader):
 
     def prepare(self, src):
         header = os.path.join(os.path.dirname(src), _HEADER)
-        if not os.path.isfile(header):
-            return None, f"{header} not found (nf4.cu includes it)"
+        for f in (header, os.path.join(os.path.dirname(src), "nf4_launch.h")):
+            if not os.path.isfile(f):
+                return None, f"{f} not found (nf4.cu includes it)"
+        binding = os.path.join(os.path.dirname(src), _BINDING)
+        if not os.path.isfile(binding):
+            return None, f"{binding} not found (the torch binding of nf4.cu)"
         from torch.utils import cpp_extension
 
         if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
             return None, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
         with open(header, "rb") as f:  # torch hashes the sources and flags only, not included headers
             tag = hashlib.sha1(f.read()).hexdigest()[:12]
-        return {"extra_cflags": ["-O3"], "extra_cuda_cflags": ["-O3", f"-DFASTFT_NF4_KERNELS_TAG={tag}"]}, ""
+        return {
+            "extra_sources": [binding],
+            "extra_cflags": ["-O3"],
+            "extra_cuda_cflags": ["-O3", f"-DFASTFT_NF4_KERNELS_TAG={tag}"],
+        }, ""
 
 
 _LOADER = _Loader()
@@ -118,6 +130,38 @@ def _module():
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _check_weight(where: str, packed, absmax, code, blocksize: int, numel: int) -> None:
+    """ValueError/TypeError naming the bad input, before the extension is called."""
+    for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
+        if t.device.type != "cuda":
+            raise ValueError(f"{where}: {name} must be a CUDA tensor, got device {t.device}")
+        if t.device != packed.device:
+            raise ValueError(
+                f"{where}: all tensors must be on one device, got {name} on {t.device}, packed on {packed.device}"
+            )
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"{where}: packed must be uint8, got {packed.dtype}")
+    if absmax.dtype != torch.float32 or code.dtype != torch.float32:
+        raise TypeError(f"{where}: absmax and code must be float32, got {absmax.dtype} and {code.dtype}")
+    if code.numel() != 16:
+        raise ValueError(f"{where}: code must have 16 entries, got {code.numel()}")
+    if int(blocksize) <= 0:
+        raise ValueError(f"{where}: blocksize must be positive, got {blocksize}")
+    if int(numel) < 0:
+        raise ValueError(f"{where}: numel must be non-negative, got {numel}")
+    if packed.numel() != (int(numel) + 1) // 2:
+        raise ValueError(
+            f"{where}: packed has {packed.numel()} bytes, expected ceil({numel} / 2) = {(int(numel) + 1) // 2}"
+        )
+    nblocks = -(-int(numel) // int(blocksize))
+    if absmax.numel() != nblocks:
+        raise ValueError(
+            f"{where}: absmax has {absmax.numel()} entries, expected ceil({numel} / {blocksize}) = {nblocks}"
+        )
+
+
 def dequantize_nf4_cuda(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -129,7 +173,9 @@ def dequantize_nf4_cuda(
     """Flat ``[numel]`` weight ``code[nibble(j)] * absmax[j // blocksize]`` in ``out_dtype``."""
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize_nf4_cuda: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    return _module().nf4_dequantize(
+    mod = _module()
+    _check_weight("dequantize_nf4_cuda", packed, absmax, code, blocksize, numel)
+    return mod.nf4_dequantize(
         packed.contiguous(), absmax.contiguous(), code.contiguous(), int(blocksize), int(numel), out_dtype
     )
 
@@ -149,15 +195,30 @@ def nf4_matmul_cuda(
     ``M <= GEMV_MAX_M`` (8): the fused GEMV (fp32 weights and accumulation). Larger ``M``:
     ``W`` is dequantised into x's dtype by the CUDA kernel and multiplied by torch's GEMM.
     """
+    where = "nf4_matmul_cuda"
     mod = _module()
-    if x2d.dim() == 2 and not x2d.is_contiguous():
+    N, K = int(N), int(K)
+    if N <= 0 or K <= 0:
+        raise ValueError(f"{where}: N and K must be positive, got N={N} K={K}")
+    _check_weight(where, packed, absmax, code, blocksize, N * K)
+    if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
+        raise ValueError(f"{where}: x must be a 2-D tensor [M, K], got {getattr(x2d, 'shape', type(x2d).__name__)}")
+    if x2d.device != packed.device:
+        raise ValueError(f"{where}: x must be on {packed.device} (CUDA, with the weight), got {x2d.device}")
+    if x2d.dtype not in _OUT_DTYPES:
+        raise TypeError(f"{where}: x must be float32, bfloat16 or float16, got {x2d.dtype}")
+    if x2d.shape[1] != K:
+        raise ValueError(f"{where}: x has {x2d.shape[1]} columns, expected K={K}")
+    if bias is not None and (bias.dim() != 1 or bias.shape[0] != N or bias.device != x2d.device):
+        raise ValueError(f"{where}: bias must be [{N}] on {x2d.device}, got {tuple(bias.shape)} on {bias.device}")
+    if x2d.shape[0] <= GEMV_MAX_M and (K % 2 or int(blocksize) % 2 or K % int(blocksize)):
+        raise ValueError(
+            f"{where}: the GEMV (M <= {GEMV_MAX_M}) needs K ({K}) a multiple of blocksize ({blocksize}), both even"
+        )
+    if not x2d.is_contiguous():
         x2d = x2d.contiguous()
     packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
-    if x2d.dim() == 2 and x2d.shape[0] > GEMV_MAX_M:
-        if x2d.dtype not in _OUT_DTYPES:
-            raise ValueError(f"nf4_matmul_cuda: x must be float32, bfloat16 or float16, got {x2d.dtype}")
-        if x2d.shape[1] != int(K):
-            raise ValueError(f"nf4_matmul_cuda: x has {x2d.shape[1]} columns, expected K={K}")
+    if x2d.shape[0] > GEMV_MAX_M:
         w = mod.nf4_dequantize(packed, absmax, code, int(blocksize), int(N) * int(K), x2d.dtype).view(int(N), int(K))
         if bias is None:
             return torch.mm(x2d, w.t())
