@@ -570,8 +570,15 @@ def measure_layer_memory(prov: LayerStep, device, tiny_prime: Callable[[], Any])
 # --------------------------------------------------------------------------------------
 # results
 # --------------------------------------------------------------------------------------
+# where the results go instead of bench/results/ (or results/tmp/ for --quick) when set: the
+# bench suite (``fastft bench --out DIR``) points its bench subprocesses at one folder with it
+RESULTS_DIR_ENV = "FASTFT_BENCH_RESULTS_DIR"
+
+
 def result_path(name: str, device: str, results_dir: str | None = None) -> str:
-    return os.path.join(results_dir or RESULTS_DIR, f"{name}-{device_slug(device)}.json")
+    """``<results_dir>/<name>-<device-slug>.json``; ``$FASTFT_BENCH_RESULTS_DIR`` overrides the folder."""
+    folder = os.environ.get(RESULTS_DIR_ENV) or results_dir or RESULTS_DIR
+    return os.path.join(folder, f"{name}-{device_slug(device)}.json")
 
 
 def write_result(
@@ -580,7 +587,8 @@ def write_result(
     """Write ``{"name", "env", **payload}`` to ``<results_dir>/<name>-<device-slug>.json`` atomically.
 
     The file holds the latest run on that kind of device; a run on another device writes
-    another file. Written to a temporary file in the same folder, then ``os.replace``-d,
+    another file. With ``$FASTFT_BENCH_RESULTS_DIR`` set, the file goes to that folder instead
+    (whatever ``results_dir`` says). Written to a temporary file in the same folder, then ``os.replace``-d,
     so a reader never sees half a file. Returns the path.
     """
     path = result_path(name, device, results_dir)
