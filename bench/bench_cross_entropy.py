@@ -250,10 +250,15 @@ def main(argv=None) -> int:
 
     choice = backends.select(ce.OP_FLCE, torch.device(dev), cfg["fastft_backend"])
     cfg["fastft_backend_selected"] = f"{choice.backend} ({choice.reason})"
-    cfg["FASTFT_CE_CHUNK_MB"] = os.environ.get("FASTFT_CE_CHUNK_MB", "64 (default)")
+    default_mb = "512" if torch.device(dev).type == "cuda" else "64"
+    cfg["FASTFT_CE_CHUNK_MB"] = os.environ.get("FASTFT_CE_CHUNK_MB", f"{default_mb} (default)")
     itemsize = 4 if cfg["dtype"] == "fp32" else 2
     cfg["fastft_chunk_rows"] = ce.chunk_rows(
-        cfg["tokens"], cfg["vocab"], itemsize, fp32_scratch=choice.backend == "torch"
+        cfg["tokens"],
+        cfg["vocab"],
+        itemsize,
+        fp32_scratch=choice.backend == "torch",
+        device_type=torch.device(dev).type,
     )
     cfg["providers"] = args.provider_list
     print(
