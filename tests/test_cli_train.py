@@ -170,7 +170,7 @@ def test_train_default_end_to_end_then_generate(tmp_path):
         assert (out / ckpt / "adapter_model.safetensors").is_file()
     cfg = json.loads((out / "train_config.json").read_text())
     for k, v in default.RECOMMENDED.items():  # nothing set: the embedded default's settings
-        if k not in ("max_steps",) and k in cfg:
+        if k not in ("max_steps", "max_new_tokens") and k in cfg:
             assert cfg[k] == v, k
     assert cfg["max_steps"] == 3
     result = json.loads((out / "result.json").read_text())
@@ -186,38 +186,50 @@ def test_train_default_end_to_end_then_generate(tmp_path):
     assert gen.stdout == want + "\n"
 
 
+_DIST_ARGS = ["--seq-len", "64", "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--dropout", "0",
+              "--lr", "1e-2", "--num-generations", "0", "--quiet"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def single_process_run(tmp_path_factory):
+    """The reference: one process accumulating 2 micro-batches per step (what 2 ranks x 1 do together)."""
+    root = tmp_path_factory.mktemp("dist")
+    data = _text_data(root, n=24)
+    proc = _run("train", "--data", str(data), *_DIST_ARGS, "--grad-accum", "2", "--output-dir", str(root / "single"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return root, data
+
+
 @pytest.mark.slow
-def test_torchrun_two_gloo_ranks_match_one_process(tmp_path):
+@pytest.mark.parametrize("mode", ["ddp", "fsdp"])
+def test_torchrun_two_gloo_ranks_match_one_process(single_process_run, mode):
     if not torch.distributed.is_available() or not torch.distributed.is_gloo_available():
         pytest.skip("torch.distributed with gloo is not available")
-    data = _text_data(tmp_path, n=24)
-    common = ["train", "--data", str(data), "--seq-len", "64", "--batch-size", "2", "--max-steps", "3",
-              "--eval-every", "3", "--dropout", "0", "--lr", "1e-2", "--num-generations", "0", "--quiet"]  # fmt: skip
-    single = _run(*common, "--grad-accum", "2", "--output-dir", str(tmp_path / "single"))
-    assert single.returncode == 0, single.stderr[-3000:]
+    root, data = single_process_run
+    out = root / mode
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "fastft"]
-    ddp = subprocess.run(
-        [*cmd, *common, "--output-dir", str(tmp_path / "ddp")], capture_output=True, text=True, env=ENV, timeout=300
-    )
-    assert ddp.returncode == 0, ddp.stderr[-4000:]
+    cmd += ["train", "--data", str(data), *_DIST_ARGS, "--output-dir", str(out)]
+    cmd += ["--fsdp"] if mode == "fsdp" else []
+    proc = subprocess.run(cmd, capture_output=True, text=True, env=ENV, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-4000:]
 
     def metrics(d):
-        return [json.loads(x) for x in (tmp_path / d / "metrics.jsonl").read_text().splitlines()]
+        return [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
 
-    ref, got = metrics("single"), metrics("ddp")
+    ref, got = metrics(root / "single"), metrics(out)
     assert [r["step"] for r in got] == [r["step"] for r in ref]  # written once (rank 0), not twice
     ref_loss = torch.tensor([r.get("loss", r.get("eval_loss")) for r in ref])
     got_loss = torch.tensor([r.get("loss", r.get("eval_loss")) for r in got])
     assert torch.isfinite(got_loss).all()
     torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
-    ckpt = tmp_path / "ddp" / "checkpoint-last"
+    ckpt = out / "checkpoint-last"
     assert sorted(p.name for p in ckpt.glob("rng_state_*.pt")) == ["rng_state_0.pt", "rng_state_1.pt"]
-    assert len(list((tmp_path / "ddp").rglob("adapter_model.safetensors"))) == 2  # last and best, once each
-    assert not list((tmp_path / "ddp").glob(".*"))  # no temporary directory left
+    assert len(list(out.rglob("adapter_model.safetensors"))) == 2  # last and best, once each
+    assert not list(out.glob(".*"))  # no temporary directory left
     from safetensors.torch import load_file
 
     a = load_file(str(ckpt / "adapter_model.safetensors"))
-    b = load_file(str(tmp_path / "single" / "checkpoint-last" / "adapter_model.safetensors"))
-    assert a.keys() == b.keys()
+    b = load_file(str(root / "single" / "checkpoint-last" / "adapter_model.safetensors"))
+    assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
