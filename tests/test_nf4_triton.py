@@ -248,7 +248,9 @@ def compile_(fn, ptrs, constexprs, num_warps, num_stages=3, what=()):
         else:
             sig[arg] = "i32"
     try:
-        c = triton.compile(ASTSource(fn, sig, constexprs), target=GPUTarget("cuda", 90, 32),
+        # pointers 16-byte aligned, as torch allocates them (a launch specialises on it)
+        attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in ptrs}
+        c = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
                            options={"num_warps": num_warps, "num_stages": num_stages})
     except Exception as exc:
         if "ptxas" in str(exc).lower():

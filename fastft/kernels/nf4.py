@@ -150,6 +150,45 @@ def _decode_tile(
 
 
 @triton.jit
+def _decode_tile_interleaved(
+    packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    code_ptr,  # (16,) fp32 NF4 table
+    rn,  # (BLOCK_N,) int64 output columns (rows of W)
+    n_ok,  # (BLOCK_N,) rn < N
+    k0,  # first k of the tile (a multiple of BLOCK_K)
+    K,  # in_features (even)
+    EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
+    ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
+    BLOCK_K: tl.constexpr,  # weights per row of the tile
+):
+    """The tile ``W[rn, k0 : k0 + BLOCK_K]`` decoded in fp32, ``(BLOCK_N, BLOCK_K)`` in column
+    order: the same values as :func:`_decode_tile`'s halves interleaved. The nibble indices are
+    interleaved (not the decoded weights), so that the tile fed to ``tl.dot`` comes from a gather
+    rather than a join + reshape: Triton 3.6 turns join + reshape + trans + dot into an illegal
+    shared-memory layout ("Illegal shared layout ... collapsed shapePerCTA") for 16-bit tiles."""
+    rb = tl.arange(0, BLOCK_K // 2)
+    kb = k0 // 2 + rb  # byte column
+    if EVEN_K:
+        mask = n_ok[:, None]
+    else:
+        mask = n_ok[:, None] & (kb < K // 2)[None, :]
+    b = tl.load(packed_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
+    nib = tl.interleave(b >> 4, b & 0xF).to(tl.int32)  # (BLOCK_N, BLOCK_K): column k0 + 2j high, k0 + 2j + 1 low
+    if ROW_SCALE:
+        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+    else:
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            kmask = n_ok[:, None]
+        else:
+            kmask = n_ok[:, None] & (rk < K)[None, :]
+        scale = tl.load(absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + rk[None, :] // BLOCKSIZE, mask=kmask, other=0.0)
+    return tl.load(code_ptr + nib) * scale
+
+
+@triton.jit
 def _nf4_gemm_kernel(
     x_ptr,  # (M, K) input, fp32/bf16/fp16; its dtype is the tl.dot operand dtype
     stride_xm,  # elements between rows of x
@@ -188,10 +227,9 @@ def _nf4_gemm_kernel(
         else:
             x_mask = m_ok[:, None] & (k0 + rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=x_mask, other=0.0)
-        w_hi, w_lo = _decode_tile(
+        w = _decode_tile_interleaved(
             packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
-        )
-        w = tl.interleave(w_hi.to(x.dtype), w_lo.to(x.dtype))  # (BLOCK_N, BLOCK_K), rounded once
+        ).to(x.dtype)  # (BLOCK_N, BLOCK_K), rounded once
         wt = tl.trans(w)
         if UPCAST_DOT:
             x, wt = x.to(tl.float32), wt.to(tl.float32)
