@@ -11,13 +11,13 @@ else
   export PYTHONPATH=$PWD
 fi
 export PYTHONUNBUFFERED=1 FASTFT_GPU_TESTS=1
-stages=${*:-tests bench}
+n=0
 t0=$(date +%s)
 left() { echo $(( ${BUDGET:-570} - ($(date +%s) - t0) )); }
 { nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv; python3 -m fastft info; \
   python3 -c "import torch,triton,transformers,peft;print(torch.__version__,triton.__version__,transformers.__version__,peft.__version__)"; \
   python3 -m pip list 2>/dev/null | grep -iE 'bitsandbytes|liger|accelerate|datasets|trl'; } 2>&1 | tee $L/env.log
-for s in $stages; do
+for s in "${@:-tests}"; do
   case $s in
     tests)
       timeout ${TESTS_TIMEOUT:-330} python3 -m pytest -q --timeout 120 -p no:cacheprovider -rfE \
@@ -31,7 +31,8 @@ for s in $stages; do
         echo "rc=$?"; tail -n 30 $L/bench_$b.log
       done
       cp bench/results/*cuda*.json $L/ 2>/dev/null;;
-    *) l=$(left); echo "== $s (${l}s left)"; timeout $((l - 15)) bash -c "$s" 2>&1 | tee $L/cmd.log | tail -n 60;;
+    *) n=$((n + 1)); l=$(left); echo "== $s (${l}s left)"
+       timeout $((l - 15)) bash -c "$s" > $L/cmd_$n.log 2>&1; echo "rc=$?"; tail -n 60 $L/cmd_$n.log;;
   esac
 done
 tar czf "$OUT/logs.tgz" -C $L . && ls -la $L
