@@ -1275,7 +1275,6 @@ class _Trainer:
                 model = hf
                 for p in model.parameters():
                     p.requires_grad_(True)
-        hf.config.use_cache = False
         report = patch(model, backend=cfg.backend, checkpointing=cfg.checkpointing)
         self.report = report
         if self.dist.main and not cfg.quiet:
