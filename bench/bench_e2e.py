@@ -64,7 +64,7 @@ DEFAULTS = {
     ),
 }  # fmt: skip
 QUICK = dict(
-    hidden=64, layers=2, intermediate=176, heads=4, kv_heads=4, vocab=512, tie=False, seq=64, batch=2,
+    hidden=64, layers=2, intermediate=192, heads=4, kv_heads=4, vocab=512, tie=False, seq=64, batch=2,
     steps=2, warmup=1, max_seq_cap=512, max_seq_start=128, budget_gb=2.0,
 )  # fmt: skip
 SHAPE_KEYS = MODEL_KEYS + ("seq", "batch", "dtype")
@@ -127,6 +127,13 @@ def parse_args(argv=None) -> argparse.Namespace:
     )  # fmt: skip
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0: losses comparable)")
     p.add_argument("--repeats", type=int, default=1, help="time every provider this many times, alternating order")
+    p.add_argument(
+        "--interleave", action=argparse.BooleanOptionalAction, default=None,
+        help="time all providers of a mode in one process, their steps interleaved, so that the load of a "
+        "shared machine hits them alike (default: on for full CPU runs, off on CUDA and with --quick)",
+    )  # fmt: skip
+    p.add_argument("--deadline-s", type=float, help="start no new process after this many seconds (results so "
+                   "far are still printed and written); e.g. to fit a time-limited GPU session")  # fmt: skip
     p.add_argument("--device", choices=("cpu", "cuda", "auto"), default="auto")
     p.add_argument(
         "--max-seq-search", action=argparse.BooleanOptionalAction, default=None,
@@ -362,12 +369,16 @@ def _process_peak_mib(dev: str) -> float | None:
 def measure_step_memory(tr: Trainer, cfg: dict, batch) -> tuple[dict, object]:
     """Peak of one training step (``batch``) above what the process holds right before it.
 
-    CUDA: primed by a full-size forward + backward (no optimizer step; grads cleared). CPU: by a
-    tiny one only (see ``_harness.measure_peak_memory``). Returns the memory dict (``peak_mib``,
+    Primed by a full-size forward + backward (no optimizer step; grads cleared) on CUDA, and on
+    the CPU when freed memory leaves the RSS; otherwise by a tiny one (see ``_harness.measure_peak_memory``). Returns the memory dict (``peak_mib``,
     ``baseline_mib``, ``total_peak_mib``) and the step's loss.
     """
     dev = cfg["device"]
-    if dev.startswith("cuda"):
+    # a full-size prime (compilation, GEMM packing buffers, ... not counted) where its freed memory
+    # cannot hide in the allocator: CUDA (exact counters) and CPU with large blocks mmap-ed and a
+    # resettable VmHWM (as _harness.measure_layer_memory); else a tiny one (pages code in, starts pools)
+    full = dev.startswith("cuda") or (all(os.environ.get(k) for k in H.CPU_WORKER_ENV) and H._reset_peak_rss())
+    if full:
 
         def prime():
             tr.fwd_bwd(batch)
@@ -382,6 +393,7 @@ def measure_step_memory(tr: Trainer, cfg: dict, batch) -> tuple[dict, object]:
     base, peak = mem.get("baseline_mib"), mem.get("peak_mib")
     mem["total_peak_mib"] = None if base is None or peak is None else base + peak
     mem["total_method"] = "cuda max_memory_allocated" if dev.startswith("cuda") else "process peak RSS (VmHWM)"
+    mem["prime"] = "full-size forward + backward" if full else "tiny forward + backward"
     return mem, out["loss"]
 
 
@@ -517,11 +529,7 @@ def worker_main(args: argparse.Namespace) -> None:
                 sync()
                 if i >= cfg["warmup"]:
                     times.append((time.perf_counter() - t0) * 1e3)
-            s = sorted(times)
-            res["time"] = dict(
-                median_ms=H._percentile(s, 50), p20_ms=H._percentile(s, 20), p80_ms=H._percentile(s, 80),
-                min_ms=s[0], reps=len(s), warmup=cfg["warmup"], times_ms=times,
-            )  # fmt: skip
+            res["time"] = _time_stats(times, cfg["warmup"])
         res["losses"] = [float(x) for x in losses]
         del batches, losses
         gc.collect()
@@ -529,6 +537,75 @@ def worker_main(args: argparse.Namespace) -> None:
             res["max_seq"] = search_max_seq(tr, cfg)
         if dev.startswith("cuda"):
             res["process_max_allocated_mib"] = torch.cuda.max_memory_allocated() / 2**20
+    except Exception as exc:  # report, never hang the parent
+        import traceback
+
+        res.update(status="error", reason=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:])
+    H.emit_worker_result(res)
+
+
+def _time_stats(times: list[float], warmup: int) -> dict:
+    s = sorted(times)
+    return dict(
+        median_ms=H._percentile(s, 50), p20_ms=H._percentile(s, 20), p80_ms=H._percentile(s, 80),
+        min_ms=s[0], reps=len(s), warmup=warmup, times_ms=times,
+    )  # fmt: skip
+
+
+def interleave_main(args: argparse.Namespace) -> None:
+    """Every provider of one mode in this process, their steps interleaved (CPU on a shared machine).
+
+    The providers are built with the same seeds as in their own processes (same weights, adapters and
+    batches) and train side by side, one step each in turn (the order rotating every step), so a
+    change in the machine's load hits all of them alike. Reports each provider's step times and
+    losses, and per step the reference's time / the provider's time (``paired_speedups``).
+    """
+    mode = args.worker_mode
+    res: dict = {"provider": "interleave", "mode": mode, "providers": {}}
+    try:
+        import torch
+
+        cfg = resolve(args)
+        n_total = cfg["warmup"] + cfg["steps"]
+        trainers, out = {}, res["providers"]
+        for prov in cfg["providers"]:
+            if prov == "liger":  # patches transformers' module functions for the whole process
+                out[prov] = dict(status="skipped", reason="liger is not interleaved (it patches the whole process)")
+                continue
+            t_build = time.perf_counter()
+            try:
+                model, run_model, report, note = build(cfg, mode, prov)
+            except Skip as exc:
+                out[prov] = dict(status="skipped", reason=str(exc))
+                continue
+            trainers[prov] = Trainer(model, run_model, cfg)
+            out[prov] = dict(status="ok", note=note, build_s=time.perf_counter() - t_build,
+                             trainable_params=sum(p.numel() for p in trainers[prov].params),
+                             torch_threads=torch.get_num_threads())  # fmt: skip
+            if report is not None:
+                out[prov]["patched"] = sorted(report.features())
+                out[prov]["report"] = str(report).splitlines()[:40]
+        names = list(trainers)
+        times = {p: [] for p in names}
+        losses = {p: [] for p in names}
+        for i in range(n_total):
+            batch = make_batch(cfg, i)
+            k = i % max(1, len(names))
+            for prov in names[k:] + names[:k]:
+                t0 = time.perf_counter()
+                loss = trainers[prov].step(batch)
+                dt = (time.perf_counter() - t0) * 1e3
+                losses[prov].append(float(loss))
+                if i >= cfg["warmup"]:
+                    times[prov].append(dt)
+        ref = times.get(REFERENCE)
+        for prov in names:
+            out[prov]["time"] = _time_stats(times[prov], cfg["warmup"])
+            out[prov]["time"]["interleaved_with"] = names
+            if ref:
+                out[prov]["time"]["paired_speedups"] = [a / b for a, b in zip(ref, times[prov])]
+            out[prov]["losses"] = losses[prov]
+        res["status"] = "ok"
     except Exception as exc:  # report, never hang the parent
         import traceback
 
@@ -575,6 +652,11 @@ def aggregate(cfg: dict, runs: dict) -> list[dict]:
                 ]
                 row["speedup_repeats"] = per
                 row["speedup_min"], row["speedup_max"] = (min(per), max(per)) if per else (None, None)
+                paired = [x for rep in r["time_runs"] for x in rep.get("paired_speedups", [])]
+                if paired:  # interleaved: the reference's step / this provider's step, step by step
+                    ps = sorted(paired)
+                    row["speedup_paired_median"] = H._percentile(ps, 50)
+                    row["speedup_paired_p20"], row["speedup_paired_p80"] = H._percentile(ps, 20), H._percentile(ps, 80)
             mem = r.get("memory") or {}
             row["step_peak_mib"] = mem.get("peak_mib")
             row["total_peak_mib"] = mem.get("total_peak_mib")
@@ -634,6 +716,9 @@ def evaluate_targets(cfg: dict, rows: list[dict]) -> list[dict]:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    if args.worker == "interleave":
+        interleave_main(args)
+        return 0
     if args.worker:
         worker_main(args)
         return 0
@@ -685,10 +770,26 @@ def main(argv=None) -> int:
         if "time" in res:
             r["time_runs"].append(res["time"])
 
+    def budget():
+        """Seconds a new process may run (None: no limit), or 0 when --deadline-s has passed."""
+        if args.deadline_s is None:
+            return timeout
+        return max(0.0, min(timeout, args.deadline_s - (time.perf_counter() - t_start)))
+
+    def launch(job, tasks, env):
+        t = budget()
+        if t == 0:
+            print(f"  {job[0]}/{job[1]} ({','.join(tasks)}): not started, --deadline-s {args.deadline_s:g} passed")
+            return {"status": "skipped", "reason": f"not run: --deadline-s {args.deadline_s:g} passed"}
+        return H.run_isolated(script, argv_for(*job, tasks), env, t)
+
     # CPU (full size): memory in its own process with large blocks mmap-ed (which would slow the
-    # timed steps down), time in processes with the normal allocator. CUDA / --quick: one process
+    # timed steps down), time in processes with the normal allocator (all providers of a mode in one
+    # process, steps interleaved, with --interleave, the CPU default). CUDA / --quick: one process
     # per provider does everything (CUDA's counters are exact; --quick is a smoke run).
     split = not cuda and not cfg["quick"]
+    interleave = args.interleave if args.interleave is not None else split
+    cfg["interleave"] = interleave
     first_tasks = ["time"] + ([] if args.skip_memory else ["mem"])
     if search and not split:
         first_tasks_for = {
@@ -696,7 +797,7 @@ def main(argv=None) -> int:
         }
     else:
         first_tasks_for = {p: list(first_tasks) for p in cfg["providers"]}
-    if split:
+    if split or interleave:
         first_tasks_for = {p: ["time"] for p in cfg["providers"]}
         mem_jobs = [] if args.skip_memory else jobs
         env = H.worker_env(dev)
@@ -707,9 +808,29 @@ def main(argv=None) -> int:
                 record(j, H.collect_isolated(run, timeout), "mem")
         else:
             for j in mem_jobs:
-                record(j, H.run_isolated(script, argv_for(*j, ["mem"]), env, timeout), "mem")
-    env_time = H.worker_env(dev) if (cuda or cfg["quick"]) and not args.skip_memory else None
+                t0 = time.perf_counter()
+                res = launch(j, ["mem"], env)
+                record(j, res, "mem")
+                m = (res.get("memory") or {}).get("peak_mib")
+                print(f"  {j[0]}/{j[1]}: {res.get('status')}"
+                      f"{f', step peak {m:.1f} MiB' if m is not None else ''} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    env_time = H.worker_env(dev) if (cuda or cfg["quick"]) and not args.skip_memory and not split else None
     for rep in range(cfg["repeats"]):
+        if interleave:
+            print(f"timing, repeat {rep + 1}/{cfg['repeats']}: one process per mode, steps interleaved")
+            for mode in cfg["modes"]:
+                t0 = time.perf_counter()
+                res = launch((mode, "interleave"), ["time"], env_time)
+                if res.get("status") != "ok":
+                    for p in cfg["providers"]:
+                        record((mode, p), res, "time")
+                    continue
+                for p, r in res["providers"].items():
+                    record((mode, p), r, "time")
+                    t = (r.get("time") or {}).get("median_ms")
+                    print(f"  {mode}/{p}: {r.get('status')}{f', step {t:.1f} ms' if t else ''}")
+                print(f"  ({time.perf_counter() - t0:.0f} s)")
+            continue
         order = jobs if rep % 2 == 0 else [(m, p) for m in cfg["modes"] for p in reversed(cfg["providers"])]
         order = [j for j in order if runs.get(j, {}).get("status") not in ("skipped", "error")]
         tasks_for = first_tasks_for if rep == 0 else {p: ["time"] for p in cfg["providers"]}
@@ -723,17 +844,18 @@ def main(argv=None) -> int:
         else:
             for j in order:
                 t0 = time.perf_counter()
-                res = H.run_isolated(script, argv_for(*j, tasks_for[j[1]]), env_time, timeout)
+                res = launch(j, tasks_for[j[1]], env_time)
                 record(j, res, "time")
                 t = (res.get("time") or {}).get("median_ms")
-                print(f"  {j[0]}/{j[1]}: {res.get('status')}"
-                      f"{f', step {t:.1f} ms' if t else ''} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
-    if search and split:
+                ms = (res.get("max_seq") or {}).get("max_seq")
+                print(f"  {j[0]}/{j[1]}: {res.get('status')}{f', step {t:.1f} ms' if t else ''}"
+                      f"{f', max seq {ms}' if ms else ''} ({time.perf_counter() - t0:.0f} s)")  # fmt: skip
+    if search and (split or interleave):
         env = H.worker_env(dev)
         for j in jobs:
             if j[1] in cfg["max_seq_providers"] and runs.get(j, {}).get("status") == "ok":
                 t0 = time.perf_counter()
-                res = H.run_isolated(script, argv_for(*j, ["maxseq"]), env, timeout)
+                res = launch(j, ["maxseq"], env)
                 record(j, res, "maxseq")
                 print(f"  max-seq {j[0]}/{j[1]}: {(res.get('max_seq') or {}).get('max_seq')} "
                       f"({time.perf_counter() - t0:.0f} s)")  # fmt: skip
@@ -763,6 +885,11 @@ def main(argv=None) -> int:
         if search:
             cols += [("max_seq", "max seq"), ("max_seq_ratio", "max seq x ref")]
         print(H.markdown_table(mrows, cols))
+        for r in mrows:
+            if r["provider"] != REFERENCE and r.get("speedup_paired_median") is not None:
+                print(f"  {r['provider']}: speedup step by step (interleaved): median "
+                      f"{r['speedup_paired_median']:.3f}, p20 {r['speedup_paired_p20']:.3f}, "
+                      f"p80 {r['speedup_paired_p80']:.3f}")  # fmt: skip
         if cfg["repeats"] > 1:
             for r in mrows:
                 if r["provider"] != REFERENCE and r.get("speedup_repeats"):
