@@ -158,7 +158,10 @@ def test_transformers_checkpointing_enabled_after_patch_is_left_to_transformers(
     counter = _count_transformers_checkpoints(model)
     _assert_same(ref, _grads(model, batch))
     assert len(counter) == 2 and _calls(model) == [0, 0]  # transformers checkpointed, fastft stepped aside
-    assert [layer.forward.deferred_calls for layer in _layers(model)] == [1, 1]
+    # every call of a layer deferred to transformers: once per step with transformers 5.23, twice
+    # (the forward and its recompute both go through the layer's forward) with 5.17 on a GPU machine
+    deferred = [layer.forward.deferred_calls for layer in _layers(model)]
+    assert deferred[0] in (1, 2) and deferred == [deferred[0]] * 2, deferred
     assert any("steps aside" in s.reason for s in report.skipped)
 
 
