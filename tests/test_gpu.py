@@ -125,7 +125,7 @@ def test_patched_tiny_model_on_device(family):
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("M", [1, 8, 300])
+@pytest.mark.parametrize("M", [1, 8, 40, 300])  # GEMV, GEMV, fused GEMM, dequantise + cuBLAS
 def test_nf4_kernels_on_device(dtype, M):
     from fastft.ops import dequantize_nf4, nf4_matmul, quantize_nf4
 

@@ -293,3 +293,25 @@ def test_kernels_compile_for_gpu_without_spills():
     configs: catches what the interpreter lets through, and register spills (via cuobjdump).
     In a fresh process: the kernels of this one are already defined as interpreted."""
     run_compile_script(_COMPILE_SCRIPT, timeout=600)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_matmul_large_m_dequantises_then_gemm(monkeypatch, dtype):
+    """Above FUSED_GEMM_MAX_M rows the weight is dequantised into x's dtype and torch's GEMM
+    runs (as bitsandbytes does): the same numbers as dequantise-then-matmul, bias included."""
+    monkeypatch.setattr(knf4, "FUSED_GEMM_MAX_M", 16)
+    M, N, K, blocksize = 37, 24, 128, 64
+    packed, absmax, code = _quant_state(N * K, blocksize, seed=5)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N)
+    w = dequantize_nf4_triton(packed, absmax, code, blocksize, N * K, dtype).view(N, K)
+    got = nf4_matmul_triton(x, packed, absmax, code, blocksize, N, K, bias)
+    assert got.dtype == dtype and got.shape == (M, N)
+    torch.testing.assert_close(got, torch.addmm(bias.to(dtype), x, w.t()), rtol=0, atol=0)
+    ref = matmul_reference(x.float(), packed, absmax, code, blocksize, N, K, bias)
+    torch.testing.assert_close(got.float(), ref, **(TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2)))
+    # at the threshold the fused kernel still runs, and agrees
+    fused = nf4_matmul_triton(x[:16], packed, absmax, code, blocksize, N, K, bias)
+    torch.testing.assert_close(
+        fused.float(), ref[:16], **(TOL32 if dtype == torch.float32 else dict(rtol=2e-2, atol=5e-2))
+    )
