@@ -66,6 +66,7 @@ _GENERIC = {
     "alpha": 32.0,
     "dropout": 0.05,
     "packing": False,
+    "eval_frac": 0.1,
     "max_new_tokens": 64,
 }
 
@@ -98,7 +99,7 @@ class TrainConfig:
     precision: str = "auto"  # auto: bf16 (fp16 without bf16) on CUDA, fp32 on CPU
     seed: int = 0
     eval_every: int | None = None  # auto: about 10 evaluations over the run
-    eval_frac: float = 0.1
+    eval_frac: float | None = None  # auto (generic 0.1): held out when no eval_data
     save_every: int | None = None  # also write checkpoint-last every N steps
     early_stopping_patience: int | None = None  # evaluations without improvement before stopping
     packing: bool | None = None  # auto
@@ -260,7 +261,7 @@ class TrainConfig:
         number("dropout", lo=0, hi=1, hi_open=True)
         number("weight_decay", lo=0, allow_none=False)
         number("max_grad_norm", lo=0, allow_none=False)
-        number("eval_frac", lo=0, lo_open=True, hi=1, hi_open=True, allow_none=False)
+        number("eval_frac", lo=0, lo_open=True, hi=1, hi_open=True)
         for name in ("rslora", "fsdp", "trust_remote_code", "quiet", "train_on_prompt"):
             flag(name)
         flag("packing", allow_none=True)
