@@ -95,8 +95,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 # --------------------------------------------------------------------------------------
 # rows of the combined table, from each bench's JSON
 # --------------------------------------------------------------------------------------
-def _row(bench, case, ours, ref, fastft_ms, ref_ms, mem_ratio=None, ok=None, **extra) -> dict[str, Any]:
-    speedup = ref_ms / fastft_ms if fastft_ms and ref_ms else None
+def _row(bench, case, ours, ref, fastft_ms, ref_ms, mem_ratio=None, ok=None, speedup=None, **extra) -> dict[str, Any]:
+    if speedup is None:
+        speedup = ref_ms / fastft_ms if fastft_ms and ref_ms else None
     return dict(bench=bench, case=case, fastft=ours, reference=ref, fastft_ms=fastft_ms, ref_ms=ref_ms,
                 speedup=speedup, mem_ratio=mem_ratio, ok=ok, **extra)  # fmt: skip
 
@@ -219,6 +220,7 @@ def _rows_e2e(doc: dict) -> list[dict]:
         if r.get("max_seq") is not None:
             extra = dict(max_seq=r.get("max_seq"), max_seq_ratio=r.get("max_seq_ratio"))
         extra["tokens_per_s"] = r.get("tokens_per_s")
+        extra["speedup"] = r.get("speedup")  # interleaved CPU runs: the median step-by-step ratio
         out.append(_row("e2e", case, r["provider"], ref, r.get("median_ms"), peft.get("median_ms"),
                         r.get("mem_ratio") if r.get("mem_ratio") is not None else r.get("total_ratio"),
                         r.get("agree"), **extra))  # fmt: skip

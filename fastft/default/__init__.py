@@ -57,10 +57,11 @@ MODEL_CONFIG = dict(
     initializer_range=0.02,
 )
 
-# Settings with which the default run learns visibly in about 90 s on 2 CPU cores (fp32).
+# Settings with which the default run learns visibly in about 80 s of training on 2 CPU cores (fp32):
+# 200 steps x 8 packed rows of 512 characters (~3 passes over each task's pattern, ~1 epoch).
 RECOMMENDED: dict = dict(
     method="lora",
-    max_steps=150,
+    max_steps=200,
     lr=3e-3,
     batch_size=8,
     grad_accum=1,
@@ -69,9 +70,10 @@ RECOMMENDED: dict = dict(
     alpha=32,
     dropout=0.0,
     eval_every=50,
+    eval_frac=0.05,
     warmup_steps=10,
     packing=True,
-    max_new_tokens=16,
+    max_new_tokens=24,
 )
 
 __all__ = [
