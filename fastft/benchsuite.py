@@ -299,6 +299,12 @@ def _resolve_device(device: str) -> str:
     return device
 
 
+def _show(path, root) -> str:
+    """``path`` relative to the checkout when inside it, else absolute."""
+    p, r = Path(path).resolve(), Path(root).resolve()
+    return str(p.relative_to(r)) if p.is_relative_to(r) else str(p)
+
+
 def run_bench(name: str, *, device: str, quick: bool, out_dir: Path | None, timeout: float | None,
               verbose: bool, extra: list[str]) -> dict[str, Any]:  # fmt: skip
     """Run ``bench/bench_<name>.py`` in a subprocess; return its status and the JSON it wrote."""
@@ -354,7 +360,7 @@ def run_bench(name: str, *, device: str, quick: bool, out_dir: Path | None, time
             return res
     else:
         res["status"] = "ok"
-        print(f"   ok ({elapsed:.0f} s) -> {os.path.relpath(expected, root)}", flush=True)
+        print(f"   ok ({elapsed:.0f} s) -> {_show(expected, root)}", flush=True)
     return res
 
 
@@ -400,7 +406,7 @@ def run(args: argparse.Namespace) -> int:
         hist = Path(H.RESULTS_DIR) / f"suite-history-{H.device_slug(device)}.jsonl"
         with open(hist, "a") as f:
             f.write(json.dumps(dict(env=env, benches=benches, rows=rows), default=str) + "\n")
-    print(f"\nwrote {os.path.relpath(path, folder.parent)} ({time.time() - t0:.0f} s)")
+    print(f"\nwrote {_show(path, folder.parent)} ({time.time() - t0:.0f} s)")
     return 0 if all(r.get("status") == "ok" for r in results) else 1
 
 
