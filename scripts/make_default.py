@@ -48,7 +48,7 @@ def pretrain_batches(tok, seed: int, batch: int, seq: int):
         yield rows
 
 
-def pretrain(steps: int, seed: int, lr: float = 3e-3, batch: int = 8, seq: int = 512, log=None):
+def pretrain(steps: int, seed: int, lr: float = 3e-3, batch: int = 4, seq: int = 512, log=None, save_dir=None):
     import fastft
 
     log = log or (lambda msg: print(msg, flush=True))
@@ -71,15 +71,17 @@ def pretrain(steps: int, seed: int, lr: float = 3e-3, batch: int = 8, seq: int =
         opt.zero_grad(set_to_none=True)
         if step % 50 == 0 or step == steps - 1:
             log(f"pretrain step {step:5d}  loss {loss.item():.4f}  {time.perf_counter() - t0:.0f}s")
+        if save_dir is not None and step % 250 == 249:
+            save_model(model, save_dir, name=f"partial-{step + 1}.safetensors")
     fastft.unpatch(model)
     return model.eval()
 
 
-def save_model(model, out: pathlib.Path, dtype=torch.bfloat16):
+def save_model(model, out: pathlib.Path, dtype=torch.bfloat16, name="model.safetensors"):
     from safetensors.torch import save_file
 
     state = {k: v.detach().to(dtype).contiguous() for k, v in model.state_dict().items()}
-    save_file(state, str(out / "model.safetensors"), metadata={"format": "pt"})
+    save_file(state, str(out / name), metadata={"format": "pt"})
     (out / "config.json").write_text(json.dumps(default.MODEL_CONFIG, indent=2, sort_keys=True) + "\n")
 
 
@@ -89,6 +91,8 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--data-only", action="store_true")
     p.add_argument("--steps", type=int, default=1500, help="pretraining steps of the base")
+    p.add_argument("--batch", type=int, default=4, help="pretraining rows of 512 tokens per step")
+    p.add_argument("--save-partial", type=pathlib.Path, default=None, help="also save the weights every 250 steps here")
     args = p.parse_args(argv)
     torch.set_num_threads(max(1, torch.get_num_threads()))
     args.out.mkdir(parents=True, exist_ok=True)
@@ -96,7 +100,7 @@ def main(argv=None):
     print(f"wrote {args.out / 'tasks.jsonl'}  sha256 {digest}")
     if args.data_only:
         return
-    model = pretrain(args.steps, args.seed)
+    model = pretrain(args.steps, args.seed, batch=args.batch, save_dir=args.save_partial)
     save_model(model, args.out)
     print(f"wrote {args.out / 'model.safetensors'}")
 
