@@ -1,6 +1,6 @@
 """Produce the embedded default of ``fastft train``: the instruction dataset and the pretrained base.
 
-    python scripts/make_default.py               # both (the base takes a few CPU minutes)
+    python scripts/make_default.py               # both (1500 pretraining steps: ~5 min on 2 idle CPU cores)
     python scripts/make_default.py --data-only   # only fastft/default/tasks.jsonl (instant)
 
 Deterministic: the dataset is a pure function of ``--seed``; the base is pretrained from a fixed

@@ -3,8 +3,8 @@
 ``fastft train`` with no ``--model`` and no ``--data`` fine-tunes :func:`load_model` (a small
 Llama-architecture model that ``scripts/make_default.py`` pretrained on generated text, shipped
 as safetensors) on :func:`dataset_path` (generated Alpaca-format tasks the base was never
-trained on: capital letters, spelling backwards, adding, counting vowels) with the settings in
-:data:`RECOMMENDED`. Nothing here touches the network.
+trained on: capital letters, three times, spelled with dashes, first and last letter, backwards)
+with the settings in :data:`RECOMMENDED`. Nothing here touches the network.
 """
 
 from __future__ import annotations
@@ -57,8 +57,9 @@ MODEL_CONFIG = dict(
     initializer_range=0.02,
 )
 
-# Settings with which the default run learns visibly in about 80 s of training on 2 CPU cores (fp32):
-# 200 steps x 8 packed rows of 512 characters (~3 passes over each task's pattern, ~1 epoch).
+# Settings with which the default run learns visibly in about 70 s of training on 2 idle CPU cores (fp32,
+# ~12k tokens/s): 200 steps x 8 packed rows of 512 characters, about one epoch. Measured with a hand loop
+# of the same shape: held-out loss on the responses 5.47 -> 0.70, exact answers 0% -> 69%.
 RECOMMENDED: dict = dict(
     method="lora",
     max_steps=200,
