@@ -58,8 +58,9 @@ MODEL_CONFIG = dict(
 )
 
 # Settings with which the default run learns visibly in about 70 s of training on 2 idle CPU cores (fp32,
-# ~12k tokens/s): 200 steps x 8 packed rows of 512 characters, about one epoch. Measured with a hand loop
-# of the same shape: held-out loss on the responses 5.47 -> 0.70, exact answers 0% -> 69%.
+# ~11.4k tokens/s): 200 steps x 8 packed rows of 512 characters, about 1.4 epochs. Measured with
+# `fastft train` (84 s wall in all): eval loss 4.38 -> 0.93 (step 50) -> 0.50 -> 0.40 -> 0.39, and the three
+# sample prompts go from the base's copy ("garden", "candle candle", "s i l v e r") to the right answers.
 RECOMMENDED: dict = dict(
     method="lora",
     max_steps=200,
