@@ -36,4 +36,3 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in _INTERPRETER_FILES and "gpu" not in item.keywords and "compile" not in item.name:
             item.add_marker(skip)
-

@@ -182,3 +182,44 @@ def test_lora_linear_quant_bad_input():
         lora_linear(x, packed, A, B, 1.0, quant_state=state, fan_in_fan_out=True)
     with pytest.raises(ValueError, match="x shape"):
         lora_linear(torch.randn(2, 32), packed, A, B, 1.0, quant_state=state)
+
+
+def _odd_qlora(quantizer):
+    model = tiny_model("llama", vocab_size=VOCAB, intermediate_size=96)
+    model = fastft.quantize(model) if quantizer == "fastft" else _bnb_quantize(model)
+    torch.manual_seed(5)
+    return _lora(model).train()
+
+
+@pytest.mark.parametrize("quantizer", ["fastft", "bitsandbytes"])
+def test_qlora_base_with_blocks_across_rows_falls_back_and_says_so(quantizer):
+    """down_proj's in_features 96 is not a multiple of the blocksize 64: NF4 blocks cross its rows,
+    which the fused kernels cannot read. The layer still trains (dequantise + GEMM) and the report
+    says which layers took that path and why. The oracle is unpatched PEFT over fastft's
+    quantisation, which holds bitsandbytes' very bytes: bitsandbytes' own CPU kernel dequantises
+    this layout wrongly (bnb 0.50.2; see tests/test_nf4.py), so its unpatched model is no oracle."""
+    batch = tiny_batch(VOCAB, seq=20)
+    ref = _step(_odd_qlora("fastft"), batch)
+    model = _odd_qlora(quantizer)
+    report = fastft.patch(model)
+    lora = {p.target: p.detail for p in report.patched if p.feature == "lora"}
+    assert len(lora) == 14
+    for target, detail in lora.items():
+        crosses = target.endswith("down_proj")
+        assert ("in_features 96 is not a multiple of blocksize 64" in detail) == crosses, (target, detail)
+    _assert_same(ref, _step(model, batch))
+
+
+def test_bare_4bit_layers_with_blocks_across_rows_are_reported():
+    model = fastft.quantize(tiny_model("llama", vocab_size=VOCAB, intermediate_size=96)).eval()
+    batch = tiny_batch(VOCAB)
+    with torch.no_grad():
+        ref = model(**batch).logits
+    report = fastft.patch(model)
+    quant = {p.target: p.detail for p in report.patched if p.feature == "quant"}
+    assert len(quant) == 14
+    assert [t for t, d in quant.items() if "not a multiple of blocksize 64" in d] == [
+        f"model.layers.{i}.mlp.down_proj" for i in range(2)
+    ]
+    with torch.no_grad():
+        torch.testing.assert_close(model(**batch).logits, ref)

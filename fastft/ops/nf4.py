@@ -37,7 +37,8 @@ reference below), all with one low-level contract on plain tensors with fp32 abs
     dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype) -> 1-D [numel]
     nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias)      -> [M, N] in x2d.dtype
 
-The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``).
+The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``);
+:func:`nf4_matmul` dequantises other layouts and calls the framework's GEMM.
 """
 
 from __future__ import annotations
@@ -521,7 +522,9 @@ def nf4_matmul(
 
     ``x`` is ``[..., K]`` floating point; the result is ``[..., N]`` in ``x.dtype``. The weight
     is dequantised to ``x.dtype`` as bnb's ``matmul_4bit`` does; fused backends accumulate in
-    fp32. Differentiable in ``x`` and ``bias``. Needs ``K % state.blocksize == 0``.
+    fp32. Differentiable in ``x`` and ``bias``. The fused kernels need ``K % state.blocksize == 0``;
+    other layouts (valid NF4: bitsandbytes quantises the flat weight) are dequantised and run
+    through ``torch.nn.functional.linear`` under ``"auto"``, and refused by an explicit fused backend.
 
     Backends for CUDA tensors under ``"auto"``: ``triton``, then ``cuda`` (the CUDA C++ GEMV
     for ``M <= 8`` rows, CUDA dequant + torch GEMM above; used when forced or without Triton).
@@ -536,10 +539,6 @@ def nf4_matmul(
     N, K = state.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x shape {tuple(x.shape)} does not match the weight [N, K] = [{N}, {K}]: need x[..., {K}]")
-    if K % state.blocksize:
-        raise ValueError(
-            f"K={K} is not a multiple of blocksize={state.blocksize} (the fused kernels need blocks within rows)"
-        )
     if bias is not None:
         if not torch.is_tensor(bias) or tuple(bias.shape) != (N,):
             raise ValueError(f"bias must have shape ({N},), got {tuple(getattr(bias, 'shape', ()))}")
@@ -552,6 +551,16 @@ def nf4_matmul(
     choice = backends.select(OP_NF4_MATMUL, x.device, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
+    if K % state.blocksize and choice.backend != "torch":
+        # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the fused
+        # kernels cannot read them, so dequantise (any layout) and run the framework's GEMM instead.
+        if backends.requested(backend) != "auto":
+            raise ValueError(
+                f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {choice.backend} kernels "
+                "need blocks within rows; use backend='auto' (dequantise + GEMM) or 'torch'"
+            )
+        w = dequantize_nf4(packed, state, dtype=x.dtype)
+        return torch.nn.functional.linear(x, w, bias)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
     absmax = state.absmax_fp32()

@@ -49,6 +49,21 @@ def _base_kind(base) -> str | None:
     return None
 
 
+def nf4_rows_note(base) -> str:
+    """'' when the 4-bit ``base``'s NF4 blocks lie within its rows (the fused kernels apply), else why
+    not: its forward then dequantises the weight and runs the framework's GEMM."""
+    from ..nn import Linear4bit
+
+    if isinstance(base, Linear4bit):
+        blocksize = base.blocksize
+    else:
+        blocksize = getattr(getattr(base.weight, "quant_state", None), "blocksize", None)
+    k = getattr(base, "in_features", None)
+    if not blocksize or not k or k % int(blocksize) == 0:
+        return ""
+    return f"; in_features {k} is not a multiple of blocksize {int(blocksize)}: dequantise + GEMM, not the fused kernel"
+
+
 def bnb_standard_layout(module) -> None:
     """Undo bitsandbytes' CPU repacking of a ``Linear4bit`` weight, in place.
 
@@ -186,7 +201,8 @@ def apply(ctx) -> None:
             "nf4": "fastft 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
             "bnb-nf4": "bitsandbytes 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
         }[kind]
-        ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}")
+        note = nf4_rows_note(base) if kind in ("nf4", "bnb-nf4") else ""
+        ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}{note}")
     if found == 0:
         where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"
         ctx.report.skip(FEATURE, "model", where)

@@ -9,7 +9,7 @@ patch's business (the fused QLoRA path).
 
 from __future__ import annotations
 
-from .lora import _is_bnb_4bit, _is_lora_layer, bnb_standard_layout
+from .lora import _is_bnb_4bit, _is_lora_layer, bnb_standard_layout, nf4_rows_note
 
 FEATURE = "quant"
 
@@ -54,7 +54,9 @@ def apply(ctx) -> None:
             continue
         if isinstance(module, Linear4bit):
             found += 1
-            ctx.report.add(FEATURE, name, "fastft Linear4bit: runs fastft's nf4_matmul natively")
+            ctx.report.add(
+                FEATURE, name, "fastft Linear4bit: runs fastft's nf4_matmul natively" + nf4_rows_note(module)
+            )
         elif _is_bnb_4bit(module):
             found += 1
             qs = module.weight.quant_state
@@ -62,6 +64,10 @@ def apply(ctx) -> None:
                 ctx.report.skip(FEATURE, name, "bitsandbytes 4-bit layer that is not NF4: its forward is kept")
                 continue
             ctx.swap(module, "forward", BnbNF4Forward(module, module.forward, ctx.options["backend"]))
-            ctx.report.add(FEATURE, name, "bitsandbytes NF4 Linear4bit -> fastft nf4_matmul (same packed bytes)")
+            ctx.report.add(
+                FEATURE,
+                name,
+                "bitsandbytes NF4 Linear4bit -> fastft nf4_matmul (same packed bytes)" + nf4_rows_note(module),
+            )
     if not found:
         ctx.report.skip(FEATURE, "model", "no 4-bit layers outside LoRA layers")
