@@ -28,9 +28,10 @@ __all__ = [
     "train",
     "TrainConfig",
     "TrainResult",
+    "TrainingInterrupted",
 ]
 
-_LAZY = {"train", "TrainConfig", "TrainResult"}  # fastft.trainer, imported on first use
+_LAZY = {"train", "TrainConfig", "TrainResult", "TrainingInterrupted"}  # fastft.trainer, imported on first use
 
 
 def __getattr__(name):

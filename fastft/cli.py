@@ -214,8 +214,8 @@ def main(argv: list[str] | None = None) -> int:
         # DataError (fastft.data) is a ValueError: it names the file and line
         print(f"fastft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print("fastft: interrupted", file=sys.stderr)
+    except KeyboardInterrupt as exc:  # fastft.trainer.TrainingInterrupted says where the checkpoint is
+        print(f"fastft: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
         return 130
 
 

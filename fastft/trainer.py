@@ -37,14 +37,16 @@ import math
 import os
 import random
 import shutil
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
 
-__all__ = ["TrainConfig", "TrainResult", "train", "format_prompt", "generate_text"]
+__all__ = ["TrainConfig", "TrainResult", "TrainingInterrupted", "train", "format_prompt", "generate_text"]
 
 METHODS = ("full", "lora", "qlora")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
@@ -334,6 +336,50 @@ class TrainResult:
 
 # ==============================================================================================
 # helpers: files
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """Ctrl-C (SIGINT) during :func:`train`: the step under way finished, ``checkpoint-last`` was
+    written, then this was raised. ``step`` is the last completed step, ``checkpoint`` the directory
+    to resume from (``resume_from="last"``)."""
+
+    def __init__(self, step: int, checkpoint: str):
+        super().__init__(
+            f"interrupted after step {step}; checkpoint-last saved in {checkpoint} "
+            "(resume with resume_from='last', or --resume-from last)"
+        )
+        self.step, self.checkpoint = step, checkpoint
+
+
+class _StopOnSigint:
+    """While active, the first SIGINT only sets ``requested`` (the training loop finishes its step,
+    saves and stops); it also restores the previous handler, so a second Ctrl-C interrupts at once.
+    Inactive (plain KeyboardInterrupt) off the main thread and under torch.distributed, where the
+    ranks would have to agree on the step to stop at."""
+
+    def __init__(self, enabled: bool, quiet: bool):
+        self.enabled = enabled and threading.current_thread() is threading.main_thread()
+        self.quiet = quiet
+        self.requested = False
+        self._previous = None
+
+    def _handler(self, signum, frame):
+        self.requested = True
+        self.restore()
+        if not self.quiet:  # plain stderr: the handler may run inside a tqdm update
+            print("\nCtrl-C: finishing this step, then saving checkpoint-last (Ctrl-C again to stop at once)",
+                  file=sys.stderr, flush=True)  # fmt: skip
+
+    def install(self) -> _StopOnSigint:
+        if self.enabled:
+            self._previous = signal.signal(signal.SIGINT, self._handler)
+        return self
+
+    def restore(self) -> None:
+        """Put the previous handler back (idempotent)."""
+        if self._previous is not None:
+            signal.signal(signal.SIGINT, self._previous)
+            self._previous = None
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -792,10 +838,13 @@ class _Trainer:
     # ---------------------------------------------------------------- setup
     def run(self, model, tokenizer, train_data, eval_data) -> TrainResult:
         self.bar = None
+        self._sigint = None
         self.dist = _init_dist()
         try:
             return self._run(model, tokenizer, train_data, eval_data)
         finally:
+            if self._sigint is not None:
+                self._sigint.restore()
             if self.bar is not None:
                 self.bar.close()
             if self.dist.created_group:
@@ -960,6 +1009,7 @@ class _Trainer:
         last_saved = step if resume_state is not None else -1
         train_loss = losses[-1] if losses else None
         train_model.train()
+        sigint = self._sigint = _StopOnSigint(not dist.active, cfg.quiet).install()
         while step < total and (cfg.max_steps is not None or epoch < cfg.epochs):
             if batches_epoch != epoch:
                 batches = epoch0 if epoch == 0 else self._epoch_batches(epoch)
@@ -1033,6 +1083,13 @@ class _Trainer:
                 t_window += time.perf_counter() - t_save
             if stop:
                 break
+            if sigint.requested:  # Ctrl-C: this step is complete; save it and stop
+                if last_saved != step:
+                    self._save("checkpoint-last", step, epoch, gi, best, best_step, bad_evals, eval_before, full=True)
+                if self.reporters is not None:
+                    self.reporters.close()
+                raise TrainingInterrupted(step, str(self.out / "checkpoint-last"))
+        sigint.restore()
         self.bar.close()
         self.bar = None
 

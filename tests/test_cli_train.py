@@ -233,3 +233,19 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_process_run, mode):
     assert a.keys() == b.keys() and a
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-5)
+
+
+def test_train_interrupted_exits_130_and_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
+    import fastft.trainer as T
+
+    def interrupted(cfg, **kw):
+        raise T.TrainingInterrupted(7, str(tmp_path / "checkpoint-last"))
+
+    monkeypatch.setattr(T, "train", interrupted)
+    rc = main(["train", "--output-dir", str(tmp_path), "--quiet"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 130 and len(err) == 1
+    assert (
+        err[0].startswith("fastft: interrupted after step 7; checkpoint-last saved in ")
+        and "--resume-from last" in err[0]
+    )

@@ -443,3 +443,36 @@ def test_epochs_and_resume_last_in_place(tmp_path):
     assert first.steps == 5 and first.epochs == pytest.approx(1.0)
     again = _train(tmp_path, max_steps=None, epochs=1, train_records=_records(10), eval_every=5, resume_from="last")
     assert again.steps == 5 and again.losses == first.losses
+
+
+def test_ctrl_c_finishes_the_step_saves_and_resumes_exactly(lora_run, tmp_path):
+    """SIGINT in the middle of step 3: the step completes, checkpoint-last holds step 3, and
+    TrainingInterrupted (a KeyboardInterrupt) says where; resuming from it gives the same losses
+    as the uninterrupted run. The process's own SIGINT handler is back in place afterwards."""
+    import os
+    import signal
+
+    full, _, _ = lora_run
+    before = signal.getsignal(signal.SIGINT)
+    real_step = T._Trainer._step
+    calls = []
+
+    def step(self, group):
+        calls.append(1)
+        if len(calls) == 3:
+            os.kill(os.getpid(), signal.SIGINT)  # delivered while this step still runs
+        return real_step(self, group)
+
+    mp = pytest.MonkeyPatch()
+    mp.setattr(T._Trainer, "_step", step)
+    try:
+        with pytest.raises(T.TrainingInterrupted, match="interrupted after step 3") as info:
+            _train(tmp_path, max_steps=8, dropout=0.1, save_every=4, eval_every=2)
+    finally:
+        mp.undo()
+    assert isinstance(info.value, KeyboardInterrupt) and info.value.step == 3
+    assert signal.getsignal(signal.SIGINT) is before
+    state = json.loads((tmp_path / "checkpoint-last" / "trainer_state.json").read_text())
+    assert state["step"] == 3
+    resumed = _train(tmp_path, max_steps=8, dropout=0.1, save_every=4, eval_every=2, resume_from="last")
+    assert resumed.losses == full.losses
