@@ -223,3 +223,31 @@ def test_failed_build_warns_and_falls_back(tmp_path, monkeypatch):
 def test_sources_are_found_from_the_package():
     found = [p for p in nf4_cpu.source_candidates() if os.path.isfile(p)]
     assert found, nf4_cpu.source_candidates()
+
+
+@pytest.mark.slow
+def test_a_built_wheel_ships_the_sources_the_jit_build_looks_for(tmp_path):
+    """``pip install .`` (not editable) must still be able to build the C++ / CUDA extensions just
+    in time: the wheel carries ``fastft/csrc/...`` where ``source_candidates()`` looks first."""
+    import subprocess
+    import sys
+    import zipfile
+    from pathlib import Path
+
+    root = Path(nf4_cpu.__file__).resolve().parents[2]
+    if not (root / "setup.py").is_file():
+        pytest.skip("not a source checkout")
+    proc = subprocess.run(
+        [sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(tmp_path), str(root)],
+        capture_output=True, text=True, timeout=600, env={**os.environ, "FASTFT_BUILD_EXT": "0"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    (wheel,) = tmp_path.glob("fastft-*.whl")
+    names = set(zipfile.ZipFile(wheel).namelist())
+    sources = [p for p in (root / "csrc").glob("*/*") if p.suffix in (".cpp", ".cu", ".cuh", ".h")]
+    assert {"nf4.cpp", "nf4.cu", "nf4_binding.cpp", "nf4_kernels.cuh", "nf4_launch.h"} <= {p.name for p in sources}
+    for p in sources:
+        assert f"fastft/{p.relative_to(root).as_posix()}" in names, (p, sorted(n for n in names if "csrc" in n))
+    # the loaders look there first when fastft is installed from that wheel
+    assert nf4_cpu.source_candidates()[0].replace(os.sep, "/").endswith("fastft/csrc/cpu/nf4.cpp")
+    assert "fastft/default/model.safetensors" in names  # the embedded default ships too
