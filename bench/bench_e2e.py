@@ -126,7 +126,11 @@ def parse_args(argv=None) -> argparse.Namespace:
         f"{DEFAULTS['cpu']['providers']}, CUDA {DEFAULTS['cuda']['providers']} (peft is always added)",
     )  # fmt: skip
     p.add_argument("--lora-dropout", type=float, default=0.0, help="LoRA dropout (default 0: losses comparable)")
-    p.add_argument("--repeats", type=int, default=1, help="time every provider this many times, alternating order")
+    p.add_argument(
+        "--repeats", type=int,
+        help="time every provider this many times, alternating order (default: 3 for a full CPU run, "
+        "where the reference's step time varies with the allocator's page faults; else 1)",
+    )  # fmt: skip
     p.add_argument(
         "--interleave", action=argparse.BooleanOptionalAction, default=None,
         help="time all providers of a mode in one process, their steps interleaved, so that the load of a "
@@ -176,8 +180,9 @@ def resolve(args: argparse.Namespace) -> dict:
     provs = _csv(cfg["providers"])
     cfg["providers"] = [REFERENCE] + [p for p in dict.fromkeys(provs) if p != REFERENCE]
     cfg["max_seq_providers"] = [p for p in dict.fromkeys(_csv(cfg["max_seq_providers"])) if p in cfg["providers"]]
+    repeats = args.repeats if args.repeats is not None else (3 if device == "cpu" and not args.quick else 1)
     cfg.update(
-        device=device, quick=args.quick, seed=args.seed, lora_dropout=args.lora_dropout, repeats=max(1, args.repeats),
+        device=device, quick=args.quick, seed=args.seed, lora_dropout=args.lora_dropout, repeats=max(1, repeats),
         lora_r=LORA["r"], lora_alpha=LORA["alpha"], lr=LR, ignore_frac=IGNORE_FRAC,
         attention="sdpa",
     )  # fmt: skip
