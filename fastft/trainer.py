@@ -361,6 +361,7 @@ class _StopOnSigint:
         self.enabled = enabled and threading.current_thread() is threading.main_thread()
         self.quiet = quiet
         self.requested = False
+        self._installed = False
         self._previous = None
 
     def _handler(self, signum, frame):
@@ -373,13 +374,15 @@ class _StopOnSigint:
     def install(self) -> _StopOnSigint:
         if self.enabled:
             self._previous = signal.signal(signal.SIGINT, self._handler)
+            self._installed = True
         return self
 
     def restore(self) -> None:
-        """Put the previous handler back (idempotent)."""
-        if self._previous is not None:
-            signal.signal(signal.SIGINT, self._previous)
-            self._previous = None
+        """Put the previous handler back (idempotent; None, a handler not set from Python, becomes
+        the default one)."""
+        if self._installed:
+            signal.signal(signal.SIGINT, self._previous if self._previous is not None else signal.SIG_DFL)
+            self._installed = False
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
