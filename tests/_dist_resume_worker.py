@@ -21,7 +21,15 @@ SAVE_EVERY = 2
 
 
 def main(argv: list[str]) -> int:
+    import datetime
+
+    import torch.distributed as dist
+
     import fastft
+
+    # one process group for both runs (fastft.train uses it and leaves it up): tearing a group down
+    # and setting it up again on torchrun's store can hang; a timeout turns any hang into an error
+    dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
     import fastft.trainer as T
 
     out, data, mode = Path(argv[0]), argv[1], argv[2]
@@ -40,7 +48,6 @@ def main(argv: list[str]) -> int:
     )  # fmt: skip
     full = fastft.train(fastft.TrainConfig(output_dir=str(out / "full"), **common))
     T._Trainer._save = real_save
-    # the first run tore its process group down; this one sets it up again from torchrun's env
     resumed = fastft.train(fastft.TrainConfig(output_dir=str(out / "resumed"), resume_from=str(copy), **common))
     if int(os.environ.get("RANK", "0")) == 0:
         from safetensors.torch import load_file
@@ -52,6 +59,8 @@ def main(argv: list[str]) -> int:
         result = {"full": full.losses, "resumed": resumed.losses, "full_adapter": adapter("full")}
         result["resumed_adapter"] = adapter("resumed")
         (out / "resume.json").write_text(json.dumps(result))
+    dist.barrier()
+    dist.destroy_process_group()
     return 0
 
 

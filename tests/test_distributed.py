@@ -107,7 +107,7 @@ def test_fastft_train_resumes_exactly_under_fsdp(tmp_path, mode):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore", "TOKENIZERS_PARALLELISM": "false"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2"]
     proc = subprocess.run([*cmd, str(worker), str(tmp_path), str(data), mode], env=env, capture_output=True, text=True,
-                          timeout=300)  # fmt: skip
+                          timeout=240)  # fmt: skip
     out = tmp_path / "resume.json"
     if proc.returncode != 0 or not out.exists():
         pytest.fail(f"torchrun exited with {proc.returncode}:\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
