@@ -26,11 +26,11 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     import fastft
+    import fastft.trainer as T
 
     # one process group for both runs (fastft.train uses it and leaves it up): tearing a group down
     # and setting it up again on torchrun's store can hang; a timeout turns any hang into an error
     dist.init_process_group("gloo", timeout=datetime.timedelta(seconds=60))
-    import fastft.trainer as T
 
     out, data, mode = Path(argv[0]), argv[1], argv[2]
     copy = out / f"ckpt-step{SAVE_EVERY}"
