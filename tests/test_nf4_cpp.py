@@ -2,10 +2,12 @@
 
 Every numeric test runs once per code path this CPU has (AVX-512, AVX2, scalar), forced
 through ``FASTFT_NF4_ISA``. The extension is JIT-built on first use (about 30 s on 2 cores,
-then cached by torch); where it cannot be built the numeric tests skip.
+then cached by torch); without a compiler the numeric tests skip, and a build that fails
+with one is a failure.
 """
 
 import os
+import shutil
 import warnings
 
 import pytest
@@ -23,7 +25,9 @@ CODE = nf4_code()
 def ext():
     ok, why = nf4_cpu.available()
     if not ok:
-        pytest.skip(f"C++ NF4 kernels unavailable: {why}")
+        if shutil.which(os.environ.get("CXX", "c++")) is None or shutil.which("ninja") is None:
+            pytest.skip(f"no C++ compiler or ninja to build the NF4 kernels: {why}")
+        pytest.fail(f"the C++ NF4 kernels did not build although a compiler is present: {why}")
     return nf4_cpu
 
 

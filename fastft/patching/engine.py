@@ -46,7 +46,7 @@ class PatchState:
 
 @dataclass
 class PatchContext:
-    model: nn.Module  # the transformers PreTrainedModel
+    model: nn.Module  # the transformers PreTrainedModel, or whatever nn.Module a PeftModel wraps
     wrapper: nn.Module | None  # the PeftModel around it, if any
     options: dict
     report: PatchReport
@@ -59,8 +59,22 @@ class PatchContext:
         setattr(obj, attr, value)
 
 
+def is_transformers_model(model: nn.Module) -> bool:
+    """Is ``model`` a transformers ``PreTrainedModel`` (the loss and checkpointing features need one)?"""
+    try:
+        from transformers import PreTrainedModel
+    except Exception:  # pragma: no cover - transformers is a dependency
+        return False
+    return isinstance(model, PreTrainedModel)
+
+
 def resolve(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
-    """The transformers model to patch, and the PEFT wrapper around it (or None)."""
+    """The model to patch, and the PEFT wrapper around it (or None).
+
+    A ``PeftModel`` may wrap any ``nn.Module`` (a custom MLP, a vision backbone, a
+    non-causal transformers model): its LoRA / 4-bit layers are what the LoRA and quant
+    features fuse, and the transformers-specific features report why they do not apply.
+    Without PEFT the model must be a transformers ``PreTrainedModel``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a transformers or PEFT model (nn.Module), got {type(model).__name__}")
     try:
@@ -69,9 +83,7 @@ def resolve(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
         PeftModel = ()
     if PeftModel and isinstance(model, PeftModel):
         return model.get_base_model(), model
-    from transformers import PreTrainedModel
-
-    if not isinstance(model, PreTrainedModel):
+    if not is_transformers_model(model):
         raise TypeError(
             f"fastft.patch expects a transformers PreTrainedModel or a peft PeftModel, got {type(model).__name__}"
         )
@@ -98,9 +110,14 @@ def patch(
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
-    ``model`` is a transformers ``PreTrainedModel`` or a PEFT ``PeftModel`` wrapping one.
+    ``model`` is a transformers ``PreTrainedModel``, or a PEFT ``PeftModel`` wrapping one
+    (or wrapping any other ``nn.Module``: its LoRA and 4-bit layers are fused, and the
+    features that need a transformers causal LM say why they do not apply).
     Whatever cannot be accelerated keeps its original forward and is listed in
-    ``report.skipped`` with the reason. Patching again first undoes the previous patch;
+    ``report.skipped`` with the reason. Every swapped module checks on each call the
+    cheap conditions its fused op relies on and runs the original forward for a call
+    that does not fit (counted in ``report.fallbacks``); with a forced backend such a
+    call raises instead. Patching again first undoes the previous patch;
     :func:`unpatch` restores the original behaviour exactly.
 
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
@@ -140,7 +157,7 @@ def patch(
             if enabled:
                 backends.check_forced(op, device, backend)
 
-    unpatch(hf_model)
+    _unpatch_resolved(hf_model)
     options = dict(
         lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
     )
@@ -198,7 +215,13 @@ def _restore(state: PatchState) -> None:
 
 def unpatch(model: nn.Module) -> bool:
     """Undo :func:`patch`. Returns True if something was restored. Harmless on an unpatched model."""
+    if isinstance(model, nn.Module) and _STATE_ATTR in model.__dict__:  # the module patch() worked on
+        return _unpatch_resolved(model)
     hf_model, _ = resolve(model)
+    return _unpatch_resolved(hf_model)
+
+
+def _unpatch_resolved(hf_model: nn.Module) -> bool:
     state = hf_model.__dict__.get(_STATE_ATTR)
     if state is None:
         return False
@@ -209,6 +232,8 @@ def unpatch(model: nn.Module) -> bool:
 
 def patch_report(model: nn.Module) -> PatchReport | None:
     """The report of the patch currently applied to ``model``, or None."""
+    if isinstance(model, nn.Module) and _STATE_ATTR in model.__dict__:
+        return model.__dict__[_STATE_ATTR].report
     hf_model, _ = resolve(model)
     state = hf_model.__dict__.get(_STATE_ATTR)
     return state.report if state is not None else None

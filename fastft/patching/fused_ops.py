@@ -27,6 +27,8 @@ import threading
 import torch
 from torch import nn
 
+from .guard import GuardedForward
+
 FEATURES = ("norms", "mlp", "rope")
 
 
@@ -54,17 +56,35 @@ def _close(a: torch.Tensor, b: torch.Tensor) -> bool:
 # --------------------------------------------------------------------------------------
 # norms
 # --------------------------------------------------------------------------------------
-class FusedRMSNormForward:
-    def __init__(self, module, original, eps: float, offset: float, backend: str):
-        self.module, self.original, self.eps, self.offset, self.backend = module, original, eps, offset, backend
-        self.__wrapped__ = original
+class FusedRMSNormForward(GuardedForward):
+    feature = "norms"
+
+    def __init__(self, module, original, eps: float, offset: float, backend: str, *, target="", report=None):
+        super().__init__(original, backend, target=target, report=report)
+        self.module, self.eps, self.offset = module, eps, offset
+
+    def misfit(self, x, args, kwargs) -> str | None:
+        """Why this call does not fit rms_norm (None when it does)."""
+        if args or kwargs:
+            return "extra forward arguments"
+        w = self.module.weight
+        if not torch.is_tensor(x) or not x.is_floating_point():
+            return "input is not a floating-point tensor"
+        if w.dim() != 1 or x.dim() == 0 or x.shape[-1] != w.shape[0]:
+            return f"input's last dim {tuple(x.shape)[-1:]} is not the weight's size {tuple(w.shape)}"
+        return None
 
     def __call__(self, x, *args, **kwargs):
-        if args or kwargs:
-            return self.original(x, *args, **kwargs)
+        why = None if self.forced else self.misfit(x, args, kwargs)
+        if why is not None:
+            return self.fall_back(why, x, *args, **kwargs)
         from ..ops import rms_norm
 
-        return rms_norm(x, self.module.weight, self.eps, offset=self.offset, backend=self.backend)
+        return self.fused_or_fall_back(
+            lambda: rms_norm(x, self.module.weight, self.eps, offset=self.offset, backend=self.backend),
+            (x, *args),
+            kwargs,
+        )
 
 
 def _rmsnorm_eps(module) -> float | None:
@@ -104,7 +124,8 @@ def apply_norms(ctx) -> None:
         if offset is None:
             ctx.report.skip("norms", name, f"{type(module).__name__} does not compute RMSNorm: forward kept")
             continue
-        ctx.swap(module, "forward", FusedRMSNormForward(module, module.forward, eps, offset, backend))
+        fwd = FusedRMSNormForward(module, module.forward, eps, offset, backend, target=name, report=ctx.report)
+        ctx.swap(module, "forward", fwd)
         kind = "(1 + w) * x_hat, Gemma-style" if offset else "w * x_hat"
         ctx.report.add("norms", name, f"rms_norm, {kind}, eps={eps:g}")
     if not found:
@@ -132,15 +153,22 @@ def _act_kind(act) -> tuple[str, dict] | None:
     return None
 
 
-class FusedMLPForward:
-    def __init__(self, module, original, layout: str, act_attr: str, kind: str, kw: dict, backend: str):
-        self.module, self.original, self.layout, self.act_attr = module, original, layout, act_attr
-        self.kind, self.kw, self.backend = kind, kw, backend
-        self.__wrapped__ = original
+class FusedMLPForward(GuardedForward):
+    feature = "mlp"
 
-    def __call__(self, x, *args, **kwargs):
+    def __init__(self, module, original, layout: str, act_attr: str, kind: str, kw: dict, backend: str, **where):
+        super().__init__(original, backend, **where)
+        self.module, self.layout, self.act_attr = module, layout, act_attr
+        self.kind, self.kw = kind, kw
+
+    def misfit(self, x, args, kwargs) -> str | None:
         if args or kwargs:
-            return self.original(x, *args, **kwargs)
+            return "extra forward arguments"
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0:
+            return "input is not a floating-point tensor"
+        return None
+
+    def _fused(self, x):
         from ..ops import geglu, swiglu
 
         m = self.module
@@ -148,8 +176,16 @@ class FusedMLPForward:
             gate, up = m.gate_up_proj(x).chunk(2, dim=-1)
         else:
             gate, up = m.gate_proj(x), m.up_proj(x)
+        if gate.shape != up.shape:  # checked here, before the activation and down_proj run
+            raise ValueError(f"gate {tuple(gate.shape)} and up {tuple(up.shape)} projections differ in shape")
         fn = swiglu if self.kind == "swiglu" else geglu
         return m.down_proj(fn(gate, up, **self.kw, backend=self.backend))
+
+    def __call__(self, x, *args, **kwargs):
+        why = None if self.forced else self.misfit(x, args, kwargs)
+        if why is not None:
+            return self.fall_back(why, x, *args, **kwargs)
+        return self.fused_or_fall_back(lambda: self._fused(x), (x, *args), kwargs)
 
 
 def _mlp_layout(module) -> tuple[str, str] | None:
@@ -179,7 +215,9 @@ def apply_mlp(ctx) -> None:
             ctx.report.skip("mlp", name, f"activation {type(getattr(module, act_attr)).__name__} is not SiLU or GELU")
             continue
         kind, kw = act
-        fwd = FusedMLPForward(module, module.forward, layout, act_attr, kind, kw, backend)
+        fwd = FusedMLPForward(
+            module, module.forward, layout, act_attr, kind, kw, backend, target=name, report=ctx.report
+        )
         hidden = module.down_proj.out_features if hasattr(module.down_proj, "out_features") else None
         if hidden is None or param is None:
             ctx.report.skip("mlp", name, "cannot size a probe input: forward kept")
@@ -217,26 +255,45 @@ class RopeDispatch:
         self.__wrapped__ = original
 
     def __call__(self, q, k, cos, sin, *args, **kwargs):
-        if getattr(_ACTIVE, "depth", 0) <= 0 or args or set(kwargs) - {"unsqueeze_dim"}:
+        scopes = getattr(_ACTIVE, "scopes", None)
+        if not scopes:  # not inside a patched model's attention: transformers' function
             return self.original(q, k, cos, sin, *args, **kwargs)
+        scope = scopes[-1]
+        if args or set(kwargs) - {"unsqueeze_dim"}:
+            return scope.fall_back_rope(self.original, "extra arguments", q, k, cos, sin, *args, **kwargs)
         from ..ops import rope
 
-        return rope(q, k, cos, sin, unsqueeze_dim=kwargs.get("unsqueeze_dim", 1), backend=self.backend)
+        def fused():
+            return rope(q, k, cos, sin, unsqueeze_dim=kwargs.get("unsqueeze_dim", 1), backend=scope.backend)
+
+        try:
+            return fused()
+        except (ValueError, TypeError) as exc:  # the op checks its inputs before any kernel runs
+            if scope.forced:
+                raise
+            reason = f"fused op rejected the input ({type(exc).__name__})"
+            return scope.fall_back_rope(self.original, reason, q, k, cos, sin, *args, **kwargs)
 
 
-class RopeScope:
+class RopeScope(GuardedForward):
     """The patched forward of an attention module: marks that its rope calls may be fused."""
 
-    def __init__(self, original):
-        self.original = original
-        self.__wrapped__ = original
+    feature = "rope"
+
+    def fall_back_rope(self, original, reason, *args, **kwargs):
+        if self.report is not None:
+            self.report.fallback(self.feature, self.target, reason)
+        return original(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):
-        _ACTIVE.depth = getattr(_ACTIVE, "depth", 0) + 1
+        scopes = getattr(_ACTIVE, "scopes", None)
+        if scopes is None:
+            scopes = _ACTIVE.scopes = []
+        scopes.append(self)
         try:
             return self.original(*args, **kwargs)
         finally:
-            _ACTIVE.depth -= 1
+            scopes.pop()
 
 
 def _rope_probe(fn) -> bool:
@@ -276,7 +333,7 @@ def apply_rope(ctx) -> None:
             if not ok:
                 ctx.report.skip("rope", pymod.__name__, "its apply_rotary_pos_emb is not rotate-half RoPE: kept")
         if files[pymod.__name__]:
-            ctx.swap(module, "forward", RopeScope(module.forward))
+            ctx.swap(module, "forward", RopeScope(module.forward, backend, target=name, report=ctx.report))
             ctx.report.add(
                 "rope", name, f"rope (fastft) in place of {pymod.__name__.split('.')[-1]}.apply_rotary_pos_emb"
             )

@@ -12,10 +12,12 @@ dicts and a ``base_layer`` that is an ``nn.Linear`` or transformers' ``Conv1D``.
 
 from __future__ import annotations
 
+import torch
 from torch import nn
 
 from .. import backends
 from ..ops.lora import OP_LORA, lora_linear
+from .guard import GuardedForward
 
 FEATURE = "lora"
 
@@ -96,16 +98,16 @@ def _is_lora_layer(module) -> bool:
     return isinstance(module, LoraLayer) and hasattr(module, "base_layer") and hasattr(module, "lora_A")
 
 
-class FusedLoraForward:
+class FusedLoraForward(GuardedForward):
     """The patched ``forward`` of one PEFT LoRA layer."""
 
-    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear"):
+    feature = FEATURE
+
+    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear", **where):
+        super().__init__(original, backend, **where)
         self.layer = layer
-        self.original = original
-        self.backend = backend
         self.fan_in_fan_out = fan_in_fan_out
         self.kind = kind
-        self.__wrapped__ = original
 
     def unfused_reason(self, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None when it can)."""
@@ -123,16 +125,34 @@ class FusedLoraForward:
             return f"LoRA variant {type(layer.lora_variant[active[0]]).__name__} (e.g. DoRA)"
         return None
 
+    @staticmethod
+    def misfit(x, lora_A) -> str | None:
+        """Why the input ``x`` does not fit the fused op (None when it does)."""
+        if not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0:
+            return "input is not a floating-point tensor"
+        k = lora_A.weight.shape[-1]
+        if x.shape[-1] != k:
+            return f"input's last dim {x.shape[-1]} is not the layer's in_features {k}"
+        return None
+
     def __call__(self, x, *args, **kwargs):
-        if self.unfused_reason(args, kwargs) is not None:
-            return self.original(x, *args, **kwargs)
+        why = self.unfused_reason(args, kwargs)
+        if why is not None:
+            return self.fall_back(why, x, *args, **kwargs)
         layer = self.layer
         adapter = next(a for a in layer.active_adapters if a in layer.lora_A)
+        why = None if self.forced else self.misfit(x, layer.lora_A[adapter])
+        if why is not None:
+            return self.fall_back(why, x, *args, **kwargs)
+        return self.fused_or_fall_back(lambda: self._fused(x, adapter), (x, *args), kwargs)
+
+    def _fused(self, x, adapter):
+        layer = self.layer
         lora_A, lora_B = layer.lora_A[adapter], layer.lora_B[adapter]
         drop = layer.lora_dropout[adapter]
         p = float(drop.p) if isinstance(drop, nn.Dropout) and drop.training else 0.0
         if not getattr(layer, "cast_input_dtype_enabled", True) and x.dtype != lora_A.weight.dtype:
-            return self.original(x, *args, **kwargs)
+            return self.fall_back("input dtype differs from the adapter's and input casting is off", x)
         weight, bias, quant_state, compute_dtype = _base_weight(layer.base_layer, self.kind)
         in_dtype = x.dtype
         if compute_dtype is not None and x.dtype != compute_dtype:  # bitsandbytes' Linear4bit casts its input
@@ -191,7 +211,7 @@ def apply(ctx) -> None:
         if kind == "linear" and getattr(module, "fan_in_fan_out", False):
             ctx.report.skip(FEATURE, name, "fan_in_fan_out=True on an nn.Linear base is not a layout fastft fuses")
             continue
-        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind)
+        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, target=name, report=ctx.report)
         ctx.swap(module, "forward", fwd)
         device = base.weight.device
         how = backends.select(OP_LORA, device, backend).backend

@@ -9,24 +9,37 @@ patch's business (the fused QLoRA path).
 
 from __future__ import annotations
 
+import torch
+
+from .guard import GuardedForward
 from .lora import _is_bnb_4bit, _is_lora_layer, bnb_standard_layout, nf4_rows_note
 
 FEATURE = "quant"
 
 
-class BnbNF4Forward:
+class BnbNF4Forward(GuardedForward):
     """The patched forward of a bitsandbytes NF4 ``Linear4bit``: same inputs, same output dtype."""
 
-    def __init__(self, module, original, backend: str):
+    feature = FEATURE
+
+    def __init__(self, module, original, backend: str, **where):
+        super().__init__(original, backend, **where)
         self.module = module
-        self.original = original
-        self.backend = backend
-        self.__wrapped__ = original
 
     def __call__(self, x, *args, **kwargs):
         m = self.module
-        if args or kwargs or getattr(m.weight, "quant_state", None) is None:
-            return self.original(x, *args, **kwargs)
+        if args or kwargs:
+            return self.fall_back("extra forward arguments", x, *args, **kwargs)
+        if getattr(m.weight, "quant_state", None) is None:
+            return self.fall_back("the weight has no quant_state", x)
+        if not self.forced and (not torch.is_tensor(x) or not x.is_floating_point() or x.dim() == 0):
+            return self.fall_back("input is not a floating-point tensor", x)
+        if not self.forced and x.shape[-1] != m.in_features:
+            return self.fall_back(f"input's last dim {x.shape[-1]} is not in_features {m.in_features}", x)
+        return self.fused_or_fall_back(lambda: self._fused(x), (x,), {})
+
+    def _fused(self, x):
+        m = self.module
         bnb_standard_layout(m)
         qs = m.weight.quant_state
         from ..ops.nf4 import nf4_matmul
@@ -63,7 +76,8 @@ def apply(ctx) -> None:
             if qs is None or getattr(qs, "quant_type", "nf4") != "nf4":
                 ctx.report.skip(FEATURE, name, "bitsandbytes 4-bit layer that is not NF4: its forward is kept")
                 continue
-            ctx.swap(module, "forward", BnbNF4Forward(module, module.forward, ctx.options["backend"]))
+            fwd = BnbNF4Forward(module, module.forward, ctx.options["backend"], target=name, report=ctx.report)
+            ctx.swap(module, "forward", fwd)
             ctx.report.add(
                 FEATURE,
                 name,

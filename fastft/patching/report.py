@@ -25,12 +25,20 @@ class PatchReport:
     model: str = ""
     patched: list[Patched] = field(default_factory=list)
     skipped: list[Skipped] = field(default_factory=list)
+    # calls a patched module ran with its original forward because that call did not fit the
+    # fused op (shape, dtype, extra arguments): "feature | target | reason" -> number of calls
+    fallbacks: dict[str, int] = field(default_factory=dict)
 
     def add(self, feature: str, target: str, detail: str) -> None:
         self.patched.append(Patched(feature, target, detail))
 
     def skip(self, feature: str, target: str, reason: str) -> None:
         self.skipped.append(Skipped(feature, target, reason))
+
+    def fallback(self, feature: str, target: str, reason: str) -> None:
+        """Count one call of a patched module that ran its original forward instead (see ``fallbacks``)."""
+        key = f"{feature} | {target} | {reason}"
+        self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
 
     def features(self) -> set[str]:
         """Features that patched at least one module."""
@@ -41,6 +49,7 @@ class PatchReport:
             "model": self.model,
             "patched": [asdict(p) for p in self.patched],
             "skipped": [asdict(s) for s in self.skipped],
+            "fallbacks": dict(self.fallbacks),
         }
 
     def __str__(self) -> str:
@@ -53,9 +62,22 @@ class PatchReport:
         w2 = min(max(len(r[2]) for r in rows), 60)
         for mark, feat, target, text in rows:
             lines.append(f"  {mark:1} {feat:<{w1}}  {target:<{w2}}  {text}")
+        if self.fallbacks:
+            lines.append("  calls that ran the original forward (did not fit the fused op):")
+            for (feat, target, reason), n in _grouped_counts(self.fallbacks).items():
+                lines.append(f"    {feat}  {target}: {reason} ({n} call{'s' if n != 1 else ''})")
         return "\n".join(lines)
 
     __repr__ = __str__
+
+
+def _grouped_counts(fallbacks: dict[str, int]) -> dict[tuple[str, str, str], int]:
+    out: dict[tuple[str, str, str], int] = {}
+    for key, n in fallbacks.items():
+        feature, target, reason = key.split(" | ", 2)
+        k = (feature, re.sub(r"\.\d+\.", ".*.", target), reason)
+        out[k] = out.get(k, 0) + n
+    return out
 
 
 def _grouped(entries):
