@@ -72,3 +72,29 @@ def tiny_batch(vocab_size: int, *, batch: int = 2, seq: int = 16, seed: int = 1,
     labels[mask] = -100
     attention_mask = torch.ones_like(input_ids)
     return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+def hard_batch(vocab_size: int, *, batch: int = 3, seq: int = 16, seed: int = 2):
+    """A batch that exercises what one plain batch does not: row 0 left-padded (attention_mask 0,
+    labels -100 on the padding), row 1 with every label ignored, the rest ordinary."""
+    out = tiny_batch(vocab_size, batch=batch, seq=seq, seed=seed)
+    pad = seq // 3
+    out["input_ids"][0, :pad] = 0
+    out["attention_mask"][0, :pad] = 0
+    out["labels"][0, :pad] = -100
+    if batch > 1:
+        out["labels"][1] = -100
+    return out
+
+
+def packed_batch(vocab_size: int, *, lengths=(5, 7, 4), seed: int = 3):
+    """One row holding several sequences back to back, ``position_ids`` restarting at each
+    (transformers' padding-free packing: the mask is derived from the position ids); each
+    sequence's first label is -100 so no token is predicted across a boundary."""
+    g = torch.Generator().manual_seed(seed)
+    seq = sum(lengths)
+    input_ids = torch.randint(3, vocab_size, (1, seq), generator=g)
+    labels = input_ids.clone()
+    position_ids = torch.cat([torch.arange(n) for n in lengths]).unsqueeze(0)
+    labels[position_ids == 0] = -100
+    return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
