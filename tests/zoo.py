@@ -41,7 +41,7 @@ LOSS_TOL = 1e-5  # fp32 loss: |patched - unpatched| <= tol * (1 + |unpatched|)
 GRAD_TOL = 1e-4  # fp32 gradients: max|patched - unpatched| <= tol * scale (see _grad_err)
 BF16_LOSS_ATOL = 1e-2
 BF16_GRAD_ATOL = 1e-2  # times the tensor's gradient scale
-SEQ = 10
+SEQ = zoo_configs.SEQ
 
 # The default subset: mainstream dense, MoE, MLA, soft-capped, tuple-conv, encoder-decoder heads.
 FAST = (
@@ -61,6 +61,12 @@ FAST = (
     "marian",
 )
 BF16 = ("llama", "gpt2", "gemma2", "qwen3_moe", "phi3", "bart")
+
+# Families fastft gets wrong today (tests/test_zoo.py marks them xfail(strict=True)); remove an entry
+# when the library fix lands. Each says what goes wrong; /work/notes/zoo_findings.md has the causes.
+_NO_SHIFT = "issue 13: its causal-LM head computes CrossEntropyLoss on unshifted labels; fastft's loss shifts"
+KNOWN_BROKEN: dict[str, str] = {}
+STRICT = os.environ.get("FASTFT_ZOO_STRICT", "0") == "1"
 
 VERDICT_ORDER = (
     "patched-only exception",
@@ -152,18 +158,20 @@ def lora_targets(model) -> list[str]:
     return sorted(names)
 
 
-def wrap_lora(model):
-    """PEFT LoRA on all linear layers (random A and B, so both get gradients); (model, note)."""
+def wrap_lora(make):
+    """PEFT LoRA on all linear layers (random A and B, so both get gradients) of ``make()``; (model, note)."""
     from peft import LoraConfig, get_peft_model
 
     kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
     try:
-        return get_peft_model(model, LoraConfig(target_modules="all-linear", **kw)), ""
+        return get_peft_model(make(), LoraConfig(target_modules="all-linear", **kw)), ""
     except Exception as exc:
-        targets = lora_targets(model)
+        model = make()  # a failed get_peft_model may have wrapped some layers already
+        # the linear layers by name, less any PEFT names as incompatible in its message (Mamba's out_proj, ...)
+        targets = [t for t in lora_targets(model) if f"'{t}'" not in str(exc)]
         if not targets:
             raise
-        note = f"all-linear failed ({_short(exc, 120)}); targets {targets}"
+        note = f"all-linear failed ({_short(exc, 120)}); LoRA on {targets}"
         return get_peft_model(model, LoraConfig(target_modules=targets, **kw)), note
 
 
@@ -175,6 +183,23 @@ def _forward_params(model) -> tuple[set[str], bool]:
     params = inspect.signature(base.forward).parameters
     var_kw = any(p.kind is p.VAR_KEYWORD for p in params.values())
     return set(params), var_kw
+
+
+def _codebooks(batch: dict, k: int) -> dict:
+    """Musicgen's layout: input_ids (batch * codebooks, seq), labels (batch, seq, codebooks)."""
+    out = dict(batch)
+    out["input_ids"] = batch["input_ids"].repeat_interleave(k, dim=0)
+    out["labels"] = batch["labels"].unsqueeze(-1).repeat(1, 1, k)
+    return out
+
+
+# Causal LMs whose forward takes another layout than (batch, seq) ids and labels: config.model_type ->
+# function(batch, config) -> batch. Data, like zoo_configs.OVERRIDES; each with its reason.
+INPUT_LAYOUTS = {
+    # several codebooks per audio frame: ids stacked per codebook, one label column per codebook
+    "musicgen_decoder": lambda b, cfg: _codebooks(b, cfg.num_codebooks),
+    "musicgen_melody_decoder": lambda b, cfg: _codebooks(b, cfg.num_codebooks),
+}
 
 
 def make_batches(model) -> dict[str, dict]:
@@ -216,6 +241,9 @@ def make_batches(model) -> dict[str, dict]:
         plabels = packed.clone()
         plabels[0, 0] = plabels[0, 4] = plabels[1, 0] = -100
         batches["packed"] = {"input_ids": packed, "labels": plabels, "position_ids": pos}
+    layout = INPUT_LAYOUTS.get(getattr(cfg, "model_type", ""))
+    if layout is not None:
+        batches = {name: layout(b, cfg) for name, b in batches.items()}
     return batches
 
 
@@ -368,9 +396,13 @@ def check_variant(model, variant: str) -> VariantResult:
             refs[name] = loss_and_grads(model, batch)
         except Exception as exc:
             res.notes.append(f"{name}: unpatched raises {_short(exc, 160)} at {_where(exc)}")
+    first = next(iter(refs), None)
+    if first is not None and not exactly_equal(refs[first], loss_and_grads(model, batches[first])):
+        refs.clear()
+        res.notes.append("not deterministic: two identical seeded calls of the unpatched model differ (not judged)")
     if not refs:
         res.verdict = "unpatched model fails"
-        res.error = res.notes.pop(0).split(": unpatched raises ", 1)[1] if res.notes else "no batch"
+        res.error = res.notes.pop(0).split(": unpatched raises ", 1)[-1] if res.notes else "no batch"
         return res
     root = model
     snap = _snapshot(root)
@@ -402,7 +434,6 @@ def check_variant(model, variant: str) -> VariantResult:
     res.notes += sorted({" ".join(str(w.message).split())[:160] for w in caught if "fastft" in str(w.message)})
     try:
         fastft.unpatch(model)
-        first = next(iter(refs))
         again = loss_and_grads(model, batches[first])
         bad = leftovers(root, snap)
         if not exactly_equal(refs[first], again):
@@ -473,7 +504,7 @@ def _run_family(model_type: str, bf16: bool | None) -> FamilyResult:
     res.params = zoo_configs.count_params(model)
     res.variants["plain"] = check_variant(model, "plain")
     try:
-        wrapped, note = wrap_lora(build(model_type))
+        wrapped, note = wrap_lora(lambda: build(model_type))
     except Exception as exc:
         res.variants["lora"] = VariantResult("lora", "cannot build", error=f"PEFT LoRA: {_short(exc, 160)}")
     else:
@@ -523,7 +554,8 @@ def table(results: list[FamilyResult]) -> str:
         counts[r.verdict] = counts.get(r.verdict, 0) + 1
     head = (
         f"Generated by `python -m tests.zoo --table` (transformers {transformers.__version__}, fastft "
-        f"{fastft.__version__}): " + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda x: VERDICT_ORDER.index(x[0])))
+        f"{fastft.__version__}): "
+        + ", ".join(f"{n} {v}" for v, n in sorted(counts.items(), key=lambda x: VERDICT_ORDER.index(x[0])))
         + "."
     )
     lines = [head, "", "| family | model class | features fused | verdict |", "|---|---|---|---|"]
@@ -563,7 +595,10 @@ def main(argv=None) -> int:
     t0 = time.perf_counter()
 
     def show(r: FamilyResult):
-        print(f"{r.model_type:28s} {r.verdict:24s} {r.seconds:5.1f}s {r.params / 1e3:6.0f}k  {r.summary()[:400]}", flush=True)
+        print(
+            f"{r.model_type:28s} {r.verdict:24s} {r.seconds:5.1f}s {r.params / 1e3:6.0f}k  {r.summary()[:400]}",
+            flush=True,
+        )
 
     results = sweep(fams, progress=show)
     total = time.perf_counter() - t0

@@ -26,6 +26,7 @@ WINDOW = 8
 EXPERTS = 4
 TOP_K = 2
 RANK = 16
+SEQ = 10  # the sweep's sequence length (reformer's axial positions must multiply to it)
 SPECIAL_IDS = 16  # token ids that do not fit the tiny vocabulary move to its top 16 slots
 
 # key -> tiny value; applied only to an int field larger than the tiny value (never enlarges)
@@ -35,28 +36,30 @@ for _keys, _value in (
         "hidden_size d_model n_embd word_embed_proj_dim attention_hidden_size hidden_size_global "
         "embedding_size input_size backbone_hidden_size out_hidden_size hidden_size_per_layer_input "
         "ple_embed_dim adapter_in_dim adapter_out_dim adapter_input_size downsample_hidden_size "
-        "conv_output_size feature_size output_channels embedding_dim",
+        "conv_output_size feature_size output_channels embedding_dim emb_dim lru_width pronunciation_embed_dim "
+        "shape_embed_dim ext_pw_out_channel depthwise_separable_out_channel nemo_conv_channels",
         HIDDEN,
     ),
     (
         "intermediate_size ffn_dim n_inner d_ff dff dim_ff decoder_ffn_dim encoder_ffn_dim ffn_hidden_size "
-        "intermediate_size_mlp mlp_dim",
+        "intermediate_size_mlp mlp_dim d_inner feed_forward_size",
         INTERMEDIATE,
     ),
     (
         "moe_intermediate_size shared_expert_intermediate_size shared_experts_intermediate_size "
-        "shared_intermediate_size expert_intermediate_size",
+        "shared_intermediate_size expert_intermediate_size expert_ffn_hidden_size moe_shared_expert_intermediate_size",
         MOE_INTERMEDIATE,
     ),
     (
         "num_hidden_layers n_layer num_layers n_layers decoder_layers encoder_layers depth num_blocks "
-        "conf_num_hidden_layers num_layers_per_stack n_input_layers n_recurrent_layers n_output_layers",
+        "conf_num_hidden_layers num_layers_per_stack n_input_layers n_recurrent_layers n_output_layers "
+        "num_encoder_layers num_decoder_layers",
         LAYERS,
     ),
     (
         "num_attention_heads n_head n_heads num_heads decoder_attention_heads encoder_attention_heads "
         "attention_heads swa_num_attention_heads index_n_heads linear_num_value_heads linear_num_heads "
-        "conf_num_attention_heads heads_per_ngram",
+        "conf_num_attention_heads heads_per_ngram num_encoder_attention_heads num_decoder_attention_heads",
         HEADS,
     ),
     (
@@ -66,12 +69,15 @@ for _keys, _value in (
     ),
     (
         "head_dim swa_head_dim dim_head linear_key_head_dim linear_value_head_dim linear_head_dim "
-        "index_head_dim mamba_d_head attention_head_dim v_head_dim qk_nope_head_dim kv_channels d_head mamba_headdim",
+        "index_head_dim mamba_d_head attention_head_dim v_head_dim qk_nope_head_dim kv_channels d_head mamba_headdim "
+        "attention_head_size mamba_head_dim",
         HEAD_DIM,
     ),
     ("qk_rope_head_dim rotary_dim", HEAD_DIM // 2),
     ("kv_lora_rank q_lora_rank o_lora_rank laurel_rank hc_lowrank gated_norm_rank", RANK),
     ("num_experts num_local_experts n_routed_experts moe_num_experts num_centroids", EXPERTS),
+    ("zero_expert_num", 2),
+    ("block_multiple_of", 16),
     (
         "num_experts_per_tok moe_topk moe_top_k moe_k num_experts_per_token top_k centroid_intermediate_top_k "
         "index_topk",
@@ -80,7 +86,11 @@ for _keys, _value in (
     ("n_group num_expert_group topk_group o_groups", 1),
     ("n_shared_experts num_shared_experts moe_num_shared_experts", 1),
     ("first_k_dense_replace num_dense_layers moe_layer_start_index", 1),
-    ("vocab_size decoder_vocab_size unpadded_vocab_size vocab_size_per_layer_input codebook_size", VOCAB),
+    (
+        "vocab_size decoder_vocab_size unpadded_vocab_size vocab_size_per_layer_input codebook_size "
+        "encoder_hash_byte_group_vocab pronunciation_vocab_size shape_vocab_size",
+        VOCAB,
+    ),
     ("image_size", 32),  # vision towers: no pixels are fed, a small image keeps their position tables small
     ("mamba_d_ssm", 2 * HIDDEN),
     (
@@ -90,12 +100,12 @@ for _keys, _value in (
     ),
     (
         "sliding_window sliding_window_size local_attention_window_len attention_chunk_size keep_window_size "
-        "rel_extent",
+        "rel_extent attention_window_size",
         WINDOW,
     ),
     ("mamba_d_state state_size ssm_state_size d_state", 8),
     ("time_step_rank mamba_dt_rank", 8),
-    ("mamba_n_heads", 2 * HIDDEN // HEAD_DIM),  # expand (2) * hidden == heads * head dim
+    ("mamba_n_heads mamba_num_heads", 2 * HIDDEN // HEAD_DIM),  # expand (2) * hidden == heads * head dim
     ("chunk_size mamba_chunk_size", 8),
     ("num_kv_shared_layers", 0),
 ):
@@ -114,8 +124,26 @@ OVERRIDES: dict[str, dict] = {
     "dots1": {"n_routed_experts": EXPERTS, "num_experts_per_tok": TOP_K, "n_shared_experts": 1},
     # the default config has layer_types=None, which the model indexes: one conv and one attention layer
     "lfm2_moe": {"layer_types": ["conv", "full_attention"], "num_hidden_layers": 2, "num_dense_layers": 1},
-    # input/recurrent/output layer counts must add up to num_hidden_layers: one of each
-    "dory": {"n_input_layers": 1, "n_recurrent_layers": 1, "n_output_layers": 1, "num_hidden_layers": 3},
+    # the default config leaves the router's top-k unset (None): torch.topk(k=None) fails
+    "deepseek_v2": {"num_experts_per_tok": TOP_K},
+    # in training the axial position factors must add up to hidden_size and multiply to the sequence
+    # length, and the attention chunks must divide it
+    "reformer": {
+        "axial_pos_embds_dim": [HIDDEN // 2, HIDDEN // 2],
+        "axial_pos_shape": [2, SEQ // 2],
+        "local_attn_chunk_length": SEQ // 2,
+        "lsh_attn_chunk_length": SEQ // 2,
+        "num_buckets": 2,
+    },
+    # to_dict() writes each layer as (attention, "mlp") and the config halves the counts on reading; the
+    # input/recurrent/output counts must add up to the layers: one of each (sliding, sliding, full)
+    "dory": {
+        "layer_types": ["sliding_attention", "mlp", "sliding_attention", "mlp", "full_attention", "mlp"],
+        "num_hidden_layers": 6,
+        "n_input_layers": 2,
+        "n_recurrent_layers": 2,
+        "n_output_layers": 2,
+    },
     # XmodForCausalLM needs a language adapter chosen; the default config names one language
     "xmod": {"default_language": "en_XX"},
 }
@@ -159,8 +187,12 @@ def shrink(d: dict, model_type: str = "") -> dict:
     aligned = [
         k
         for k, v in d.items()
-        if isinstance(v, (list, str)) and len(v) in old_layers and len(v) > LAYERS and k not in _NO_RECURSE
-        and not _is_token_key(k) and k not in ("model_type", "architectures", "torch_dtype", "dtype")
+        if isinstance(v, (list, str))
+        and len(v) in old_layers
+        and len(v) > LAYERS
+        and k not in _NO_RECURSE
+        and not _is_token_key(k)
+        and k not in ("model_type", "architectures", "torch_dtype", "dtype")
         and (isinstance(v, list) or "pattern" in k)  # a string only as a per-layer pattern ("M-M*-")
     ]
     if aligned:
@@ -172,6 +204,8 @@ def shrink(d: dict, model_type: str = "") -> dict:
     for k in aligned:
         v = d[k]
         picked = [v[i] for i in keep]
+        if k in _SHRINK:  # per-layer sizes (gemma3n's intermediate_size list)
+            picked = [min(x, _SHRINK[k]) if isinstance(x, int) and not isinstance(x, bool) else x for x in picked]
         d[k] = "".join(picked) if isinstance(v, str) else picked
     # index lists into the layer stack (mlp_only_layers, moe_layers as indices, ...): remap the kept ones
     for k, v in list(d.items()):
@@ -290,5 +324,3 @@ def vocab_size(cfg) -> int:
 
 def count_params(model) -> int:
     return sum(p.numel() for p in model.parameters())
-
-
