@@ -144,6 +144,9 @@ OVERRIDES: dict[str, dict] = {
         "n_recurrent_layers": 2,
         "n_output_layers": 2,
     },
+    # its sliding-window layers use full MLA heads: head_dim = qk_nope_head_dim + qk_rope_head_dim (8 + 4)
+    # (applies to the text config nested in dots3_note too: overrides match each sub-config's model_type)
+    "dots3_note_text": {"head_dim": HEAD_DIM + HEAD_DIM // 2},
     # XmodForCausalLM needs a language adapter chosen; the default config names one language
     "xmod": {"default_language": "en_XX"},
 }
