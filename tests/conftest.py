@@ -35,12 +35,18 @@ def _zoo_requested(config) -> bool:
 
 
 def pytest_collection_modifyitems(config, items):
-    # Families of the model-zoo sweep outside its fast subset carry the ``zoo`` marker: deselected
-    # (not skipped: they are not run at all and say so in the summary) unless requested, or named
-    # one by one on the command line. Nothing else is deselected, unlike addopts = -m "not zoo".
+    # The model-zoo sweep's family tests carry the ``zoo`` marker; all but its fast subset
+    # (``zoo(fast=True)``) are deselected (not run, and counted as deselected in the summary) unless the
+    # sweep is requested or a test is named on the command line. Nothing else is deselected, unlike
+    # addopts = -m "not zoo", and -m zoo selects the whole sweep, fast subset included.
     if not _zoo_requested(config):
         named = {a for a in config.args if "::" in a}
-        drop = [it for it in items if "zoo" in it.keywords and it.get_closest_marker("zoo") and it.nodeid not in named]
+
+        def full_sweep_only(it):
+            mark = it.get_closest_marker("zoo")
+            return mark is not None and not mark.kwargs.get("fast", False) and it.nodeid not in named
+
+        drop = [it for it in items if full_sweep_only(it)]
         if drop:
             dropped = set(map(id, drop))
             items[:] = [it for it in items if id(it) not in dropped]

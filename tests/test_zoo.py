@@ -1,9 +1,10 @@
 """The model-zoo sweep as tests: one test per causal-LM family that transformers registers.
 
-The fast subset (``zoo.FAST``: Llama, GPT-2, Mistral, Qwen2, an MoE, Gemma-2, MLA, the
-encoder-decoder causal-LM heads, ...) runs in the default ``python -m pytest tests``; every
-other family carries the ``zoo`` marker and runs with ``python -m pytest -m zoo tests/test_zoo.py``
-(or ``FASTFT_ZOO=1``); tests/conftest.py deselects them otherwise. See tests/zoo.py for the checks.
+Every family test carries the ``zoo`` marker: ``python -m pytest -m zoo tests/test_zoo.py`` (or
+``FASTFT_ZOO=1``) runs all of them. Without that, tests/conftest.py deselects all but the fast
+subset (``zoo.FAST``, marked ``zoo(fast=True)``: Llama, GPT-2, Mistral, Qwen2, two MoEs, Gemma-2,
+MLA, the encoder-decoder causal-LM heads, ...), which runs in the default ``python -m pytest tests``.
+See tests/zoo.py for the checks.
 
 A wrong loss or gradient, an exception only the patched model raises, or an unpatch that does
 not restore exactly fails the test. A family whose tiny config cannot be built, or whose
@@ -22,7 +23,8 @@ FAMILIES = list(zoo.causal_lm_families())
 
 
 def _marks(family):
-    marks = [] if family in zoo.FAST else [pytest.mark.zoo]
+    # every family is part of the sweep (-m zoo runs them all); the fast subset also runs by default
+    marks = [pytest.mark.zoo(fast=family in zoo.FAST)]
     if family in zoo.KNOWN_BROKEN and not zoo.STRICT:  # strict: passing again fails, so the entry gets removed
         marks.append(pytest.mark.xfail(strict=True, reason=zoo.KNOWN_BROKEN[family]))
     return marks
