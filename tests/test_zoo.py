@@ -98,3 +98,20 @@ def test_the_table_goes_between_the_readme_markers(tmp_path):
     with pytest.raises(SystemExit):
         zoo.write_readme_table("x", str(readme))
     assert readme.read_text() == "no markers\n"
+
+
+def test_the_sweep_catches_a_wrong_loss_and_a_patched_only_exception(monkeypatch):
+    """The harness itself: a fused loss 1% off is WRONG loss; a fused loss that raises is a patched-only exception."""
+    import fastft.patching.loss as loss_mod
+
+    real = loss_mod.fused_linear_cross_entropy
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", lambda *a, **k: real(*a, **k) * 1.01)
+    r = zoo.run_family("llama", bf16=False)
+    assert r.variants["plain"].verdict == "WRONG loss" and r.variants["lora"].verdict == "WRONG loss", r.summary()
+
+    def boom(*a, **k):
+        raise RuntimeError("fused loss broke")
+
+    monkeypatch.setattr(loss_mod, "fused_linear_cross_entropy", boom)
+    r = zoo.run_family("llama", bf16=False)
+    assert r.verdict == "patched-only exception" and "fused loss broke" in r.variants["plain"].error, r.summary()

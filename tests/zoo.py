@@ -171,24 +171,29 @@ def build(model_type: str, *, seed: int = 0, dtype=torch.float32):
 
 
 def lora_targets(model) -> list[str]:
-    """Fallback LoRA targets: the distinct names of the linear layers, without the output embedding."""
+    """Fallback LoRA targets: the distinct names of the plain linear layers, without the output embedding
+    (subclasses of nn.Linear with another forward, such as MoE routers returning tuples, are left out)."""
     from torch import nn
     from transformers.pytorch_utils import Conv1D
 
     out_emb = model.get_output_embeddings() if hasattr(model, "get_output_embeddings") else None
     names = set()
     for name, mod in model.named_modules():
-        if isinstance(mod, (nn.Linear, Conv1D)) and mod is not out_emb and name:
+        if type(mod) in (nn.Linear, Conv1D) and mod is not out_emb and name:
             names.add(name.split(".")[-1])
     return sorted(names)
 
 
-def wrap_lora(make):
-    """PEFT LoRA on all linear layers (random A and B, so both get gradients) of ``make()``; (model, note)."""
+def wrap_lora(make, *, all_linear: bool = True):
+    """PEFT LoRA on all linear layers (random A and B, so both get gradients) of ``make()``; (model, note).
+
+    ``all_linear=False`` (or "all-linear" failing) targets :func:`lora_targets` instead."""
     from peft import LoraConfig, get_peft_model
 
     kw = dict(r=4, lora_alpha=8, lora_dropout=0.0, init_lora_weights=False)
     try:
+        if not all_linear:
+            raise ValueError("all-linear gave a model whose unpatched forward fails")
         return get_peft_model(make(), LoraConfig(target_modules="all-linear", **kw)), ""
     except Exception as exc:
         model = make()  # a failed get_peft_model may have wrapped some layers already
@@ -546,6 +551,15 @@ def _run_family(model_type: str, bf16: bool | None) -> FamilyResult:
         res.variants["lora"] = check_variant(wrapped, "lora")
         if note:
             res.variants["lora"].notes.append(note)
+        elif res.variants["lora"].verdict == "unpatched model fails":  # e.g. PEFT wrapped a router returning tuples
+            first = res.variants["lora"]
+            try:
+                wrapped, note = wrap_lora(lambda: build(model_type), all_linear=False)
+            except Exception:
+                pass
+            else:
+                res.variants["lora"] = check_variant(wrapped, "lora")
+                res.variants["lora"].notes.append(f"{note}; with all-linear: {first.error[:120]}")
     if (model_type in BF16 if bf16 is None else bf16) and res.variants["plain"].verdict != "unpatched model fails":
         res.variants["bf16"] = check_bf16(model_type)
     res.seconds = time.perf_counter() - t0
@@ -599,6 +613,10 @@ def table(results: list[FamilyResult]) -> str:
         if verdict != "ok":
             detail = r.build_error or next((_detail(v) for v in r.variants.values() if v.verdict == verdict), "")
             verdict += f": {detail[:160]}"
+        else:  # say which variant was not judged, and why
+            for v in r.variants.values():
+                if v.verdict != "ok":
+                    verdict += f"; {v.variant} not judged ({v.verdict}: {v.error[:100]})"
         feats = ", ".join(r.features()) or "none"
         lines.append(f"| {r.model_type} | {r.model_class} | {_cell(feats)} | {_cell(verdict)} |")
     return "\n".join(lines)
