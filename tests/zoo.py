@@ -62,35 +62,9 @@ FAST = (
 )
 BF16 = ("llama", "gpt2", "gemma2", "qwen3_moe", "phi3", "bart")
 
-# Families fastft gets wrong today (tests/test_zoo.py marks them xfail(strict=True)); remove an entry
-# when the library fix lands. Each says what goes wrong; /work/notes/zoo_findings.md has the causes.
-_NO_SHIFT = "issue 13: its causal-LM head computes CrossEntropyLoss on unshifted labels; fastft's loss shifts"
-KNOWN_BROKEN: dict[str, str] = {
-    **{
-        f: _NO_SHIFT
-        for f in (
-            "bart",
-            "bigbird_pegasus",
-            "blenderbot",
-            "blenderbot-small",
-            "cpmant",
-            "marian",
-            "mbart",
-            "mvp",
-            "pegasus",
-            "plbart",
-            "trocr",
-            "whisper",
-            "xlm",
-            "xlnet",
-        )
-    },
-    "prophetnet": "issue 13: the head predicts ngram streams (hidden has ngram x the tokens); fused loss raises "
-    "a target-shape ValueError",
-    "git": "issue 13: the loss skips the prepended image tokens; fused loss raises a target-shape ValueError",
-    "falcon_mamba": "issue 13: a weightless RMSNorm called on tensors narrower than its dummy weight; the fused "
-    "norm raises where the module does not",
-}
+# Families fastft gets wrong today (tests/test_zoo.py marks them xfail(strict=True), so a fix makes
+# them XPASS and fail until the entry is removed). Empty: every family the sweep builds is exact.
+KNOWN_BROKEN: dict[str, str] = {}
 STRICT = os.environ.get("FASTFT_ZOO_STRICT", "0") == "1"
 
 VERDICT_ORDER = (
@@ -418,9 +392,8 @@ class FamilyResult:
 
 def _features(report, caught) -> list[str]:
     feats = sorted(report.features())
-    disabled = [str(w.message) for w in caught if "fastft" in str(w.message) and "disabled" in str(w.message)]
-    if disabled and "loss" in feats:
-        feats[feats.index("loss")] = "loss (declined at the first step)"
+    if any(s.feature == "loss" and "disabled at the first" in s.reason for s in report.skipped):
+        feats.append("loss: the model's own (its convention differs)")
     return feats
 
 

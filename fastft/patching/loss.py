@@ -46,8 +46,8 @@ from .. import backends
 from ..ops.cross_entropy import OP_FLCE, fused_linear_cross_entropy
 
 FEATURE = "loss"
-# model_type values whose patched loss and gradients are checked against the unpatched
-# model in the test suite; others are patched the same way and reported as "generic".
+# model_type values with the deepest parity tests (tests/test_patch_*.py: every option, batch
+# shape and bf16); every other family transformers registers is swept by tests/test_zoo.py.
 VERIFIED_FAMILIES = frozenset({"llama", "mistral", "qwen2", "gemma2", "phi3", "gpt2"})
 _PROBE = (-6.0, -1.5, -0.25, 0.0, 0.75, 2.0, 9.0)
 
@@ -92,6 +92,30 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     """Equal up to rounding: the two sides compute the same formula on the same values."""
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
     return bool(torch.allclose(got.float(), want.float(), rtol=tol, atol=tol * 0.1))
+
+
+def _candidate_transforms(config, predicted):
+    """(scale, softcap) pairs a model may apply to its logits: the one predicted from the known
+    config keys first, then every combination of the config's ``*logit*scal*`` values (as a
+    factor or a divisor) and ``*logit*cap*`` values, and none at all. Which one the model really
+    applies is read off its output on designed logits (:meth:`FusedLossForward._check_once`)."""
+    scales, caps = [None], [None]
+    for cfg in (config, getattr(config, "text_config", None)):
+        if cfg is None:
+            continue
+        for key, value in vars(cfg).items():
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or not value or "logit" not in key:
+                continue
+            if "cap" in key:
+                caps.append(float(value))
+            elif "scal" in key:
+                scales += [float(value), 1.0 / float(value)]
+    seen = [predicted]
+    for sc in scales:
+        for cap in caps:
+            if (sc, cap) not in seen:
+                seen.append((sc, cap))
+    return seen
 
 
 def _apply_transform(x: torch.Tensor, scale, softcap) -> torch.Tensor:
@@ -270,7 +294,16 @@ class FusedLossForward:
         z = _apply_transform(designed, self.scale, self.softcap)
         logits = getattr(out, "logits", None)
         if torch.is_tensor(logits) and logits.shape == z.shape and not _close(logits.float(), z, designed.dtype):
-            return "its forward transforms the logits in a way fastft does not recognise"
+            # not the transform the config keys predict: is it another one the config names?
+            for scale, softcap in _candidate_transforms(self.model.config, (self.scale, self.softcap)):
+                z = _apply_transform(designed, scale, softcap)
+                if _close(logits.float(), z, designed.dtype):
+                    if scale is not None and self.capture.lm_head.bias is not None:
+                        return "scaled logits with an lm_head bias are not supported by the fused loss"
+                    self.scale, self.softcap = scale, softcap
+                    break
+            else:
+                return "its forward transforms the logits in a way fastft does not recognise"
         flat_t = targets.reshape(-1).to(z.device)
         if z.numel() // vocab != flat_t.numel():
             return (
@@ -465,7 +498,9 @@ def apply(ctx) -> None:
         extras.append("tied embeddings")
     mtype = getattr(model.config, "model_type", "?")
     family = (
-        f"{mtype}, tested family" if mtype in VERIFIED_FAMILIES else f"{mtype}, generic (family not in the test suite)"
+        f"{mtype}, tested family"
+        if mtype in VERIFIED_FAMILIES
+        else f"{mtype}, generic (found by structure; see the README's model-zoo table)"
     )
     detail = (
         f"fused linear cross-entropy, {how}; logits=None when training with labels [{family}]; "
