@@ -1,6 +1,7 @@
 """fastft.patch(model, loss=True): the fused loss equals the model's own, on every tested family."""
 
 import copy
+import functools
 
 import pytest
 import torch
@@ -244,20 +245,39 @@ def test_moe_aux_loss_is_added_like_the_model_does():
     _assert_same(out_ref, grads_ref, out, grads)
 
 
-def test_unrecognised_logit_transform_falls_back_with_a_warning():
+def test_a_config_transform_the_forward_never_applies_is_read_off_the_model():
     # A Llama config carrying final_logit_softcapping that Llama's forward never applies:
-    # fastft predicts a soft-cap, the probe shows none, so it must not use the fused loss.
+    # fastft predicts a soft-cap, the check's designed logits show none, so the fused loss
+    # runs without one (and equals the model's own loss).
     model = _build("llama", False, final_logit_softcapping=5.0)
     batch = tiny_batch(VOCAB)
     out_ref, grads_ref = _loss_and_grads(model, batch)
-    report = fastft.patch(model, norms=False, mlp=False, rope=False)  # the loss path alone: exact
+    report = fastft.patch(model, norms=False, mlp=False, rope=False)
+    out, grads = _loss_and_grads(model, batch)
+    assert out.logits is None
+    _assert_same(out_ref, grads_ref, out, grads)
+    assert "loss" in report.features()
+
+
+def test_unrecognised_logit_transform_falls_back_with_a_warning():
+    # a forward that transforms its logits in a way no config value names: the model's own loss
+    model = _build("llama", False)
+    original = type(model).forward
+
+    @functools.wraps(original)
+    def forward(self, *args, **kwargs):
+        out = original(self, *args, **kwargs)
+        out.logits = out.logits * 0.5 + 0.1
+        return out
+
+    cls = type("Odd" + type(model).__name__, (type(model),), {"forward": forward})
+    model.__class__ = cls
+    batch = tiny_batch(VOCAB)
+    report = fastft.patch(model, norms=False, mlp=False, rope=False)
     with pytest.warns(UserWarning, match="fused loss disabled"):
-        out, grads = _loss_and_grads(model, batch)
-    _assert_same(out_ref, grads_ref, out, grads, rtol_loss=0, rtol_grad=0)
+        out = model(**batch)
     assert out.logits is not None
     assert any("disabled at the first training step" in s.reason for s in report.skipped)
-    out2, _ = _loss_and_grads(model, batch)  # stays on the original path, no new warning needed
-    assert out2.logits is not None
 
 
 def test_patch_twice_unpatch_and_deepcopy():
