@@ -281,8 +281,7 @@ class RopeScope(GuardedForward):
     feature = "rope"
 
     def fall_back_rope(self, original, reason, *args, **kwargs):
-        if self.report is not None:
-            self.report.fallback(self.feature, self.target, reason)
+        self.count(reason)
         return original(*args, **kwargs)
 
     def __call__(self, *args, **kwargs):

@@ -31,10 +31,14 @@ class GuardedForward:
     def forced(self) -> bool:
         return self.backend != "auto"
 
-    def fall_back(self, reason: str, *args, **kwargs):
-        """Run the original forward for this call, counting it (and why) in the report."""
+    def count(self, reason: str) -> None:
+        """Count one call that ran an original function instead of the fused op, and why."""
         if self.report is not None:
             self.report.fallback(self.feature, self.target, reason)
+
+    def fall_back(self, reason: str, *args, **kwargs):
+        """Run the original forward for this call, counting it (and why) in the report."""
+        self.count(reason)
         return self.original(*args, **kwargs)
 
     def fused_or_fall_back(self, fused, args, kwargs):
@@ -51,9 +55,12 @@ class GuardedForward:
                     f"({type(exc).__name__}: {exc}); running the original forward for such calls",
                     stacklevel=3,
                 )
-            return self.fall_back(f"fused op rejected the input ({type(exc).__name__}: {_short(exc)})", *args, **kwargs)
+            return self.fall_back(
+                f"fused op rejected the input ({type(exc).__name__}: {one_line(exc)})", *args, **kwargs
+            )
 
 
-def _short(exc: BaseException, n: int = 120) -> str:
+def one_line(exc: BaseException, n: int = 120) -> str:
+    """An exception's message on one line, cut to ``n`` characters (for warnings and the report)."""
     s = " ".join(str(exc).split())
     return s if len(s) <= n else s[: n - 3] + "..."

@@ -44,6 +44,7 @@ from torch import nn
 
 from .. import backends
 from ..ops.cross_entropy import OP_FLCE, fused_linear_cross_entropy
+from .guard import one_line
 
 FEATURE = "loss"
 # model_type values with the deepest parity tests (tests/test_patch_*.py: every option, batch
@@ -83,11 +84,6 @@ def _logit_transform(config) -> tuple[float | None, float | None]:
     return scale, softcap
 
 
-def _one_line(e: BaseException, n: int = 160) -> str:
-    s = " ".join(str(e).split())
-    return s if len(s) <= n else s[: n - 3] + "..."
-
-
 def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
     """Equal up to rounding: the two sides compute the same formula on the same values."""
     tol = 1e-4 if dtype in (torch.float32, torch.float64) else 2e-2
@@ -95,8 +91,8 @@ def _close(got: torch.Tensor, want: torch.Tensor, dtype: torch.dtype) -> bool:
 
 
 def _candidate_transforms(config, predicted):
-    """(scale, softcap) pairs a model may apply to its logits: the one predicted from the known
-    config keys first, then every combination of the config's ``*logit*scal*`` values (as a
+    """(scale, softcap) pairs a model may apply to its logits besides ``predicted`` (the one the
+    known config keys predict, already checked): every combination of the config's ``*logit*scal*`` values (as a
     factor or a divisor) and ``*logit*cap*`` values, and none at all. Which one the model really
     applies is read off its output on designed logits (:meth:`FusedLossForward._check_once`)."""
     scales, caps = [None], [None]
@@ -110,12 +106,12 @@ def _candidate_transforms(config, predicted):
                 caps.append(float(value))
             elif "scal" in key:
                 scales += [float(value), 1.0 / float(value)]
-    seen = [predicted]
+    seen = [predicted]  # already checked by the caller: not returned again
     for sc in scales:
         for cap in caps:
             if (sc, cap) not in seen:
                 seen.append((sc, cap))
-    return seen
+    return seen[1:]
 
 
 def _apply_transform(x: torch.Tensor, scale, softcap) -> torch.Tensor:
@@ -261,7 +257,7 @@ class FusedLossForward:
                 error = exc
                 continue
             return verdict
-        return f"the check forward with labels raised {type(error).__name__}: {_one_line(error)}"
+        return f"the check forward with labels raised {type(error).__name__}: {one_line(error, 160)}"
 
     def _check_once(self, sub: dict) -> str | None:
         lm_head = self.capture.lm_head
@@ -415,7 +411,7 @@ class FusedLossForward:
             if self.backend != "auto":
                 raise
             return self._fall_back(
-                f"fused op rejected the input ({type(exc).__name__}: {_one_line(exc)})", args, kwargs
+                f"fused op rejected the input ({type(exc).__name__}: {one_line(exc, 160)})", args, kwargs
             )
         aux = getattr(out, "aux_loss", None)
         coef = getattr(model, "router_aux_loss_coef", getattr(model.config, "router_aux_loss_coef", None))
