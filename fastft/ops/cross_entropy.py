@@ -348,6 +348,44 @@ def cross_entropy(
 # --------------------------------------------------------------------------------------
 # fused linear cross-entropy: never materialises the (tokens, V) logits
 # --------------------------------------------------------------------------------------
+def _counted_rows(t1d: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the tokens that count, or None to run every row.
+
+    Ignored tokens add nothing to the loss or to any gradient, so they are left out of every
+    GEMM (prompt tokens masked to -100 are often a third or more of an SFT batch). Finding
+    them costs one host synchronisation on a GPU (the count sets the chunk loop), the only one
+    of the call; it is skipped under torch.compile tracing and CUDA-graph capture, where a sync
+    is not allowed, and when every token counts (no copy of ``hidden`` then)."""
+    if t1d.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    if t1d.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    keep = (t1d != ignore_index).nonzero().squeeze(1)
+    return keep if keep.numel() < t1d.numel() else None
+
+
+# The logits buffer's row stride is padded to a multiple of this many elements (128 bytes in
+# bf16): a vocabulary such as GPT-2's 50257 otherwise starts every row at an odd address, which
+# costs cuBLAS its aligned tensor-core paths and the row kernel its vectorised loads.
+ROW_ALIGN = 64
+# Smallest chunk on CUDA, by whether grad_weight is computed. With a trainable head every chunk's
+# ``grad_weight += g^T h`` reads and writes the whole fp32 accumulator (8 V H bytes) against 6 n V H
+# flops for the chunk's three GEMMs: an arithmetic intensity of 0.75 n flop/byte, so n >= 1024 keeps
+# that traffic under ~40% of the GEMM time on an H100 (~300 flop/byte of bf16 tensor-core balance).
+# With a frozen head (every LoRA / QLoRA run) there is no accumulator: the GEMMs are (n, H) x (H, V)
+# and (n, V) x (V, H), compute-bound from a few hundred rows, so the chunk is sized by memory alone.
+_CUDA_MIN_ROWS = {True: 1024, False: 256}
+# Default budgets (MiB) for one chunk's logits: CPU; CUDA with a trainable head; CUDA, frozen head.
+_BUDGET_MB = {"cpu": 64.0, ("cuda", True): 512.0, ("cuda", False): 128.0}
+
+
+def padded_vocab(vocab: int, device_type: str = "cuda") -> int:
+    """Row stride of the chunk's logits buffer: ``vocab`` rounded up to ``ROW_ALIGN`` on a GPU."""
+    if device_type != "cuda":
+        return vocab
+    return -(-vocab // ROW_ALIGN) * ROW_ALIGN
+
+
 def chunk_rows(
     n_tokens: int,
     vocab: int,
@@ -356,33 +394,52 @@ def chunk_rows(
     budget_mb: float | None = None,
     fp32_scratch: bool = True,
     device_type: str = "cpu",
+    trainable_weight: bool = True,
 ) -> int:
-    """Tokens per chunk so that one chunk's logits stay within a memory budget.
+    """Tokens per chunk of the fused linear cross-entropy.
 
     One buffer of ``rows x V`` in the input dtype holds each chunk's logits and then,
     in place, their gradient; it is reused for every chunk. The torch path with a
-    non-fp32 input adds an fp32 scratch copy (``fp32_scratch``). Worked example: V =
-    128256 in fp32 with the default budget (``FASTFT_CE_CHUNK_MB`` = 64 MiB): 130 rows,
-    rounded down to 128 -> 62.6 MiB, against 1 GiB for 2048 tokens of fp32 logits (and
-    as much again for their gradient) on the unfused path. The fp32 ``grad_weight``
-    accumulator (V x H x 4 bytes) comes on top and dominates for large hidden sizes.
-    Rows are a power of two between 16 and 8192, so the GEMM shapes stay steady.
+    non-fp32 input adds an fp32 scratch copy (``fp32_scratch``). The fp32 ``grad_weight``
+    accumulator (V x H x 4 bytes), when the head is trainable, comes on top.
 
-    The default budget is 64 MiB on the CPU and 512 MiB on CUDA. On a GPU every chunk's
-    ``grad_weight += g^T h`` reads and writes the whole fp32 accumulator (2 GiB at V = 128256,
-    H = 4096): with 64 MiB chunks (256 rows of bf16 at that V) that traffic alone took as long
-    as the three GEMMs on an H100 (fused CE 1.9x the unfused time); 512 MiB chunks make it
-    8x less, for 448 MiB more memory.
+    Budgets (``FASTFT_CE_CHUNK_MB`` overrides all of them):
+
+    * CPU, 64 MiB. V = 128256 in fp32: 130 rows, rounded down to 128 -> 62.6 MiB, against
+      1 GiB for 2048 tokens of fp32 logits (and as much again for their gradient) unfused.
+    * CUDA, trainable head, 512 MiB and at least 1024 rows: the GEMMs must outweigh the
+      accumulator traffic (see ``_CUDA_MIN_ROWS``). V = 128256, bf16: 2048 rows, 501 MiB.
+      With 64 MiB chunks (256 rows) that traffic alone took as long as the three GEMMs on
+      an H100 (fused CE 1.9x the unfused time).
+    * CUDA, frozen head, 128 MiB and at least 256 rows: no ``grad_weight`` at all, so only
+      memory matters. V = 128256, bf16: 512 rows, 125 MiB, against ~10 GiB of logits, their
+      fp32 copies and gradients for 8192 tokens on the transformers path.
+
+    Rows are a power of two between 16 and 8192, so the GEMM shapes stay steady.
     """
+    env = os.environ.get("FASTFT_CE_CHUNK_MB")
+    floor = 16
     if budget_mb is None:
-        default = "512" if device_type == "cuda" else "64"
-        budget_mb = float(os.environ.get("FASTFT_CE_CHUNK_MB", default))
+        if env is not None:
+            budget_mb = float(env)
+        elif device_type == "cuda":
+            budget_mb = _BUDGET_MB[("cuda", bool(trainable_weight))]
+            floor = _CUDA_MIN_ROWS[bool(trainable_weight)]
+        else:
+            budget_mb = _BUDGET_MB["cpu"]
     # the logits buffer, plus an fp32 scratch copy when the row kernel needs one (torch path, non-fp32)
     per_elem = itemsize + (4 if fp32_scratch and itemsize != 4 else 0)
-    rows = int(budget_mb * 2**20 // (vocab * per_elem))
-    rows = max(16, min(rows, 8192))
+    rows = int(budget_mb * 2**20 // (padded_vocab(vocab, device_type) * per_elem))
+    rows = max(floor, min(rows, 8192))
     rows = 1 << (rows.bit_length() - 1)  # a power of two, for steady GEMM shapes
     return max(1, min(rows, n_tokens))
+
+
+def _logits_buffer(rows: int, V: int, like: torch.Tensor) -> torch.Tensor:
+    """A reusable ``(rows, V)`` logits buffer whose row stride is padded on a GPU (a view)."""
+    Vp = padded_vocab(V, like.device.type)
+    buf = torch.empty(rows, Vp, device=like.device, dtype=like.dtype)
+    return buf if Vp == V else buf[:, :V]
 
 
 def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad_h, grad_w, grad_b, loss_rows=None):
@@ -393,14 +450,18 @@ def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad
     ``row_scale(s, e)`` gives the fp32 upstream factor (1 element, or e - s)."""
     N = h2d.shape[0]
     V = weight.shape[0]
-    flat = torch.empty(min(chunk, N) * V, device=h2d.device, dtype=h2d.dtype)
+    n_buf = min(chunk, N)
     ws = None
-    if rows is ce_rows_torch and flat.dtype != torch.float32:
-        ws = torch.empty(min(chunk, N), V, device=flat.device, dtype=torch.float32)
+    if rows is ce_rows_torch and h2d.dtype != torch.float32:
+        ws = torch.empty(n_buf, V, device=h2d.device, dtype=torch.float32)
     # On the CPU, MKL runs the logits GEMM faster as (V, n) = W @ h^T than as (n, V) = h @ W^T
     # for small n, and grad_w += g^T h then reads g^T contiguously; the row kernel takes the
     # transposed view. Triton kernels want the vocabulary dimension contiguous.
     transposed = h2d.device.type == "cpu" and rows is ce_rows_torch
+    if transposed:
+        flat = torch.empty(n_buf * V, device=h2d.device, dtype=h2d.dtype)
+    else:
+        buf = _logits_buffer(n_buf, V, h2d)  # (n_buf, V), row stride padded on a GPU
     wt = weight.t()
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
@@ -413,7 +474,7 @@ def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad
                 torch.mm(weight, hc.t(), out=lt)
             g = lt.t()
         else:
-            g = flat[: (e - s) * V].view(e - s, V)
+            g = buf[: e - s]
             if bias is not None:
                 torch.addmm(bias, hc, wt, out=g)
             else:
@@ -486,11 +547,16 @@ class _FusedLinearCrossEntropy(torch.autograd.Function):
                 h2d, weight, bias, target, opts, rows, chunk, lambda s, e: one, grad_h, grad_w, grad_b, loss_rows
             )
         else:
+            buf = _logits_buffer(min(chunk, N), V, h2d) if N else None
             for s in range(0, N, chunk):
                 e = min(s + chunk, N)
-                logits = torch.nn.functional.linear(h2d[s:e], weight, bias)
+                logits = buf[: e - s]
+                if bias is not None:
+                    torch.addmm(bias, h2d[s:e], weight.t(), out=logits)
+                else:
+                    torch.mm(h2d[s:e], weight.t(), out=logits)
                 loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
-                del logits
+            del buf
 
         if reduction == "none":
             out = loss_rows
@@ -558,8 +624,12 @@ def fused_linear_cross_entropy(
 
     ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``target`` ``[...]``.
     Same semantics and keywords as :func:`cross_entropy`. The tokens are processed in
-    chunks (:func:`chunk_rows`); ``grad_weight`` and ``grad_bias`` accumulate in fp32
-    across chunks and come back in the parameters' dtypes. No host synchronisation.
+    chunks (:func:`chunk_rows`, sized for a trainable or a frozen ``weight``: with
+    ``weight.requires_grad`` False no ``grad_weight`` is computed at all); ``grad_weight`` and
+    ``grad_bias`` accumulate in fp32 across chunks and come back in the parameters' dtypes.
+    Ignored tokens are left out of every GEMM; finding them is the call's one host
+    synchronisation on a GPU (none under torch.compile or CUDA-graph capture, where every
+    row runs). The chunk's logits buffer has its row stride padded to ``ROW_ALIGN`` on a GPU.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
@@ -605,18 +675,22 @@ def fused_linear_cross_entropy(
         h2d, weight = h2d.detach(), weight.detach()
         bias = bias.detach() if bias is not None else None
     t1d = target.reshape(-1)
-    if h2d.device.type == "cpu" and reduction != "none":
-        # Ignored tokens add nothing to a summed loss or to any gradient: on the CPU, where
-        # finding them costs no device synchronisation, leave them out of every GEMM
-        # (prompt tokens masked to -100 are often a third or more of an SFT batch).
-        keep = (t1d != ignore_index).nonzero().squeeze(1)
-        if keep.numel() < t1d.numel():
-            h2d, t1d = h2d.index_select(0, keep), t1d.index_select(0, keep)
+    n_all = t1d.numel()
+    keep = _counted_rows(t1d, ignore_index)
+    if keep is not None:
+        h2d, t1d = h2d.index_select(0, keep), t1d.index_select(0, keep)
     chunk = chunk_rows(
-        h2d.shape[0], V, h2d.element_size(), fp32_scratch=choice.backend == "torch", device_type=h2d.device.type
+        h2d.shape[0],
+        V,
+        h2d.element_size(),
+        fp32_scratch=choice.backend == "torch",
+        device_type=h2d.device.type,
+        trainable_weight=weight.requires_grad,
     )
     with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
         out = _FusedLinearCrossEntropy.apply(
             h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk
         )
+    if reduction == "none" and keep is not None:
+        out = out.new_zeros(n_all).index_copy(0, keep, out)  # ignored tokens: loss 0
     return out.reshape(target.shape) if reduction == "none" else out
