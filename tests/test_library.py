@@ -66,3 +66,66 @@ def test_rms_norm_fullgraph(backend):
 
     _no_graph_breaks(fn, x, w)
     _compiled_matches_eager(fn, [x, w])
+
+
+# --------------------------------------------------------------------------------------
+# swiglu / geglu
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("act", ["silu", "gelu", "gelu_tanh"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_gated_act_opcheck(backend, dtype, act):
+    gate = torch.randn(3, 5, 33, dtype=dtype, requires_grad=True)
+    up = torch.randn(3, 5, 33, dtype=dtype, requires_grad=True)
+    torch.library.opcheck(torch.ops.fastft.gated_act_fwd.default, (gate, up, act, backend))
+    dout = torch.randn_like(gate)
+    torch.library.opcheck(
+        torch.ops.fastft.gated_act_bwd.default, (dout, gate.detach(), up.detach(), act, backend)
+    )
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_gated_act_fullgraph(backend):
+    gate = torch.randn(2, 7, 24, requires_grad=True)
+    up = torch.randn(2, 7, 24, requires_grad=True)
+
+    def fn(gate, up):
+        return fastft.ops.swiglu(gate, up, backend=backend) * 3.0 + fastft.ops.geglu(up, gate, backend=backend)
+
+    _no_graph_breaks(fn, gate, up)
+    _compiled_matches_eager(fn, [gate, up])
+
+
+# --------------------------------------------------------------------------------------
+# rope
+# --------------------------------------------------------------------------------------
+def _rope_inputs(dtype=torch.float32, R=8, D=12):
+    q = torch.randn(2, 3, 5, D, dtype=dtype, requires_grad=True)
+    k = torch.randn(2, 1, 5, D, dtype=dtype, requires_grad=True)
+    ang = torch.randn(2, 5, R // 2)
+    cos, sin = torch.cat([ang.cos()] * 2, -1), torch.cat([ang.sin()] * 2, -1)
+    return q, k, cos, sin
+
+
+@pytest.mark.parametrize("backward", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_rope_opcheck(backend, dtype, backward):
+    q, _, cos, sin = _rope_inputs(dtype)
+    c = cos.unsqueeze(1).expand(2, 3, 5, 8)  # the broadcast views rope() passes
+    s = sin.unsqueeze(1).expand(2, 3, 5, 8)
+    out_dtype = torch.promote_types(dtype, cos.dtype)
+    torch.library.opcheck(torch.ops.fastft.rope_rotate.default, (q, c, s, backward, out_dtype, backend))
+
+
+@pytest.mark.parametrize("partial", [False, True], ids=["full", "partial"])
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_rope_fullgraph(backend, partial):
+    q, k, cos, sin = _rope_inputs(R=8 if partial else 12)
+
+    def fn(q, k, cos, sin):
+        qo, ko = fastft.ops.rope(q * 1.5, k, cos, sin, backend=backend)
+        return qo.sum(1) + ko.sum(1)
+
+    _no_graph_breaks(fn, q, k, cos, sin)
+    _compiled_matches_eager(fn, [q, k, cos, sin])
