@@ -78,7 +78,7 @@ _TRAIN_FLAGS = [
 
 
 def _train_config(args):
-    from .trainer import TrainConfig
+    from .training import TrainConfig
 
     cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     overrides = {}
@@ -93,7 +93,7 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> int:
-    from .trainer import train
+    from .training import train
 
     cfg = _train_config(args)
     if cfg.data is not None and not Path(cfg.data).is_file():
@@ -108,7 +108,7 @@ def _cmd_train(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
-    from .trainer import format_prompt, generate_text
+    from .training import format_prompt, generate_text
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
         # DataError (fastft.data) is a ValueError: it names the file and line
         print(f"fastft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # fastft.trainer.TrainingInterrupted says where the checkpoint is
+    except KeyboardInterrupt as exc:  # fastft.training.TrainingInterrupted says where the checkpoint is
         print(f"fastft: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
         return 130
 

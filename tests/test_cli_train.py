@@ -236,7 +236,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_process_run, mode):
 
 
 def test_train_interrupted_exits_130_and_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
-    import fastft.trainer as T
+    import fastft.training as T
 
     def interrupted(cfg, **kw):
         raise T.TrainingInterrupted(7, str(tmp_path / "checkpoint-last"))

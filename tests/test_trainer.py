@@ -118,10 +118,19 @@ def test_lazy_exports_and_light_import():
     import subprocess
     import sys
 
-    code = "import sys, fastft; assert 'fastft.trainer' not in sys.modules; fastft.TrainConfig; print('ok')"
+    code = "import sys, fastft; assert 'fastft.training' not in sys.modules; fastft.TrainConfig; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
     assert fastft.train is T.train and fastft.TrainResult is T.TrainResult
+
+
+def test_trainer_module_is_a_shim_over_the_training_package():
+    import fastft.training as P
+    from fastft.training import checkpoint, loop
+
+    assert T.train is P.train is loop.train and T.TrainConfig is P.TrainConfig and T._Trainer is loop._Trainer
+    assert T.TrainingInterrupted is P.TrainingInterrupted and T._resolve_resume is checkpoint._resolve_resume
+    assert set(T.__all__) == set(P.__all__) and all(getattr(T, n) is getattr(P, n) for n in P.__all__)
 
 
 @pytest.mark.parametrize(
