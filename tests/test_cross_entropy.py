@@ -352,32 +352,32 @@ def test_flce_padded_row_stride(backend, reduction, small_chunks, monkeypatch):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_flce_gemms_skip_ignored_tokens(backend, reduction, small_chunks):
-    """Ignored tokens never reach a GEMM (any reduction): the GEMMs see the counted rows only."""
-    from torch.utils._python_dispatch import TorchDispatchMode
+def test_flce_gemms_skip_ignored_tokens(backend, reduction, small_chunks, monkeypatch):
+    """Ignored tokens never reach a GEMM (any reduction, forward and backward): the chunks'
+    logits, which the GEMMs write, hold the counted rows only."""
+    seen = []
+    real_rows = ce_mod._row_kernel(backend)
 
-    class MMRows(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.rows = []
+    def rows(logits, *a, **k):
+        seen.append(logits.shape[0])
+        return real_rows(logits, *a, **k)
 
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            if func in (torch.ops.aten.mm.default, torch.ops.aten.mm.out, torch.ops.aten.addmm.out):
-                a = args[1] if func is torch.ops.aten.addmm.out else args[0]
-                self.rows.append(a.shape[0])
-            return func(*args, **(kwargs or {}))
-
+    monkeypatch.setattr(ce_mod, "_row_kernel", lambda b: rows)
     h, w, b, t = _flce_inputs((50,))
     t[:30] = IGNORE
     t[30:] = torch.randint(0, 300, (20,))
-    h.requires_grad_(True)
-    mode = MMRows()
-    with mode:
-        loss = fused_linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend)
-    ref = fused_linear_cross_entropy_reference(h, w, t, b, reduction=reduction)
-    _assert_close(loss.detach(), ref.detach(), what="loss")
-    # the logits GEMMs (n, H) x (H, V) or (V, H) x (H, n) see at most the 20 counted rows
-    assert mode.rows and max(r for r in mode.rows if r != 300) <= 20, mode.rows
+    hh = h.clone().requires_grad_(True)
+    up = _upstream(reduction, t.shape)
+    loss = fused_linear_cross_entropy(hh, w, t, b, reduction=reduction, backend=backend)
+    loss.backward(up if up is not None else torch.ones_like(loss))
+    ref, (g_ref,) = _loss_and_grads(
+        lambda h: fused_linear_cross_entropy_reference(h, w, t, b, reduction=reduction), [h], up
+    )
+    _assert_close(loss.detach(), ref, what="loss")
+    _assert_close(hh.grad, g_ref, what="grad hidden")
+    assert torch.equal(hh.grad[:30], torch.zeros_like(hh.grad[:30]))
+    calls = 2 if reduction == "none" else 1  # forward, and backward's recomputation
+    assert sum(seen) == 20 * calls, seen
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -79,9 +79,7 @@ def test_gated_act_opcheck(backend, dtype, act):
     up = torch.randn(3, 5, 33, dtype=dtype, requires_grad=True)
     torch.library.opcheck(torch.ops.fastft.gated_act_fwd.default, (gate, up, act, backend))
     dout = torch.randn_like(gate)
-    torch.library.opcheck(
-        torch.ops.fastft.gated_act_bwd.default, (dout, gate.detach(), up.detach(), act, backend)
-    )
+    torch.library.opcheck(torch.ops.fastft.gated_act_bwd.default, (dout, gate.detach(), up.detach(), act, backend))
 
 
 @pytest.mark.parametrize("backend", ["auto", *BACKENDS])
@@ -129,3 +127,60 @@ def test_rope_fullgraph(backend, partial):
 
     _no_graph_breaks(fn, q, k, cos, sin)
     _compiled_matches_eager(fn, [q, k, cos, sin])
+
+
+# --------------------------------------------------------------------------------------
+# cross_entropy / fused_linear_cross_entropy
+# --------------------------------------------------------------------------------------
+CE_OPTS = [(-100, 0.0, 0.0, None), (-100, 0.1, 1e-3, 4.0)]
+
+
+def _targets(n, V, ignored=(0, 3)):
+    t = torch.randint(0, V, (n,))
+    t[list(ignored)] = -100
+    return t
+
+
+@pytest.mark.parametrize("opts", CE_OPTS, ids=["plain", "all_options"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ce_opcheck(backend, opts):
+    x = torch.randn(9, 70, requires_grad=True)
+    t = _targets(9, 70)
+    torch.library.opcheck(torch.ops.fastft.ce_rows.default, (x, t, *opts, backend))
+    g = torch.rand(9)
+    torch.library.opcheck(torch.ops.fastft.ce_rows_grad.default, (x.detach(), t, g, *opts, backend))
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("opts", CE_OPTS, ids=["plain", "all_options"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flce_opcheck(backend, opts, bias):
+    h = torch.randn(11, 16, requires_grad=True)
+    w = torch.randn(70, 16, requires_grad=True)
+    b = torch.randn(70, requires_grad=True) if bias else None
+    t = _targets(11, 70)
+    denom = (t != -100).sum().float()
+    for need in ((True, True, bias), (True, False, False), (False, False, False)):
+        torch.library.opcheck(torch.ops.fastft.flce.default, (h, w, b, t, denom, *need, *opts, backend))
+    torch.library.opcheck(torch.ops.fastft.flce_rows.default, (h, w, b, t, *opts, backend))
+    g = torch.randn(11)
+    dets = (h.detach(), w.detach(), b.detach() if bias else None, t, g)
+    for need in ((True, True, bias), (False, True, False)):
+        torch.library.opcheck(torch.ops.fastft.flce_rows_grad.default, (*dets, *need, *opts, backend))
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_ce_fullgraph(backend, reduction):
+    x = torch.randn(2, 5, 40, requires_grad=True)
+    h = torch.randn(2, 5, 16, requires_grad=True)
+    w = torch.randn(40, 16, requires_grad=True)
+    t = _targets(10, 40).view(2, 5)
+
+    def fn(x, h, w):
+        a = fastft.ops.cross_entropy(x * 2.0, t, reduction=reduction, z_loss=1e-3, backend=backend)
+        b = fastft.ops.fused_linear_cross_entropy(h, w, t, reduction=reduction, softcap=5.0, backend=backend)
+        return a + b
+
+    _no_graph_breaks(fn, x, h, w)
+    _compiled_matches_eager(fn, [x, h, w])

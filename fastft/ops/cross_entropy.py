@@ -279,28 +279,73 @@ def _finish(loss_rows: torch.Tensor, counted: torch.Tensor, reduction: str, num_
 # --------------------------------------------------------------------------------------
 # cross_entropy on materialised logits
 # --------------------------------------------------------------------------------------
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits2d, target, opts, reduction, num_items_in_batch, rows):
-        loss_rows, lse = rows(logits2d, target, **opts)
-        counted = target != opts["ignore_index"]
-        out, denom = _finish(loss_rows, counted, reduction, num_items_in_batch)
-        ctx.save_for_backward(logits2d, target, denom if denom is not None else lse.new_ones(()))
-        ctx.opts, ctx.reduction, ctx.rows = opts, reduction, rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits2d, target, denom = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        scale = grad_out.float() if ctx.reduction != "mean" else grad_out.float() / denom
-        grad = torch.empty_like(logits2d)
-        ctx.rows(logits2d, target, **ctx.opts, grad_scale=scale.reshape(-1), grad_out=grad)
-        return grad, None, None, None, None, None
+# The operators below take the options as plain arguments (a schema has no dicts); `_opts`
+# turns them back into the row kernels' keywords.
+def _opts(ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None) -> dict:
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-@torch.compiler.disable
+@torch.library.custom_op("fastft::ce_rows", mutates_args=())
+def _ce_rows_op(
+    logits2d: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` per row of ``logits2d``; the backend is chosen here, at run time."""
+    rows = _row_kernel(backends.select(OP_CE, logits2d.device, backend).backend)
+    return rows(logits2d, target, **_opts(ignore_index, label_smoothing, z_loss, softcap))
+
+
+@_ce_rows_op.register_fake
+def _(logits2d, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = logits2d.shape[0]
+    return logits2d.new_empty(n, dtype=torch.float32), logits2d.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::ce_rows_grad", mutates_args=())
+def _ce_rows_grad_op(
+    logits2d: torch.Tensor,
+    target: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """``grad_rows[:, None] * dloss/dlogits`` in ``logits2d.dtype``."""
+    rows = _row_kernel(backends.select(OP_CE, logits2d.device, backend).backend)
+    grad = torch.empty_like(logits2d)
+    rows(logits2d, target, **_opts(ignore_index, label_smoothing, z_loss, softcap), grad_scale=grad_rows, grad_out=grad)
+    return grad
+
+
+@_ce_rows_grad_op.register_fake
+def _(logits2d, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return torch.empty_like(logits2d)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits2d, target, *opts, backend = inputs
+    ctx.save_for_backward(logits2d, target)
+    ctx.opts, ctx.backend = opts, backend
+
+
+def _ce_grad(ctx, grad_loss, _grad_lse):
+    logits2d, target = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    grad = _ce_rows_grad_op(logits2d, target, grad_loss.float().contiguous(), *ctx.opts, ctx.backend)
+    return (grad,) + (None,) * 6
+
+
+_ce_rows_op.register_autograd(_ce_grad, setup_context=_ce_setup)
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -329,19 +374,19 @@ def cross_entropy(
     target = _index_dtype(target)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    choice = backends.select(OP_CE, logits.device, backend)
-    opts = dict(
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-    )
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_CE, logits.device, backend)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    out = _CrossEntropy.apply(
-        logits2d, target.reshape(-1), opts, reduction, num_items_in_batch, _row_kernel(choice.backend)
+    t1d = target.reshape(-1)
+    softcap = None if softcap is None else float(softcap)
+    loss_rows, _ = torch.ops.fastft.ce_rows(
+        logits2d, t1d, ignore_index, float(label_smoothing), float(z_loss), softcap, backend
     )
+    # the reduction is plain torch (traced, differentiated by autograd): the per-row
+    # gradient the operator's backward receives carries the 1/denominator
+    out, _ = _finish(loss_rows, t1d != ignore_index, reduction, num_items_in_batch)
     return out.reshape(target.shape) if reduction == "none" else out
 
 
@@ -506,106 +551,270 @@ def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.T
         acc.add_(torch.mm(dlogits.t(), h).float())
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Chunked over tokens. Two strategies:
+# --------------------------------------------------------------------------------------
+# the fused linear CE operators (torch.library: opaque to torch.compile, no graph break)
+#
+# Two strategies, chunked over the counted tokens:
+# * reduction "mean"/"sum" (`fastft::flce`): the upstream gradient is a scalar, so each
+#   chunk's gradient is computed during forward (the chunk's logits are never recomputed)
+#   and scaled by the upstream gradient in backward: 3 GEMMs, like the unfused path.
+# * reduction "none" (`fastft::flce_rows` / `fastft::flce_rows_grad`): per-token upstream
+#   gradients are only known in backward, which recomputes each chunk's logits: 4 GEMMs.
+# Ignored tokens are dropped inside the operators (`_counted_rows`), so the data-dependent
+# count never reaches a traced graph; outputs keep the full token count.
+# --------------------------------------------------------------------------------------
+def _no_autocast(device_type: str):
+    """The GEMMs run in the dtype the public function cast to; autocast stays out of them."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    * reduction "mean"/"sum": the upstream gradient is a scalar, so each chunk's
-      gradient is computed during forward (the chunk's logits are recomputed never)
-      and scaled by the upstream gradient in backward: 3 GEMMs, like the unfused path.
-    * reduction "none": per-token upstream gradients are only known in backward, so
-      forward keeps the log-sum-exp and backward recomputes each chunk's logits: 4 GEMMs.
-    """
 
-    @staticmethod
-    def forward(ctx, h2d, weight, bias, target, opts, reduction, num_items_in_batch, rows, chunk):
-        N, H = h2d.shape
-        V = weight.shape[0]
-        ignore = opts["ignore_index"]
-        counted = target != ignore
-        need_h, need_w = h2d.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        eager = reduction != "none" and (need_h or need_w or need_b)
+def _setup_rows(h2d, weight, target, ignore_index, backend, trainable):
+    """Counted rows (or None), their hidden states and targets, the row kernel and the chunk."""
+    choice = backends.select(OP_FLCE, h2d.device, backend)
+    keep = _counted_rows(target, ignore_index)
+    if keep is not None:
+        h2d, target = h2d.index_select(0, keep), target.index_select(0, keep)
+    chunk = chunk_rows(
+        h2d.shape[0],
+        weight.shape[0],
+        h2d.element_size(),
+        fp32_scratch=choice.backend == "torch",
+        device_type=h2d.device.type,
+        trainable_weight=trainable,
+    )
+    return keep, h2d, target, _row_kernel(choice.backend), chunk
 
-        loss_rows = torch.empty(N, device=h2d.device, dtype=torch.float32)
-        if reduction == "mean":
-            denom = (
-                _as_denominator(num_items_in_batch, h2d.device)
-                if num_items_in_batch is not None
-                else counted.sum().clamp(min=1).float()
-            )
-            scale = 1.0 / denom
+
+def _loss_rows_only(h2d, weight, bias, target, opts, rows, chunk) -> torch.Tensor:
+    """Per-row losses, chunk by chunk, in one reused (row-padded) logits buffer."""
+    N, V = h2d.shape[0], weight.shape[0]
+    loss_rows = torch.empty(N, device=h2d.device, dtype=torch.float32)
+    buf = _logits_buffer(min(chunk, N), V, h2d) if N else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = buf[: e - s]
+        if bias is not None:
+            torch.addmm(bias, h2d[s:e], weight.t(), out=logits)
         else:
-            denom = None
-            scale = torch.ones((), device=h2d.device, dtype=torch.float32)
+            torch.mm(h2d[s:e], weight.t(), out=logits)
+        loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
+    return loss_rows
 
-        grad_h = torch.empty_like(h2d) if (eager and need_h) else None
-        grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if (eager and need_w) else None
-        grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if (eager and need_b) else None
-        if eager:
-            one = scale.reshape(1)
+
+def _scatter_rows(rows_kept: torch.Tensor, keep, n_all: int) -> torch.Tensor:
+    """Rows of the counted tokens back into ``n_all`` rows (zeros for the ignored ones)."""
+    if keep is None:
+        return rows_kept
+    full = rows_kept.new_zeros((n_all,) + tuple(rows_kept.shape[1:]))
+    return full.index_copy_(0, keep, rows_kept)
+
+
+def _empty_like_or(t: torch.Tensor | None, shape, dtype, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastft::flce", mutates_args=())
+def _flce_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    denom: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, grad_h, grad_w, grad_b)`` for reduction mean/sum: ``loss = sum / denom`` and
+    the gradients of that loss (fp32 ``grad_w`` / ``grad_b``); one not asked for is empty."""
+    opts = _opts(ignore_index, label_smoothing, z_loss, softcap)
+    N, H = h2d.shape
+    V = weight.shape[0]
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, need_w)
+        scale = (1.0 / denom.float()).reshape(1)
+        if need_h or need_w or need_b:
+            loss_rows = torch.empty(hk.shape[0], device=h2d.device, dtype=torch.float32)
+            grad_h = torch.empty_like(hk) if need_h else None
+            grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if need_b else None
             _chunked_grads(
-                h2d, weight, bias, target, opts, rows, chunk, lambda s, e: one, grad_h, grad_w, grad_b, loss_rows
+                hk, weight, bias, tk, opts, rows, chunk, lambda s, e: scale, grad_h, grad_w, grad_b, loss_rows
             )
+            if grad_h is not None:
+                grad_h = _scatter_rows(grad_h, keep, N)
         else:
-            buf = _logits_buffer(min(chunk, N), V, h2d) if N else None
-            for s in range(0, N, chunk):
-                e = min(s + chunk, N)
-                logits = buf[: e - s]
-                if bias is not None:
-                    torch.addmm(bias, h2d[s:e], weight.t(), out=logits)
-                else:
-                    torch.mm(h2d[s:e], weight.t(), out=logits)
-                loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
-            del buf
-
-        if reduction == "none":
-            out = loss_rows
-        elif reduction == "sum":
-            out = loss_rows.sum()
-        else:
-            out = loss_rows.sum() / denom
-        ctx.reduction, ctx.opts, ctx.rows, ctx.chunk, ctx.eager = reduction, opts, rows, chunk, eager
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.consumed = False
-        if eager:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-        else:
-            ctx.save_for_backward(h2d, weight, bias, target)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.eager:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_linear_cross_entropy computes its gradients during forward and can be "
-                    "backpropagated once; retain_graph=True with a second backward is not supported"
-                )
-            ctx.consumed = True
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            g = grad_out.float()
-            # scale by the upstream scalar; skipped tensors stay None
-            gh = grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None
-            gw = grad_w.mul_(g) if grad_w is not None else None
-            gb = grad_b.mul_(g) if grad_b is not None else None
-        else:
-            h2d, weight, bias, target = ctx.saved_tensors
-            N, H = h2d.shape
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            need_b = ctx.has_bias and ctx.needs_input_grad[2]
-            gh = torch.empty_like(h2d) if need_h else None
-            gw = torch.zeros(weight.shape, device=h2d.device, dtype=torch.float32) if need_w else None
-            gb = torch.zeros(weight.shape[0], device=h2d.device, dtype=torch.float32) if need_b else None
-            go = grad_out.float().reshape(-1)
-            _chunked_grads(h2d, weight, bias, target, ctx.opts, ctx.rows, ctx.chunk, lambda s, e: go[s:e], gh, gw, gb)
-        gw = gw.to(ctx.weight_dtype) if gw is not None else None
-        gb = gb.to(ctx.bias_dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None, None, None, None
+            loss_rows = _loss_rows_only(hk, weight, bias, tk, opts, rows, chunk)
+            grad_h = grad_w = grad_b = None
+        loss = loss_rows.sum() * scale.squeeze(0)
+    return (
+        loss,
+        _empty_like_or(grad_h, (0,), h2d.dtype, h2d),
+        _empty_like_or(grad_w, (0,), torch.float32, h2d),
+        _empty_like_or(grad_b, (0,), torch.float32, h2d),
+    )
 
 
-@torch.compiler.disable
+@_flce_op.register_fake
+def _(
+    h2d, weight, bias, target, denom, need_h, need_w, need_b, ignore_index, label_smoothing, z_loss, softcap, backend
+):
+    f32 = torch.float32
+    return (
+        h2d.new_empty((), dtype=f32),
+        h2d.new_empty(h2d.shape if need_h else (0,)),
+        h2d.new_empty(weight.shape if need_w else (0,), dtype=f32),
+        h2d.new_empty((weight.shape[0],) if need_b else (0,), dtype=f32),
+    )
+
+
+def _flce_setup(ctx, inputs, output):
+    weight, bias = inputs[1], inputs[2]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the saved gradients are not results to differentiate
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.computed = inputs[5:8]  # need_h, need_w, need_b: the gradients forward produced
+    ctx.consumed = False
+
+
+def _flce_grad(ctx, grad_loss, *_):
+    if ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_cross_entropy computes its gradients during forward and can be "
+            "backpropagated once; retain_graph=True with a second backward is not supported"
+        )
+    ctx.consumed = True
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    g = grad_loss.float()
+    # scale by the upstream scalar: in place in eager (the buffers are ours and used once; a
+    # copy of an fp32 grad_weight is 2 GiB at V 128256, H 4096); out of place while a graph is
+    # traced (functional / fake tensors), where a mutated forward output is not allowed
+    saved = next((t for t in (grad_h, grad_w, grad_b) if t.numel()), grad_h)
+    inplace = type(saved) is torch.Tensor and not torch.compiler.is_compiling()
+    # a gradient forward was not asked to compute is None (zero) for autograd
+    need_h, need_w, need_b = (c and n for c, n in zip(ctx.computed, ctx.needs_input_grad[:3]))
+    gh = (grad_h.mul_(g.to(grad_h.dtype)) if inplace else grad_h * g.to(grad_h.dtype)) if need_h else None
+    gw = (grad_w.mul_(g) if inplace else grad_w * g).to(ctx.weight_dtype) if need_w else None
+    gb = (grad_b.mul_(g) if inplace else grad_b * g).to(ctx.bias_dtype) if need_b else None
+    return (gh, gw, gb) + (None,) * 10
+
+
+_flce_op.register_autograd(_flce_grad, setup_context=_flce_setup)
+
+
+@torch.library.custom_op("fastft::flce_rows", mutates_args=())
+def _flce_rows_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """Per-token losses (reduction "none"), 0 for ignored tokens."""
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, False)
+        loss = _loss_rows_only(hk, weight, bias, tk, _opts(ignore_index, label_smoothing, z_loss, softcap), rows, chunk)
+        return _scatter_rows(loss, keep, h2d.shape[0])
+
+
+@_flce_rows_op.register_fake
+def _(h2d, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return h2d.new_empty(h2d.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::flce_rows_grad", mutates_args=())
+def _flce_rows_grad_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    grad_rows: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_h, grad_w, grad_b)`` of ``sum(grad_rows * loss_rows)``, logits recomputed per
+    chunk; in the inputs' dtypes; one not asked for is empty."""
+    opts = _opts(ignore_index, label_smoothing, z_loss, softcap)
+    N, H = h2d.shape
+    V = weight.shape[0]
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, need_w)
+        go = grad_rows.float().reshape(-1)
+        if keep is not None:
+            go = go.index_select(0, keep)
+        gh = torch.empty_like(hk) if need_h else None
+        gw = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if need_w else None
+        gb = torch.zeros(V, device=h2d.device, dtype=torch.float32) if need_b else None
+        _chunked_grads(hk, weight, bias, tk, opts, rows, chunk, lambda s, e: go[s:e], gh, gw, gb)
+        gh = _scatter_rows(gh, keep, N) if gh is not None else None
+    return (
+        _empty_like_or(gh, (0,), h2d.dtype, h2d),
+        gw.to(weight.dtype) if gw is not None else weight.new_empty(0),
+        gb.to(bias.dtype) if gb is not None else h2d.new_empty(0),
+    )
+
+
+@_flce_rows_grad_op.register_fake
+def _(
+    h2d,
+    weight,
+    bias,
+    target,
+    grad_rows,
+    need_h,
+    need_w,
+    need_b,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    backend,
+):
+    return (
+        h2d.new_empty(h2d.shape if need_h else (0,)),
+        weight.new_empty(weight.shape if need_w else (0,)),
+        (bias.new_empty(bias.shape) if need_b else h2d.new_empty(0)),
+    )
+
+
+def _flce_rows_setup(ctx, inputs, output):
+    h2d, weight, bias, target, *rest = inputs
+    ctx.save_for_backward(h2d, weight, bias, target)
+    ctx.rest = rest
+
+
+def _flce_rows_backward(ctx, grad_rows):
+    h2d, weight, bias, target = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    if not (need_h or need_w or need_b):
+        return (None,) * 9
+    gh, gw, gb = _flce_rows_grad_op(
+        h2d, weight, bias, target, grad_rows.contiguous(), need_h, need_w, need_b, *ctx.rest
+    )
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+
+
+_flce_rows_op.register_autograd(_flce_rows_backward, setup_context=_flce_rows_setup)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -661,36 +870,25 @@ def fused_linear_cross_entropy(
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    choice = backends.select(OP_FLCE, hidden.device, backend)
-    opts = dict(
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-    )
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_FLCE, hidden.device, backend)
     h2d = hidden.reshape(-1, H)
     if not h2d.is_contiguous():
         h2d = h2d.contiguous()
-    if not torch.is_grad_enabled():  # forward sees requires_grad even under no_grad: skip the eager gradients
-        h2d, weight = h2d.detach(), weight.detach()
-        bias = bias.detach() if bias is not None else None
     t1d = target.reshape(-1)
-    n_all = t1d.numel()
-    keep = _counted_rows(t1d, ignore_index)
-    if keep is not None:
-        h2d, t1d = h2d.index_select(0, keep), t1d.index_select(0, keep)
-    chunk = chunk_rows(
-        h2d.shape[0],
-        V,
-        h2d.element_size(),
-        fp32_scratch=choice.backend == "torch",
-        device_type=h2d.device.type,
-        trainable_weight=weight.requires_grad,
-    )
-    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
-        out = _FusedLinearCrossEntropy.apply(
-            h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk
-        )
-    if reduction == "none" and keep is not None:
-        out = out.new_zeros(n_all).index_copy(0, keep, out)  # ignored tokens: loss 0
-    return out.reshape(target.shape) if reduction == "none" else out
+    opts = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if reduction == "none":
+        out = torch.ops.fastft.flce_rows(h2d, weight, bias, t1d, *opts, backend)
+        return out.reshape(target.shape)
+    grad = torch.is_grad_enabled()
+    need_h, need_w = grad and h2d.requires_grad, grad and weight.requires_grad
+    need_b = grad and bias is not None and bias.requires_grad
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denom = _as_denominator(num_items_in_batch, h2d.device)
+        else:
+            denom = (t1d != ignore_index).sum().clamp(min=1).float()
+    else:
+        denom = torch.ones((), device=h2d.device, dtype=torch.float32)
+    loss, *_ = torch.ops.fastft.flce(h2d, weight, bias, t1d, denom, need_h, need_w, need_b, *opts, backend)
+    return loss
