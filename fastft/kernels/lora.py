@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..backends import BackendUnavailable, interpreting
+from ..ledger import record_kernel
 
 __all__ = ["lora_xa", "lora_dx_add_", "lora_dA", "dropout_mask_triton"]
 
@@ -349,7 +350,9 @@ def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32)
 
     # launch
     block = _MASK_BLOCK_INTERPRET if interpreting() else _MASK_BLOCK
-    _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
+    with record_kernel("dropout_mask", (), (out,)) as launch:
+        if launch:
+            _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
     return out
 
 
@@ -379,30 +382,32 @@ def lora_xa(x2d: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Te
     # launch
     block_n, block_k, block_r, num_warps = _config("xa", R)
     grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r))
-    _lora_xa_kernel[grid](
-        x2d,
-        x2d.stride(0),
-        x2d.stride(1),
-        A,
-        A.stride(0),
-        A.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        N,
-        K,
-        R,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(A.dtype),
-        UPCAST_DOT=_upcast_dot(A.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with record_kernel("lora_xa", (x2d, A), (out,)) as launch:
+        if launch:
+            _lora_xa_kernel[grid](
+                x2d,
+                x2d.stride(0),
+                x2d.stride(1),
+                A,
+                A.stride(0),
+                A.stride(1),
+                out,
+                out.stride(0),
+                out.stride(1),
+                N,
+                K,
+                R,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(A.dtype),
+                UPCAST_DOT=_upcast_dot(A.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
     return out
 
 
@@ -433,30 +438,32 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     # launch
     block_n, block_k, block_r, num_warps = _config("dx", R)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _lora_dx_add_kernel[grid](
-        dx,
-        dx.stride(0),
-        dx.stride(1),
-        t,
-        t.stride(0),
-        t.stride(1),
-        A,
-        A.stride(0),
-        A.stride(1),
-        N,
-        K,
-        R,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(A.dtype),
-        UPCAST_DOT=_upcast_dot(A.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with record_kernel("lora_dx_add_", (dx, t, A), (dx,)) as launch:
+        if launch:
+            _lora_dx_add_kernel[grid](
+                dx,
+                dx.stride(0),
+                dx.stride(1),
+                t,
+                t.stride(0),
+                t.stride(1),
+                A,
+                A.stride(0),
+                A.stride(1),
+                N,
+                K,
+                R,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(A.dtype),
+                UPCAST_DOT=_upcast_dot(A.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
     return dx
 
 
@@ -491,30 +498,32 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
         out = torch.empty((split, R, K), device=x2d.device, dtype=torch.float32)
 
     # launch
-    _lora_dA_kernel[(k_tiles, split, r_tiles)](
-        t,
-        t.stride(0),
-        t.stride(1),
-        x2d,
-        x2d.stride(0),
-        x2d.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        N,
-        K,
-        R,
-        rows_per_split,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(t.dtype),
-        UPCAST_DOT=_upcast_dot(t.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with record_kernel("lora_dA", (t, x2d), (out,)) as launch:
+        if launch:
+            _lora_dA_kernel[(k_tiles, split, r_tiles)](
+                t,
+                t.stride(0),
+                t.stride(1),
+                x2d,
+                x2d.stride(0),
+                x2d.stride(1),
+                out,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                N,
+                K,
+                R,
+                rows_per_split,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(t.dtype),
+                UPCAST_DOT=_upcast_dot(t.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
     return out[0] if split == 1 else out.sum(0).to(t.dtype)
