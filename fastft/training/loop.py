@@ -69,6 +69,31 @@ class _StopOnSigint:
             self._installed = False
 
 
+class _Pending:
+    """Per-step losses (and the last step's grad norm) kept as device tensors until the loop reads
+    them, all in one transfer, at the logging interval, an evaluation, a checkpoint or the end."""
+
+    def __init__(self):
+        self.steps: list[int] = []
+        self.losses: list[torch.Tensor] = []
+        self.norm: torch.Tensor | None = None
+
+    def add(self, step: int, loss: torch.Tensor, norm: torch.Tensor | None) -> None:
+        self.steps.append(step)
+        self.losses.append(loss.detach().reshape(()).double())
+        self.norm = None if norm is None else norm.detach().reshape(()).double()
+
+    def read(self) -> tuple[list[tuple[int, float]], float | None]:
+        """((step, loss) for every pending step, the last grad norm or None); empties the queue."""
+        if not self.losses:
+            return [], None
+        vals = torch.stack(self.losses + ([self.norm] if self.norm is not None else [])).tolist()  # one sync
+        norm = vals.pop() if self.norm is not None else None
+        read = list(zip(self.steps, vals))
+        self.steps, self.losses, self.norm = [], [], None
+        return read, norm
+
+
 class _Schedule:
     """Warm-up from 0 then linear / cosine decay to 0, or constant. A class (not a lambda) so
     that the scheduler's state_dict carries it and a resumed run can check it."""
@@ -342,6 +367,22 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
         batches, batches_epoch, groups = None, None, 1
         last_saved = step if resume_state is not None else -1
         train_loss = losses[-1] if losses else None
+        pending = _Pending()
+
+        def read_back() -> float | None:
+            """Read the pending losses in one transfer (the only host sync of the loop), raise on a
+            non-finite one, and return the last step's grad norm."""
+            nonlocal train_loss, train_time
+            t_read = time.perf_counter()
+            read, norm = pending.read()
+            train_time += time.perf_counter() - t_read  # waiting here is the device finishing the steps
+            for s, v in read:
+                losses.append(v)
+                train_loss = v
+                if not math.isfinite(v):
+                    raise FloatingPointError(f"the training loss is {v} at step {s}; lower lr or check the data")
+            return norm
+
         train_model.train()
         sigint = self._sigint = _StopOnSigint(not dist.active, cfg.quiet).install()
         while step < total and (cfg.max_steps is not None or epoch < cfg.epochs):
@@ -364,9 +405,10 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             gi += 1
             if gi >= groups:
                 epoch, gi = epoch + 1, 0
-            losses.append(loss)
-            train_loss = loss
+            pending.add(step, loss, norm)
             if step % cfg.log_every == 0 or step == total:
+                norm = read_back()
+                loss = train_loss
                 now = time.perf_counter()
                 tps = tok_window / max(now - t_window, 1e-9)
                 tok_window, t_window = 0, now
@@ -388,11 +430,10 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
                     refresh=False,
                 )
             self.bar.update(1)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the training loss is {loss} at step {step}; lower lr or check the data")
 
             stop = False
             if step % self.eval_every == 0 or step == total:
+                read_back()  # a non-finite loss stops the run before it is evaluated or saved
                 t_eval = time.perf_counter()
                 ev = self._evaluate()
                 last_eval, last_eval_step = ev, step
@@ -411,6 +452,7 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
                         stop = stopped_early = True
                 t_window += time.perf_counter() - t_eval
             if (cfg.save_every and step % cfg.save_every == 0) or step == total or stop:
+                read_back()
                 t_save = time.perf_counter()
                 self._save("checkpoint-last", step, epoch, gi, best, best_step, bad_evals, eval_before, full=True)
                 last_saved = step
@@ -418,11 +460,13 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             if stop:
                 break
             if sigint.requested:  # Ctrl-C: this step is complete; save it and stop
+                read_back()
                 if last_saved != step:
                     self._save("checkpoint-last", step, epoch, gi, best, best_step, bad_evals, eval_before, full=True)
                 if self.reporters is not None:
                     self.reporters.close()
                 raise TrainingInterrupted(step, str(self.out / "checkpoint-last"))
+        read_back()
         sigint.restore()
         self.bar.close()
         self.bar = None
@@ -514,9 +558,10 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
     def _to_device(self, batch: dict) -> dict:
         return {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
 
-    def _step(self, group: list[dict]) -> tuple[float, float | None, int]:
+    def _step(self, group: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None, int]:
         """One optimizer step over ``group`` (all ranks' micro-batches). Returns (mean token loss over
-        the whole group, grad norm before clipping, non-padding tokens of the group)."""
+        the whole group, grad norm before clipping, non-padding tokens of the group); the loss and the
+        norm stay device tensors (no host sync here: the loop reads them at the logging interval)."""
         from ..data import count_label_tokens
 
         dist, cfg = self.dist, self.cfg
@@ -557,7 +602,7 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             n = torch.nn.utils.clip_grad_norm_(self.trainable, cfg.max_grad_norm)
             if hasattr(n, "full_tensor"):
                 n = n.full_tensor()
-            norm = float(n)
+            norm = n
         if self.scaler is not None:
             self.scaler.step(self.opt)
             self.scaler.update()
@@ -566,7 +611,7 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
         if dist.active:
             dist.all_reduce_sum(total)
             total /= dist.world
-        return float(total), norm, ntok
+        return total, norm, ntok
 
     @torch.no_grad()
     def _evaluate(self) -> float:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import contextlib
 import inspect
+import warnings
 
 import torch
 
@@ -47,6 +49,16 @@ def _accepts_num_items(hf_model) -> bool:
     except (TypeError, ValueError):
         return False
     return any(p.kind is inspect.Parameter.VAR_KEYWORD or p.name == "num_items_in_batch" for p in params)
+
+
+@contextlib.contextmanager
+def quiet_peft_warnings():
+    """Building a ``PeftModel`` (PEFT 0.21) reads transformers 5's deprecated
+    ``is_gradient_checkpointing`` property, which warns on every command; this silences that one
+    FutureWarning, and only around PEFT's constructor (fastft itself reads no deprecated name)."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r".*is_gradient_checkpointing.*deprecated", category=FutureWarning)
+        yield
 
 
 def _pick_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | None:
@@ -100,7 +112,8 @@ class ModelMixin:
                     task_type="CAUSAL_LM",
                 )
                 try:
-                    model = get_peft_model(hf, lcfg)
+                    with quiet_peft_warnings():
+                        model = get_peft_model(hf, lcfg)
                 except ValueError as e:
                     raise ValueError(f"LoRA target_modules {tm!r}: {_one_line(e)}") from None
             else:
