@@ -107,6 +107,7 @@ def patch(
     mlp: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
+    nf4_cache_absmax: bool = False,
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -123,6 +124,10 @@ def patch(
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
     device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
+
+    ``nf4_cache_absmax=True`` (with ``quant``) keeps every double-quantised 4-bit layer's absmax
+    also decoded in fp32 (+32 / blocksize bits per weight, 0.5 at blocksize 64; each layer's cost
+    is in the report), so the NF4 kernels read it instead of decoding the 8-bit absmax per block.
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
@@ -134,6 +139,7 @@ def patch(
         ("norms", norms),
         ("rope", rope),
         ("mlp", mlp),
+        ("nf4_cache_absmax", nf4_cache_absmax),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -159,7 +165,15 @@ def patch(
 
     _unpatch_resolved(hf_model)
     options = dict(
-        lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
+        lora=lora,
+        loss=loss,
+        quant=quant,
+        norms=norms,
+        rope=rope,
+        mlp=mlp,
+        checkpointing=checkpointing,
+        backend=backend,
+        nf4_cache_absmax=nf4_cache_absmax,
     )
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
