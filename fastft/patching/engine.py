@@ -107,6 +107,7 @@ def patch(
     mlp: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
+    lora_precision: str = "activation",
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -123,10 +124,19 @@ def patch(
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
     device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
+
+    ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
+    dtype (fp32 adapters over a bf16 base are cast once per step, never ``x``); ``"peft"``
+    keeps PEFT's promotion of the input to the adapters' dtype exactly
+    (:func:`fastft.ops.lora_linear`'s ``precision``).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
+    from ..ops.lora import PRECISIONS
+
+    if lora_precision not in PRECISIONS:
+        raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -161,6 +171,7 @@ def patch(
     options = dict(
         lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
     )
+    options.update(lora_precision=lora_precision)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )
