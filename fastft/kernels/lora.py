@@ -467,11 +467,12 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     return dx
 
 
-def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``t.T @ (x2d * M)`` ``[r, in]`` in ``t``'s dtype (the adapter's), accumulated in fp32.
+def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float, *, out_dtype=None) -> torch.Tensor:
+    """``t.T @ (x2d * M)`` ``[r, in]`` in ``out_dtype`` (default ``t``'s: the branch's), accumulated in fp32.
 
     ``t`` ``[N, r]``, ``x2d`` ``[N, in]``; ``M`` the mask of :func:`dropout_mask_triton`;
-    ``p == 0`` means no mask.
+    ``p == 0`` means no mask. ``out_dtype=torch.float32`` gives fp32 gradients of fp32 adapters
+    from a 16-bit branch without rounding them to 16 bits first.
     """
     # check
     _check_float("t", t, 2)
@@ -483,17 +484,20 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
     _same_device(x2d, t=t)
     seed, p, scale = _check_dropout(seed, p)
     _check_runnable(x2d.device, "lora_dA")
+    out_dtype = t.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 
     # allocate
     if N == 0 or K == 0 or R == 0:
-        return torch.zeros((R, K), device=x2d.device, dtype=t.dtype)
+        return torch.zeros((R, K), device=x2d.device, dtype=out_dtype)
     block_n, block_k, block_r, num_warps = _config("dA_fp32" if t.dtype == torch.float32 else "dA", R)
     k_tiles, r_tiles, row_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split = _splits(row_tiles, k_tiles * r_tiles, x2d.device)
     rows_per_split = triton.cdiv(row_tiles, split) * block_n
     split = triton.cdiv(N, rows_per_split)  # no empty split
     if split == 1:
-        out = torch.empty((1, R, K), device=x2d.device, dtype=t.dtype)
+        out = torch.empty((1, R, K), device=x2d.device, dtype=out_dtype)
     else:  # fp32 partials, summed below
         out = torch.empty((split, R, K), device=x2d.device, dtype=torch.float32)
 
@@ -526,4 +530,4 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
                 BLOCK_R=block_r,
                 num_warps=num_warps,
             )
-    return out[0] if split == 1 else out.sum(0).to(t.dtype)
+    return out[0] if split == 1 else out.sum(0).to(out_dtype)

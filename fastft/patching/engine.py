@@ -108,6 +108,7 @@ def patch(
     checkpointing: str | None = None,
     backend: str = "auto",
     nf4_cache_absmax: bool = False,
+    lora_precision: str = "activation",
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -128,10 +129,18 @@ def patch(
     ``nf4_cache_absmax=True`` (with ``quant``) keeps every double-quantised 4-bit layer's absmax
     also decoded in fp32 (+32 / blocksize bits per weight, 0.5 at blocksize 64; each layer's cost
     is in the report), so the NF4 kernels read it instead of decoding the 8-bit absmax per block.
+    ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
+    dtype (fp32 adapters over a bf16 base are cast once per step, never ``x``); ``"peft"``
+    keeps PEFT's promotion of the input to the adapters' dtype exactly
+    (:func:`fastft.ops.lora_linear`'s ``precision``).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
+    from ..ops.lora import PRECISIONS
+
+    if lora_precision not in PRECISIONS:
+        raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -175,6 +184,7 @@ def patch(
         backend=backend,
         nf4_cache_absmax=nf4_cache_absmax,
     )
+    options.update(lora_precision=lora_precision)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )
