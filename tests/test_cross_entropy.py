@@ -969,7 +969,7 @@ def test_flce_ledger_at_gpu_shape(head):
         with led.section("backward"):
             loss.backward()
     ops = led.ops("forward")
-    assert ops.count("flce") == 1 and not led.temporaries_of((N, V)), led.table()
+    assert ops.count("fastft::flce") == 1 and not led.temporaries_of((N, V)), led.table()
     # the only large conversion: the fp32 grad_weight accumulator to the weight's dtype, once
     big = led.conversions_at_least(N * H)
     assert len(big) == (1 if head == "trainable" else 0), led.table()
