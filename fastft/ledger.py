@@ -158,7 +158,7 @@ class _Mode(TorchDispatchMode):
             if not led._quiet:
                 ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
                 outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.numel()]
-                led._kernel(func._schema.name, ins, outs)
+                led._kernel(func._opname, ins, outs)
             return out
         out = func(*args, **kwargs)
         if led._quiet:
