@@ -53,7 +53,6 @@ With equal dtypes the two are the same computation.
 from __future__ import annotations
 
 import math
-import weakref
 
 import torch
 from torch import nn
@@ -109,29 +108,17 @@ def dropout_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> tor
     return keep.view(shape).to(dtype) * (65536.0 / (65536 - threshold))
 
 
-# (id(tensor), dtype, scale) -> (weakref to it, (data pointer, version, dtype, device, scale), the copy)
-_CASTS: dict = {}
-
-
 def cast_adapter(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
-    """``scale * t`` in ``dtype`` (detached), formed once per version of ``t``: an adapter weight is
-    cast again only after an optimizer step (or any in-place change) bumps its version counter.
-    The scale is applied in ``t``'s dtype before the one rounding to ``dtype``. The copy lives as
-    long as ``t`` (a few MiB for a whole model's adapters)."""
+    """``scale * t`` in ``dtype`` (detached): the scale is applied in ``t``'s dtype before the one
+    rounding to ``dtype``. Formed on every call (an adapter is rank-sized: r x in or out x r, one
+    small launch). It is deliberately not cached across calls: FSDP2 refills its unsharded
+    parameters in place without bumping their version counters, so no stamp of a parameter
+    (pointer, version) can tell a stale copy from a fresh one; a cache keyed on them trained
+    on stale adapters under FSDP2."""
     if t.dtype == dtype and scale == 1.0:
         return t
-    try:
-        stamp = (t.data_ptr(), t._version, dtype, t.device, scale)
-    except RuntimeError:  # inference tensors have no version counter: no cache
-        return (t.detach() * scale).to(dtype)
-    key = (id(t), dtype, scale)
-    hit = _CASTS.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == stamp:
-        return hit[2]
     with torch.no_grad():
-        c = (t.detach() * scale if scale != 1.0 else t.detach()).to(dtype)
-    _CASTS[key] = (weakref.ref(t, lambda _r, k=key: _CASTS.pop(k, None)), stamp, c)
-    return c
+        return (t.detach() * scale if scale != 1.0 else t.detach()).to(dtype)
 
 
 def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
@@ -248,7 +235,7 @@ class _LoraLinear(torch.autograd.Function):
         out_dtype = x2d.dtype
         act = precision == "activation"
         if act or lora_B.dtype == out_dtype:
-            # the branch in x's dtype: s * B and A cast once per version, x never converted
+            # the branch in x's dtype: s * B and A cast once per call (rank-sized), x never converted
             A, B = cast_adapter(lora_A, out_dtype), cast_adapter(lora_B, out_dtype, scaling)  # B holds s * B
             lb = lora_bias.to(out_dtype) if lora_bias is not None else None
         else:
@@ -432,7 +419,7 @@ def lora_linear(
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
         # what nn.Linear does under autocast: every floating operand in the autocast dtype (the
-        # activation precision leaves the adapters to the op, which casts them once per version)
+        # activation precision leaves the adapters to the op, which casts them once per call)
         dt = torch.get_autocast_dtype(dev)
 
         def cast(t):

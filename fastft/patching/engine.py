@@ -130,7 +130,7 @@ def patch(
     also decoded in fp32 (+32 / blocksize bits per weight, 0.5 at blocksize 64; each layer's cost
     is in the report), so the NF4 kernels read it instead of decoding the 8-bit absmax per block.
     ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
-    dtype (fp32 adapters over a bf16 base are cast once per step, never ``x``); ``"peft"``
+    dtype (fp32 adapters over a bf16 base are cast once per call, never ``x``); ``"peft"``
     keeps PEFT's promotion of the input to the adapters' dtype exactly
     (:func:`fastft.ops.lora_linear`'s ``precision``).
     """

@@ -194,7 +194,7 @@ def _precision_text(layer, precision: str) -> str:
     ad = "/".join(sorted(str(d).replace("torch.", "") for d in dts))
     if precision == "peft":
         return f"{ad} adapters, PEFT's promotion of x to {ad} (lora_precision='peft')"
-    return f"{ad} adapters cast once per step, branch in the activation dtype"
+    return f"{ad} adapters cast once per call, branch in the activation dtype"
 
 
 def apply(ctx) -> None:
