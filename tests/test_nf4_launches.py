@@ -307,3 +307,20 @@ def test_split_k_gemm_matches_the_reference(launches, monkeypatch, dtype, M, pro
         pt = nf4_matmul_reference(x, packed, state, bias)
         err, base = (y.float() - ref).abs().max(), (pt.float() - ref).abs().max()
         assert err <= 2 * base + 2**-7 * ref.abs().max(), (err, base)
+
+
+def test_the_harness_times_providers_interleaved():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "_harness.py"
+    spec = importlib.util.spec_from_file_location("_harness_for_test", path)
+    H = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(H)
+    order: list[str] = []
+    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c")}
+    out = H.time_interleaved(fns, warmup=1, reps=3, inner=2)
+    assert set(out) == {"a", "b", "c"} and all(out[n]["reps"] == 3 and out[n]["inner"] == 2 for n in out)
+    timed = order[3:]  # after one warmup call each: every repetition runs all three, order rotated
+    assert timed == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
+    assert out["a"]["interleaved_with"] == ["b", "c"]
