@@ -176,7 +176,8 @@ _CPP_EXPECTED = {
     (torch.float32, 16): 1,
     (torch.float32, 100): 1,  # panels dequantised inside the one call
     (torch.bfloat16, 1): 1,
-    (torch.bfloat16, 16): 2,  # dequantise to bf16 + torch GEMM
+    (torch.bfloat16, 16): 1,  # bf16 panels + torch GEMM inside the one call
+    (torch.float16, 16): 2,  # dequantise to fp16 + torch GEMM
 }
 
 

@@ -25,6 +25,8 @@
 // contiguous vector of x with no shuffles in the inner loop.
 // Large M: weights are dequantised panel by panel (kPanelRows rows of W, fp32, reused by all
 // M rows) and each panel is multiplied by torch's GEMM; each weight is still decoded once.
+// bf16 x above kFusedMaxM16 rows: bf16 panels (L2-sized), one per thread at a time, each
+// multiplied by a single-threaded torch GEMM inside one OpenMP region.
 //
 // The instruction set is chosen at run time (__builtin_cpu_supports); FASTFT_NF4_ISA=
 // avx512|avx2|scalar forces a path (debugging and tests), "auto" or unset picks the best.
@@ -53,6 +55,8 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 constexpr int64_t kFusedMaxM = 32;     // above this, dequantise panels + GEMM
 constexpr int64_t kPanelElems = 1 << 20;  // fp32 elements per dequantised panel (4 MiB)
+constexpr int64_t kFusedMaxM16 = 8;       // 16-bit x above this: bf16 panels + GEMM
+constexpr int64_t kPanelElems16 = 1 << 19;  // bf16 weights per panel (1 MiB, L2-resident)
 constexpr int64_t kGroupRows = 16;        // weight rows that share one pass over an x chunk
 constexpr int64_t kChunkBytes = 32 << 10; // x chunk (one row tile) kept in L1 while a row group goes by
 
@@ -532,6 +536,37 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   if (M == 0) return at::empty({0, N}, x.options());
   const auto* p = packed.data_ptr<uint8_t>();
   const auto* c = code.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16 && M > kFusedMaxM16) {
+    // 16-bit x beyond a few rows: the fused kernel's fp32 FMAs lose to a bf16 GEMM, so each
+    // thread dequantises bf16 panels of kPanelElems16 weights (they stay in its L2: no
+    // full-size 16-bit copy of W is written to memory and read back) and multiplies each with
+    // torch's GEMM, which runs single-threaded inside this one parallel region (alternating
+    // OpenMP regions with torch's threaded GEMM per panel was 10-100x slower on a loaded CPU).
+    at::Tensor y = at::empty({M, N}, x.options());
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, kPanelElems16 / K));
+    const int64_t npanels = (N + rows - 1) / rows;
+    const int64_t bpr = K / blocksize;
+    at::Tensor b16 = bf.defined() ? bf.to(at::kBFloat16) : at::Tensor();
+#pragma omp parallel num_threads(std::min<int64_t>(num_threads(), npanels))
+    {
+      at::Tensor panel = at::empty({rows, K}, x.options());
+      at::Tensor part = at::empty({M, rows}, x.options());
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < npanels; ++i) {
+        const int64_t n0 = i * rows, r = std::min(rows, N - n0);
+        at::Tensor w = panel.narrow(0, 0, r);
+        dequant_blocks(isa, p, am, c, blocksize, N * K, n0 * bpr, (n0 + r) * bpr,
+                       reinterpret_cast<c10::BFloat16*>(w.data_ptr()), 1);
+        at::Tensor out = part.narrow(1, 0, r);
+        if (b16.defined())
+          at::addmm_out(out, b16.narrow(0, n0, r), x, w.t());
+        else
+          at::mm_out(out, x, w.t());
+        y.narrow(1, n0, r).copy_(out);
+      }
+    }
+    return y;
+  }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y;
   if (M <= kFusedMaxM) {
