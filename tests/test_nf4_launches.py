@@ -176,7 +176,8 @@ _CPP_EXPECTED = {
     (torch.float32, 16): 1,
     (torch.float32, 100): 1,  # panels dequantised inside the one call
     (torch.bfloat16, 1): 1,
-    (torch.bfloat16, 16): 2,  # dequantise to bf16 + torch GEMM
+    (torch.bfloat16, 16): 1,  # bf16 panels + torch GEMM inside the one call
+    (torch.float16, 16): 2,  # dequantise to fp16 + torch GEMM
 }
 
 
@@ -278,3 +279,49 @@ def test_state_helpers_keep_the_cache():
     assert moved.absmax_cache is not None and torch.equal(moved.absmax_cache, state.absmax_cache)
     plain = NF4State(state.shape, state.dtype, state.blocksize, state.absmax_cache, state.code)
     assert plain.with_absmax_cache() is plain  # no double quantisation: nothing to cache
+
+
+# --------------------------------------------------------------------------------------
+# 8 < M <= 64: the GEMM tiled by M with split-K (a reduction step)
+# --------------------------------------------------------------------------------------
+@needs_interp
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(("M", "programs"), [(9, 64), (24, 1000), (40, 1)])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_split_k_gemm_matches_the_reference(launches, monkeypatch, dtype, M, programs, with_bias):
+    monkeypatch.setattr(k_triton, "SPLIT_K_PROGRAMS", programs)
+    monkeypatch.setattr(k_triton, "SPLIT_K_MIN_STEPS", 1)
+    N, K = 24, 352  # K not a multiple of BLOCK_K * SPLIT_K: a short last split
+    packed, state = _state("double_quant", N, K, blocksize=32)
+    x = torch.randn(M, K).to(dtype)
+    bias = torch.randn(N).to(dtype) if with_bias else None
+    y = nf4_matmul(x, packed, state, bias, backend="triton")
+    tiles = -(-M // k_triton._GEMM_INTERPRET[0]) * -(-N // k_triton._GEMM_INTERPRET[1])
+    split = k_triton._split_k(tiles, K, k_triton._GEMM_INTERPRET[2], x.device)
+    assert len(launches) == (1 if split == 1 else 2), (split, launches)
+    assert (split > 1) == (programs > tiles)
+    ref = nf4_matmul_reference(x.float(), packed, state, bias)
+    if dtype == torch.float32:
+        torch.testing.assert_close(y, ref, atol=1e-5, rtol=1e-5)
+    else:  # bf16 rule: error vs the fp32 oracle within 2x that of PyTorch's own bf16 product, plus
+        # one ulp of the largest output: the interpreter truncates bf16 stores (see test_nf4_triton)
+        pt = nf4_matmul_reference(x, packed, state, bias)
+        err, base = (y.float() - ref).abs().max(), (pt.float() - ref).abs().max()
+        assert err <= 2 * base + 2**-7 * ref.abs().max(), (err, base)
+
+
+def test_the_harness_times_providers_interleaved():
+    import importlib.util
+    import pathlib
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "bench" / "_harness.py"
+    spec = importlib.util.spec_from_file_location("_harness_for_test", path)
+    H = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(H)
+    order: list[str] = []
+    fns = {n: (lambda n=n: order.append(n)) for n in ("a", "b", "c")}
+    out = H.time_interleaved(fns, warmup=1, reps=3, inner=2)
+    assert set(out) == {"a", "b", "c"} and all(out[n]["reps"] == 3 and out[n]["inner"] == 2 for n in out)
+    timed = order[3:]  # after one warmup call each: every repetition runs all three, order rotated
+    assert timed == ["a", "a", "b", "b", "c", "c", "b", "b", "c", "c", "a", "a", "c", "c", "a", "a", "b", "b"]
+    assert out["a"]["interleaved_with"] == ["b", "c"]

@@ -281,17 +281,22 @@ for x_dt, dq in itertools.product(("*bf16", "*fp16", "*fp32"), (False, True)):
     sp, common = scales(dq)
     ptrs = dict(x_ptr=x_dt, packed_ptr="*u8", code_ptr="*fp32", bias_ptr=x_dt, out_ptr=x_dt, **sp)
     for blocksize in (32, 64, 128):
-        bm, bn, bk, warps, stages = k._GEMM_CONFIG["fp32" if x_dt == "*fp32" else "16bit"]
-        compile_(k._nf4_gemm_kernel, ptrs, dict(
-            HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0,
-            INPUT_PRECISION="ieee" if x_dt == "*fp32" else None, UPCAST_DOT=False,
-            BLOCKSIZE=blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common), warps, stages,
-            what=("gemm", x_dt, blocksize, dq))
+        key = "fp32" if x_dt == "*fp32" else "16bit"
+        for bm, (bn, bk, warps, stages) in k._GEMM_SMALL_M_CONFIG[key].items():
+            for split in (1, 4):
+                compile_(k._nf4_gemm_kernel, ptrs, dict(
+                    HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0, SPLIT_K=split,
+                    INPUT_PRECISION="ieee" if x_dt == "*fp32" else None, UPCAST_DOT=False,
+                    BLOCKSIZE=blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common), warps, stages,
+                    what=("gemm", x_dt, blocksize, dq, bm, split))
         for block_m, (bn, bk, warps) in k._GEMV_CONFIG.items():
             compile_(k._nf4_gemv_kernel, ptrs, dict(
                 HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0, ROUND_W=x_dt != "*fp32",
                 BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **common), warps,
                 what=("gemv", x_dt, blocksize, block_m, dq))
+for out in ("*fp32", "*bf16"):
+    compile_(k._splitk_reduce_kernel, dict(ws_ptr="*fp32", bias_ptr=out, out_ptr=out),
+             dict(HAS_BIAS=True, SPLIT_K=4, BLOCK=1024), 4, what=("splitk reduce", out))
 print("OK")
 """
 

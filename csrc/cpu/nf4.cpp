@@ -25,6 +25,8 @@
 // contiguous vector of x with no shuffles in the inner loop.
 // Large M: weights are dequantised panel by panel (kPanelRows rows of W, fp32, reused by all
 // M rows) and each panel is multiplied by torch's GEMM; each weight is still decoded once.
+// bf16 x above kFusedMaxM16 rows: bf16 panels (L2-sized), one per thread at a time, each
+// multiplied by a single-threaded torch GEMM inside one OpenMP region.
 //
 // The instruction set is chosen at run time (__builtin_cpu_supports); FASTFT_NF4_ISA=
 // avx512|avx2|scalar forces a path (debugging and tests), "auto" or unset picks the best.
@@ -53,6 +55,10 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 constexpr int64_t kFusedMaxM = 32;     // above this, dequantise panels + GEMM
 constexpr int64_t kPanelElems = 1 << 20;  // fp32 elements per dequantised panel (4 MiB)
+constexpr int64_t kFusedMaxM16 = 8;       // 16-bit x above this: bf16 panels + GEMM
+constexpr int64_t kPanelElems16 = 1 << 19;  // bf16 weights per panel (1 MiB, L2-resident)
+constexpr int64_t kGroupRows = 16;        // weight rows that share one pass over an x chunk
+constexpr int64_t kChunkBytes = 32 << 10; // x chunk (one row tile) kept in L1 while a row group goes by
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -262,6 +268,8 @@ struct RowArgs {
   float* y;              // y[m0, n], row stride ldy
   int64_t ldy;
   float bias;
+  int64_t blk0, blk1;    // the blocks of the row this call covers (a chunk of K)
+  bool first;            // the first chunk: y = bias + sum, else y += sum
 };
 
 template <int MT>
@@ -275,8 +283,7 @@ FASTFT_AVX512 void row_avx512(const RowArgs& a) {
     tail[m] = 0.f;
   }
   const __m512 code = _mm512_loadu_ps(a.code);
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const __m512 tbl = _mm512_mul_ps(code, _mm512_set1_ps(scale));
     const uint8_t* p = a.wrow + ((blk * a.bs) >> 1);
@@ -302,7 +309,8 @@ FASTFT_AVX512 void row_avx512(const RowArgs& a) {
     }
   }
   for (int m = 0; m < MT; ++m)
-    a.y[m * a.ldy] = _mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m] + a.bias;
+    a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) +
+                     (_mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m]);
 }
 
 FASTFT_AVX2 inline float hsum8(__m256 v) {
@@ -323,8 +331,7 @@ FASTFT_AVX2 void row_avx2(const RowArgs& a) {
     tail[m] = 0.f;
   }
   const __m256 clo = _mm256_loadu_ps(a.code), chi = _mm256_loadu_ps(a.code + 8);
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const __m256 s = _mm256_set1_ps(scale);
     const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
@@ -350,14 +357,14 @@ FASTFT_AVX2 void row_avx2(const RowArgs& a) {
       for (int m = 0; m < MT; ++m) tail[m] += w * xb[m * a.K + g];
     }
   }
-  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = hsum8(kTwo ? _mm256_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m] + a.bias;
+  for (int m = 0; m < MT; ++m)
+    a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) + (hsum8(kTwo ? _mm256_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m]);
 }
 
 template <int MT>
 void row_scalar(const RowArgs& a) {
   float acc[MT] = {};
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const float* xb = a.x + blk * a.bs;
     for (int64_t g = 0; g < a.bs; ++g) {
@@ -365,7 +372,7 @@ void row_scalar(const RowArgs& a) {
       for (int m = 0; m < MT; ++m) acc[m] += w * xb[m * a.K + g];
     }
   }
-  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = acc[m] + a.bias;
+  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) + acc[m];
 }
 
 using RowFn = void (*)(const RowArgs&);
@@ -386,25 +393,34 @@ void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const Scales&
   const RowFn* fns = isa == Isa::Avx512 ? t512.data() : isa == Isa::Avx2 ? t2.data() : t1.data();
   const int64_t tile = isa == Isa::Avx512 ? kTileAvx512 : isa == Isa::Avx2 ? kTileAvx2 : kTileScalar;
   const int64_t bpr = K / bs;  // blocks per row
-  // contiguous ranges of n per thread: each weight row streams from memory once, and the
-  // packed row stays in L1 while the row tiles of x go by. A double-quantised row's scales
-  // are decoded once into the thread's `row` buffer (bpr floats) before its tiles run.
+  // Rows of W go in groups of kGroupRows, contiguous ranges of groups per thread: each weight
+  // row streams from memory once. Within a group K is cut into chunks whose x rows (up to one
+  // row tile: tile * chunk fp32 values) stay in L1 (kChunkBytes) while the group's rows go by,
+  // so that x is read from L2 once per group and chunk, not once per weight row (at M = 16,
+  // K = 4096 that is 256 KiB of x for every one of the N rows otherwise). A double-quantised
+  // group's scales are decoded once into the thread's `scales` buffer first.
+  const int64_t mt_max = std::min<int64_t>(tile, M);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (mt_max * int64_t(sizeof(float)) * bs));  // blocks
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
 #pragma omp parallel num_threads(num_threads())
   {
-    std::vector<float> row(absmax.f32 == nullptr ? bpr : 0);
+    std::vector<float> scales(absmax.f32 == nullptr ? kGroupRows * bpr : 0);
 #pragma omp for schedule(static)
-    for (int64_t n = 0; n < N; ++n) {
-      const float* absrow = absmax.f32 + n * bpr;
-      if (absmax.f32 == nullptr) {
-        for (int64_t b = 0; b < bpr; ++b) row[b] = absmax(n * bpr + b);
-        absrow = row.data();
-      }
-      RowArgs a{packed + n * (K / 2), absrow, code, nullptr, K, bs, nullptr, N, bias ? bias[n] : 0.f};
-      for (int64_t m0 = 0; m0 < M; m0 += tile) {
-        const int64_t mt = std::min(tile, M - m0);
-        a.x = xp + m0 * K;
-        a.y = y + m0 * N + n;
-        fns[mt - 1](a);
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
+      const float* gscale = absmax.f32 != nullptr ? absmax.f32 + n0 * bpr : scales.data();
+      if (absmax.f32 == nullptr)
+        for (int64_t b = 0; b < (n1 - n0) * bpr; ++b) scales[b] = absmax(n0 * bpr + b);
+      for (int64_t c0 = 0; c0 < bpr; c0 += chunk) {
+        const int64_t c1 = std::min(bpr, c0 + chunk);
+        for (int64_t m0 = 0; m0 < M; m0 += tile) {
+          const int64_t mt = std::min(tile, M - m0);
+          for (int64_t n = n0; n < n1; ++n) {
+            RowArgs a{packed + n * (K / 2), gscale + (n - n0) * bpr, code, xp + m0 * K, K, bs, y + m0 * N + n, N,
+                      bias ? bias[n] : 0.f, c0, c1, c0 == 0};
+            fns[mt - 1](a);
+          }
+        }
       }
     }
   }
@@ -520,6 +536,37 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   if (M == 0) return at::empty({0, N}, x.options());
   const auto* p = packed.data_ptr<uint8_t>();
   const auto* c = code.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16 && M > kFusedMaxM16) {
+    // 16-bit x beyond a few rows: the fused kernel's fp32 FMAs lose to a bf16 GEMM, so each
+    // thread dequantises bf16 panels of kPanelElems16 weights (they stay in its L2: no
+    // full-size 16-bit copy of W is written to memory and read back) and multiplies each with
+    // torch's GEMM, which runs single-threaded inside this one parallel region (alternating
+    // OpenMP regions with torch's threaded GEMM per panel was 10-100x slower on a loaded CPU).
+    at::Tensor y = at::empty({M, N}, x.options());
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, kPanelElems16 / K));
+    const int64_t npanels = (N + rows - 1) / rows;
+    const int64_t bpr = K / blocksize;
+    at::Tensor b16 = bf.defined() ? bf.to(at::kBFloat16) : at::Tensor();
+#pragma omp parallel num_threads(std::min<int64_t>(num_threads(), npanels))
+    {
+      at::Tensor panel = at::empty({rows, K}, x.options());
+      at::Tensor part = at::empty({M, rows}, x.options());
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < npanels; ++i) {
+        const int64_t n0 = i * rows, r = std::min(rows, N - n0);
+        at::Tensor w = panel.narrow(0, 0, r);
+        dequant_blocks(isa, p, am, c, blocksize, N * K, n0 * bpr, (n0 + r) * bpr,
+                       reinterpret_cast<c10::BFloat16*>(w.data_ptr()), 1);
+        at::Tensor out = part.narrow(1, 0, r);
+        if (b16.defined())
+          at::addmm_out(out, b16.narrow(0, n0, r), x, w.t());
+        else
+          at::mm_out(out, x, w.t());
+        y.narrow(1, n0, r).copy_(out);
+      }
+    }
+    return y;
+  }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y;
   if (M <= kFusedMaxM) {

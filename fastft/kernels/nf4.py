@@ -73,18 +73,15 @@ def _launch(fn, *args, **kwargs):
 # and enough programs (a 4096 x 4096 weight is 8192 of them) to fill every SM.
 _DEQUANT_BLOCK = 1024
 _DEQUANT_WARPS = 4
-# GEMM (M > 8): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by x's dtype. 16-bit x
-# runs wgmma with a 128 x 128 fp32 accumulator (64 registers per thread at 8 warps). The
+# GEMM (8 < M <= 64) tiles, see _GEMM_SMALL_M_CONFIG below. 16-bit x runs wgmma with an fp32
+# accumulator (a 128 x 128 one is 64 registers per thread at 8 warps). The
 # weight tile is decoded in registers before it goes to shared memory, which is what limits
 # BLOCK_K: at 64, ptxas needs all 255 registers and spills for blocksize 32 (scales gathered
 # per byte); at 32 it uses 199 and never spills. BLOCK_K 32 (16 for fp32) divides every
 # bitsandbytes blocksize (32 ... 4096), so one absmax per row covers a tile. fp32 x (IEEE)
 # runs tl.dot on FMAs from registers: 64 x 64 x 16 at 8 warps (150 registers; 64 x 64 x 32
 # spills). Checked with ptxas for sm_90, not tuned on a GPU yet.
-_GEMM_CONFIG = {
-    "16bit": (128, 128, 32, 8, 3),
-    "fp32": (64, 64, 16, 8, 2),
-}
+
 # GEMV (M <= 8): BLOCK_M (M rounded up to a power of two) -> (BLOCK_N, BLOCK_K, num_warps).
 # The un-reduced accumulator holds BLOCK_M * BLOCK_N * BLOCK_K / 2 fp32 values (8-16 per
 # thread at 8 warps); each step reads BLOCK_N * BLOCK_K / 2 weight bytes (2 KiB for M <= 2).
@@ -95,6 +92,18 @@ _GEMV_CONFIG = {
     4: (16, 128, 8),
     8: (16, 64, 8),
 }
+# 8 < M <= 64: BLOCK_M (M rounded up, 16..64) -> (BLOCK_N, BLOCK_K, num_warps, num_stages). The
+# tile is cut to M and split-K fills the GPU. Checked with ptxas for sm_90 (no spills), not
+# timed on a GPU yet.
+_GEMM_SMALL_M_CONFIG = {
+    "16bit": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 32, 8, 3)},
+    "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (64, 16, 8, 2)},
+}
+# Split-K: programs wanted in all (None: two per SM), at most SPLIT_K_MAX splits, and each split
+# at least SPLIT_K_MIN_STEPS steps of BLOCK_K. Tests may change these.
+SPLIT_K_PROGRAMS: int | None = None
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_STEPS = 4
 # Largest M the GEMV handles; above it the GEMM runs.
 GEMV_MAX_M = 8
 # Largest M the fused dequant-GEMM handles; above it: dequantise, then torch's GEMM. The fused
@@ -297,15 +306,17 @@ def _nf4_gemm_kernel(
     offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
-    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
+    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype; SPLIT_K > 1: (SPLIT_K, M, N) fp32 partial sums
     stride_om,  # elements between rows of out
     stride_on,  # elements between columns of out
     M,  # rows of x
     N,  # out_features (rows of W)
     K,  # in_features (columns of x and W; a multiple of BLOCKSIZE)
-    HAS_BIAS: tl.constexpr,  # add bias
+    K_PER,  # in_features per split (a multiple of BLOCK_K; K when SPLIT_K == 1)
+    HAS_BIAS: tl.constexpr,  # add bias (SPLIT_K == 1 only: the reduction adds it otherwise)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 2); > 1 writes fp32 partials for _splitk_reduce_kernel
     INPUT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee"/"tf32" for fp32 operands, else None
     UPCAST_DOT: tl.constexpr,  # run tl.dot on fp32 copies of the (rounded) operands (interpreter + bf16)
     DQ: tl.constexpr,  # double-quantised absmax, decoded in-kernel per block
@@ -317,13 +328,16 @@ def _nf4_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * stride overflows int32
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: n * K overflows int32
     m_ok = rm < M
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x_mask = m_ok[:, None]
         else:
@@ -351,13 +365,42 @@ def _nf4_gemm_kernel(
         if UPCAST_DOT:
             x, wt = x.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+    else:  # fp32 partial sum of this K range: workspace (SPLIT_K, M, N), contiguous
+        tl.store(
+            out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :],
+            acc,
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr,  # (SPLIT_K, M * N) fp32 partial sums
+    bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
+    out_ptr,  # (M, N) out, contiguous, in x's dtype
+    MN,  # M * N
+    N,  # out_features
+    HAS_BIAS: tl.constexpr,  # add bias
+    SPLIT_K: tl.constexpr,  # partial sums per output
+    BLOCK: tl.constexpr,  # outputs per program
+):
+    """``out = sum_s ws[s] (+ bias)``, summed in fp32 in a fixed order (deterministic), rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -567,6 +610,83 @@ def dequantize_nf4_triton(
     return out
 
 
+def _split_k(tiles: int, K: int, block_k: int, device: torch.device) -> int:
+    """Programs along K for the 8 < M <= 64 GEMM: enough (output tiles x splits) to fill the GPU
+    (SPLIT_K_PROGRAMS, default two per SM), at least SPLIT_K_MIN_STEPS loop steps per split."""
+    target = SPLIT_K_PROGRAMS
+    if target is None:
+        target = 2 * _sm_count(device) if device.type == "cuda" else 1
+    split = max(1, min(target // max(1, tiles), K // (block_k * SPLIT_K_MIN_STEPS), SPLIT_K_MAX))
+    return split
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _gemm_tiles(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 8 < M <= 64 rows: the tile is cut
+    to M (16, 32 or 64 rows) so that no program multiplies padding rows; split-K then gives
+    the GPU enough programs (N / BLOCK_N tiles alone are 32 for N = 4096)."""
+    if interpreting():
+        (bm, bn, bk), warps, stages = _GEMM_INTERPRET, 4, 1
+        return bm, bn, bk, warps, stages
+    key = "fp32" if dtype == torch.float32 else "16bit"
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    return (block_m,) + _GEMM_SMALL_M_CONFIG[key][block_m]
+
+
+def _launch_gemm(args, common, x2d, bias, out, M, N, K, blocksize) -> None:
+    """The fused dequant-GEMM for 8 < M <= FUSED_GEMM_MAX_M: one launch, or two with split-K
+    (fp32 partial sums in a (SPLIT_K, M, N) workspace, then a deterministic reduction)."""
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_tiles(M, x2d.dtype)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split = _split_k(tiles, K, block_k, x2d.device)
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per)  # no empty split
+    meta = dict(
+        common,
+        EVEN_K=K % block_k == 0,
+        ROW_SCALE=blocksize % block_k == 0,
+        SPLIT_K=split,
+        INPUT_PRECISION=_input_precision(x2d.dtype),
+        UPCAST_DOT=_upcast_dot(x2d.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+    if split == 1:
+        _launch(_nf4_gemm_kernel[grid], *args, K_PER=k_per, **meta)
+        return
+    ws = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+    a = list(args)
+    a[-6:-3] = [ws, N, 1]  # (out_ptr, stride_om, stride_on) -> the workspace
+    _launch(_nf4_gemm_kernel[grid], *a, K_PER=k_per, **meta)
+    block = 1024 if not interpreting() else 64
+    _launch(
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)],
+        ws,
+        bias if bias is not None else ws,  # placeholder, never read
+        out,
+        M * N,
+        N,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        BLOCK=block,
+        num_warps=4,
+    )
+
+
 def _input_precision(dtype: torch.dtype) -> str | None:
     """tl.dot precision for ``dtype`` operands: for fp32 what torch.mm uses (IEEE fp32 unless
     TF32 is allowed); None (Triton's default, tensor cores) for 16-bit operands."""
@@ -681,25 +801,5 @@ def nf4_matmul_triton(
             num_warps=num_warps,
         )
     else:
-        if interpreting():
-            (block_m, block_n, block_k), num_warps, num_stages = _GEMM_INTERPRET, 4, 1
-        else:
-            block_m, block_n, block_k, num_warps, num_stages = _GEMM_CONFIG[
-                "fp32" if x2d.dtype == torch.float32 else "16bit"
-            ]
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _launch(
-            _nf4_gemm_kernel[grid],
-            *args,
-            **common,
-            EVEN_K=K % block_k == 0,
-            ROW_SCALE=blocksize % block_k == 0,
-            INPUT_PRECISION=_input_precision(x2d.dtype),
-            UPCAST_DOT=_upcast_dot(x2d.dtype),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+        _launch_gemm(args, common, x2d, bias, out, M, N, K, blocksize)
     return out

@@ -31,11 +31,20 @@ Ops: :func:`quantize_nf4` (pure PyTorch, any device), :func:`dequantize_nf4` and
 :func:`nf4_matmul` (``y = x W~^T + bias``, ``W~`` of shape ``[N, K]``, computed in
 ``x``'s dtype like bnb's ``matmul_4bit``; differentiable in ``x`` and ``bias``:
 ``dX = dY W~``). The latter two dispatch through :mod:`fastft.backends` to ``triton``
-(:mod:`fastft.kernels.nf4`), ``cpp`` (:mod:`fastft.kernels.nf4_cpu`) or ``torch`` (the
-reference below), all with one low-level contract on plain tensors with fp32 absmax:
+(:mod:`fastft.kernels.nf4`), ``cuda`` (:mod:`fastft.kernels.nf4_cuda`), ``cpp``
+(:mod:`fastft.kernels.nf4_cpu`) or ``torch`` (the reference below), all with one low-level
+contract on plain tensors:
 
-    dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype) -> 1-D [numel]
-    nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias)      -> [M, N] in x2d.dtype
+    dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype, **nested) -> 1-D [numel]
+    nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias, **nested)      -> [M, N] in x2d.dtype
+
+``absmax`` is fp32, or (fused backends) the uint8 double-quantised absmax with ``nested =
+dict(absmax2=, code2=, offset=, blocksize2=)``, decoded per block inside the kernels; the torch
+reference always takes fp32 scales (:meth:`NF4State.absmax_fp32`). An :class:`NF4State` is
+validated once, when first used (:func:`prepare_state` keeps the kernels' flat views on it), so
+a call does only cheap checks of ``x``, ``bias`` and the packed bytes. Launch counts per call
+(tests hold them): dequantise 1; matmul ``M <= 8`` 1, ``8 < M <= 64`` 1 (Triton: 2 with split-K),
+above that dequantise + GEMM 2 (the C++ CPU kernel 1 for fp32 ``x``).
 
 The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``);
 :func:`nf4_matmul` dequantises other layouts and calls the framework's GEMM.
