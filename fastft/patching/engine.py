@@ -108,6 +108,7 @@ def patch(
     checkpointing: str | None = None,
     backend: str = "auto",
     lora_precision: str = "activation",
+    lora_group: bool = False,
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -128,7 +129,9 @@ def patch(
     ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
     dtype (fp32 adapters over a bf16 base are cast once per step, never ``x``); ``"peft"``
     keeps PEFT's promotion of the input to the adapters' dtype exactly
-    (:func:`fastft.ops.lora_linear`'s ``precision``).
+    (:func:`fastft.ops.lora_linear`'s ``precision``). ``lora_group=True`` runs LoRA layers
+    fed the same input by one module (q/k/v, gate/up; found by a probe forward) as one
+    autograd node (:mod:`fastft.patching.lora_group`).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
@@ -137,6 +140,8 @@ def patch(
 
     if lora_precision not in PRECISIONS:
         raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
+    if not isinstance(lora_group, bool):
+        raise TypeError(f"lora_group must be True or False, got {lora_group!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -171,7 +176,7 @@ def patch(
     options = dict(
         lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
     )
-    options.update(lora_precision=lora_precision)
+    options.update(lora_precision=lora_precision, lora_group=lora_group)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )
