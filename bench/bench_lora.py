@@ -285,15 +285,16 @@ def ledger_rows(cfg: dict, cells: list) -> list[dict]:
         def meta(*shape, dtype, grad=False):
             return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
 
-        x, dy, w = meta(n, fin, dtype=dt, grad=True), meta(n, fout, dtype=dt), meta(fout, fin, dtype=dt)
-        a, b = meta(r, fin, dtype=adt, grad=True), meta(fout, r, dtype=adt, grad=True)
         _, scaling = _scaling(cfg, r)
-        calls = {
-            "fastft": lambda: lora_linear(x, w, a, b, scaling, backend="torch"),  # noqa: B023 - called in this loop
-            "fastft-peft": lambda: lora_linear(x, w, a, b, scaling, backend="torch", precision="peft"),  # noqa: B023
-            "base": lambda: torch.nn.functional.linear(x, w),  # noqa: B023
-        }
-        for name, call in calls.items():
+        for name in ("fastft", "fastft-peft", "base"):
+            # fresh tensors per provider: no gradient accumulated from the previous one
+            x, dy, w = meta(n, fin, dtype=dt, grad=True), meta(n, fout, dtype=dt), meta(fout, fin, dtype=dt)
+            a, b = meta(r, fin, dtype=adt, grad=True), meta(fout, r, dtype=adt, grad=True)
+            if name == "base":
+                call = lambda: torch.nn.functional.linear(x, w)  # noqa: B023, E731 - called in this iteration
+            else:
+                prec = "activation" if name == "fastft" else "peft"
+                call = lambda: lora_linear(x, w, a, b, scaling, backend="torch", precision=prec)  # noqa: B023, E731
             led = Ledger(min_numel=n * min(fin, fout))
             with led:
                 with led.section("forward"):
