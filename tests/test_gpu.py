@@ -380,3 +380,39 @@ def test_lora_activation_precision_on_device(p):
     ref = [lora_linear(x, w, A, B, 2.0, dropout_p=p), lora_linear(x, w, A, B, 0.5, dropout_p=p)]
     for a, b in zip(ys, ref):
         assert _rel(a, b) < 2e-2
+
+
+def test_lora_dropout_cuda_graph_replay_draws_fresh_masks():
+    """The dropout seed lives in a device tensor drawn by torch's graph-safe generator: every replay
+    of a captured forward+backward uses a new mask, forward and backward the same one."""
+    g = torch.Generator(device=DEV).manual_seed(0)
+    x = torch.randn(512, 256, device=DEV, generator=g).bfloat16().requires_grad_(True)
+    w = (torch.randn(384, 256, device=DEV, generator=g) * 0.05).bfloat16()
+    A = torch.randn(16, 256, device=DEV, generator=g).mul_(0.05).requires_grad_(True)
+    B = torch.randn(384, 16, device=DEV, generator=g).mul_(0.05).requires_grad_(True)
+    zeros_w = torch.zeros_like(w)
+
+    def step():
+        y = lora_linear(x, zeros_w, A, B, 1.0, dropout_p=0.5)  # base 0: y is the LoRA branch only
+        y.backward(torch.ones_like(y))
+        return y
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    A.grad = None
+    with torch.cuda.graph(graph):
+        y_static = step()
+    outs, grads = [], []
+    for _ in range(3):
+        A.grad.zero_()
+        graph.replay()
+        outs.append(y_static.clone())
+        grads.append(A.grad.clone())
+    assert not torch.equal(outs[0], outs[1]) and not torch.equal(outs[1], outs[2])
+    assert not torch.equal(grads[0], grads[1])
+    del w

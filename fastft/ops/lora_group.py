@@ -29,7 +29,7 @@ from dataclasses import dataclass
 import torch
 
 from .. import backends
-from .lora import OP_LORA, _check, _kernels, cast_adapter, mm_to
+from .lora import OP_LORA, _check, _kernels, cast_adapter, draw_seed, mm_to
 
 __all__ = ["LoraMember", "lora_linear_group"]
 
@@ -155,15 +155,10 @@ def lora_linear_group(x: torch.Tensor, members, *, backend: str = "auto") -> tup
     choice = backends.select(OP_LORA, x.device, backend)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    seeds = tuple(
-        int(torch.randint(0, 2**62, (1,)).item()) if m.dropout_p > 0.0 else 0 for m in members
-    )  # CPU generator, one seed (one mask) per member: no device sync
-    meta = (
-        tuple(float(m.scaling) for m in members),
-        tuple(float(m.dropout_p) for m in members),
-        seeds,
-        _kernels(choice.backend, x2d, members[0].lora_A),
-    )
+    kernels = _kernels(choice.backend, x2d, members[0].lora_A)
+    # one seed (one mask) per member, in member order (as the per-layer calls draw them)
+    seeds = tuple(draw_seed(kernels, x.device) if m.dropout_p > 0.0 else 0 for m in members)
+    meta = (tuple(float(m.scaling) for m in members), tuple(float(m.dropout_p) for m in members), seeds, kernels)
     flat = []
     for m in members:
         flat += [m.weight, m.bias, m.lora_A, m.lora_B]
