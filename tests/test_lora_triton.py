@@ -385,3 +385,20 @@ def test_on_device_against_reference_with_the_same_mask(dtype, adapter_dtype, r)
     want = _grads(ref, (f32[0], f32[2], f32[3]), go)
     for a, b in zip(got, want):
         assert rel(a, b) < tol
+
+
+def test_seed_on_the_device_gives_the_int_seeds_mask():
+    """The op hands the kernels a (1,) int64 seed drawn on the device (no host sync; fresh at
+    every CUDA-graph replay): it selects the same mask as the same int."""
+    x, a = torch.randn(37, 24), torch.randn(8, 24)
+    s = torch.tensor([2**40 + 3], dtype=torch.int64)
+    torch.testing.assert_close(lora_xa(x, a, s, 0.3), lora_xa(x, a, 2**40 + 3, 0.3), rtol=0, atol=0)
+    torch.testing.assert_close(
+        dropout_mask_triton(s, (37, 24), 0.3, "cpu"), dropout_mask_triton(2**40 + 3, (37, 24), 0.3, "cpu")
+    )
+    t = torch.randn(37, 8)
+    torch.testing.assert_close(lora_dA(t, x, s, 0.3), lora_dA(t, x, 2**40 + 3, 0.3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="int64"):
+        lora_xa(x, a, torch.tensor([3], dtype=torch.int32), 0.3)
+    with pytest.raises(ValueError, match="seed"):
+        lora_xa(x, a, torch.tensor([3, 4]), 0.3)

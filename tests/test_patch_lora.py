@@ -236,3 +236,77 @@ def test_peft_precision_is_peft_promotion_in_bf16():
         torch.testing.assert_close(g, want_g[name], rtol=2e-2, atol=1e-4)
     with pytest.raises(ValueError, match="lora_precision"):
         fastft.patch(ours, lora_precision="fp8")
+
+
+def _groups(report):
+    return [p for p in report.patched if p.feature == "lora-group"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grouped_projections_equal_peft_fp32(family):
+    model = _peft_model(family).train()
+    batch = tiny_batch(VOCAB, batch=2, seq=20)
+    ref_loss, ref_grads = _step(model, batch)
+    report = fastft.patch(model, loss=False, lora_group=True, lora_precision="peft")
+    groups = _groups(report)
+    if family != "phi3" and family != "gpt2":  # fused qkv / c_attn: nothing to group in attention
+        assert any("q_proj+k_proj+v_proj" in g.detail for g in groups), str(report)
+    assert report.fallbacks == {} or not any("lora" in str(k) for k in report.fallbacks)
+    got_loss, got_grads = _step(model, batch)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in got_grads.items():
+        ref = ref_grads[name]
+        assert ((g - ref).abs().max() / ref.abs().max().clamp(min=1e-8)) <= 1e-5, name
+
+
+def test_grouped_with_dropout_equals_ungrouped_and_is_undone():
+    model = _peft_model("llama", dropout=0.2).train()
+    batch = tiny_batch(VOCAB)
+    fastft.patch(model, loss=False)
+    torch.manual_seed(9)
+    ref_loss, ref_grads = _step(model, batch)
+    report = fastft.patch(model, loss=False, lora_group=True)
+    assert len(_groups(report)) == 4  # per layer: q/k/v and gate/up
+    layer = _fused_layers(model)[0].__dict__["forward"]
+    calls = []
+    import fastft.patching.lora_group as lg
+
+    orig = lg.lora_linear_group
+    lg.lora_linear_group = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        torch.manual_seed(9)
+        got_loss, got_grads = _step(model, batch)
+    finally:
+        lg.lora_linear_group = orig
+    assert len(calls) == 4 and layer.group is not None
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7)
+    fastft.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_adapters_trained_grouped_load_in_plain_peft(tmp_path):
+    model = _peft_model("qwen2", dropout=0.1).train()
+    fastft.patch(model, lora_group=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = tiny_batch(VOCAB)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    fresh = PeftModel.from_pretrained(tiny_model("qwen2", vocab_size=VOCAB, seed=0), tmp_path).eval()
+    torch.testing.assert_close(fresh(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_under_inference_mode_and_eval():
+    model = _peft_model("mistral").eval()
+    batch = tiny_batch(VOCAB)
+    want = model(**batch).logits
+    fastft.patch(model, lora_group=True)
+    with torch.inference_mode():
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

@@ -9,7 +9,10 @@ with Triton's Philox counter RNG, at the element's offset in the ``[N, in]`` inp
     u    = tl.rand(seed, row * in_features + col)       (int64 offset, fp32 in [0, 1))
     M    = (u >= p) / (1 - p)
 
-so the forward and every backward kernel see the same mask, whatever their tiling.
+so the forward and every backward kernel see the same mask, whatever their tiling. The seed
+is a ``(1,)`` int64 tensor read on the device (the op draws it with torch's generator on the
+device: no host synchronisation, and a CUDA-graph replay draws a new one); an int is accepted
+too (copied to the device).
 :func:`dropout_mask_triton` materialises that very mask (tests and the reference use it).
 
 * :func:`lora_xa` ``(x [N, in], A [r, in]) -> (x * M) A^T  [N, r]`` in ``A``'s dtype;
@@ -69,21 +72,21 @@ def _scaled_keep(seed, offs, p, scale):
     return tl.where(tl.rand(seed, offs) >= p, scale, 0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
     out_ptr,  # (numel,) out: the scaled keep-mask, contiguous, any float dtype
     numel,  # number of elements
-    seed,  # Philox seed (int, < 2**63)
+    seed_ptr,  # (1,) int64 Philox seed, read on the device (a CUDA-graph replay sees a fresh one)
     p,  # dropout probability in [0, 1)
     scale,  # 1 / (1 - p)
     BLOCK: tl.constexpr,  # elements per program
 ):
     offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = _scaled_keep(seed, offs, p, scale)
+    m = _scaled_keep(tl.load(seed_ptr), offs, p, scale)
     tl.store(out_ptr + offs, m.to(out_ptr.dtype.element_ty), mask=offs < numel)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_xa_kernel(
     x_ptr,  # (N, K) input x, any float dtype
     stride_xn,  # elements between rows of x
@@ -97,7 +100,7 @@ def _lora_xa_kernel(
     N,  # rows of x
     K,  # in_features (columns of x; the mask's row length)
     R,  # rank
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply x by the regenerated mask
@@ -123,7 +126,7 @@ def _lora_xa_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
         a = tl.load(  # (BLOCK_K, BLOCK_R) = A^T tile
             a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
             mask=k_ok[:, None] & r_ok[None, :],
@@ -140,7 +143,7 @@ def _lora_xa_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_dx_add_kernel(
     dx_ptr,  # (N, K) in/out: dx += (t A) * M, any float dtype
     stride_dn,  # elements between rows of dx
@@ -154,7 +157,7 @@ def _lora_dx_add_kernel(
     N,  # rows of dx
     K,  # in_features (columns of dx; the mask's row length)
     R,  # rank (the reduction dimension)
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply t A by the regenerated mask
@@ -189,14 +192,14 @@ def _lora_dx_add_kernel(
             t, a = t.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(t, a, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+        acc = acc * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
     io_mask = row_ok[:, None] & k_ok[None, :]
     d_ptrs = dx_ptr + rn[:, None] * stride_dn + rk[None, :] * stride_dk
     d = tl.load(d_ptrs, mask=io_mask, other=0.0).to(tl.float32)
     tl.store(d_ptrs, (d + acc).to(dx_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_dA_kernel(
     t_ptr,  # (N, R) t = s * dY B; its dtype is the tl.dot operand dtype
     stride_tn,  # elements between rows of t
@@ -212,7 +215,7 @@ def _lora_dA_kernel(
     K,  # in_features (the mask's row length)
     R,  # rank
     rows_per_split,  # rows each split reduces over (a multiple of BLOCK_N)
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply x by the regenerated mask
@@ -246,7 +249,7 @@ def _lora_dA_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
         xo = x.to(t.dtype)
         if UPCAST_DOT:
             t, xo = t.to(tl.float32), xo.to(tl.float32)
@@ -277,12 +280,24 @@ def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {t.dtype}")
 
 
-def _check_dropout(seed, p) -> tuple[int, float, float]:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+def _check_dropout(seed, p, device=None) -> tuple[torch.Tensor, float, float]:
+    """(seed as a (1,) int64 tensor on ``device``, p, 1 / (1 - p)). A seed drawn on the device
+    (``torch.randint(0, 2**62, (1,), device=...)``, what the op passes) is used as it is: no host
+    round trip, and a CUDA-graph replay draws a new one; an int seed is copied there."""
+    if torch.is_tensor(seed):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(
+                f"seed must be a (1,) int64 tensor or an int, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        if device is not None and seed.device.type != torch.device(device).type:
+            raise ValueError(f"seed is on {seed.device} but the input is on {device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
+    else:
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
         raise ValueError(f"p must be a number in [0, 1), got {p!r}")
-    return int(seed), float(p), 1.0 / (1.0 - float(p))
+    return seed.reshape(1), float(p), 1.0 / (1.0 - float(p))
 
 
 def _same_device(ref: torch.Tensor, **tensors) -> None:
@@ -335,11 +350,11 @@ def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32)
     input that is ``row * in + col``, for ``[..., in]`` the same as its ``[N, in]`` view.
     """
     # check
-    seed, p, scale = _check_dropout(seed, p)
+    device = torch.device(device)
+    seed, p, scale = _check_dropout(seed, p, device)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    device = torch.device(device)
     _check_runnable(device, "dropout_mask_triton")
 
     # allocate
@@ -369,7 +384,7 @@ def lora_xa(x2d: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Te
     if A.shape[1] != K:
         raise ValueError(f"A shape {tuple(A.shape)} must be [r, in] with in = {K} (x2d shape {tuple(x2d.shape)})")
     _same_device(x2d, A=A)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, x2d.device)
     _check_runnable(x2d.device, "lora_xa")
 
     # allocate
@@ -428,7 +443,7 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     if tuple(t.shape) != (N, R):
         raise ValueError(f"t shape {tuple(t.shape)} must be [N, r] = [{N}, {R}]")
     _same_device(dx, t=t, A=A)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, dx.device)
     _check_runnable(dx.device, "lora_dx_add_")
 
     # allocate (nothing: in place)
@@ -482,7 +497,7 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float, *, out_dtyp
     if t.shape[0] != N:
         raise ValueError(f"t shape {tuple(t.shape)} must be [N, r] with N = {N} (x2d shape {tuple(x2d.shape)})")
     _same_device(x2d, t=t)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, x2d.device)
     _check_runnable(x2d.device, "lora_dA")
     out_dtype = t.dtype if out_dtype is None else out_dtype
     if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):

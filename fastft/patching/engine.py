@@ -109,6 +109,7 @@ def patch(
     backend: str = "auto",
     nf4_cache_absmax: bool = False,
     lora_precision: str = "activation",
+    lora_group: bool = False,
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -132,7 +133,9 @@ def patch(
     ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
     dtype (fp32 adapters over a bf16 base are cast once per call, never ``x``); ``"peft"``
     keeps PEFT's promotion of the input to the adapters' dtype exactly
-    (:func:`fastft.ops.lora_linear`'s ``precision``).
+    (:func:`fastft.ops.lora_linear`'s ``precision``). ``lora_group=True`` runs LoRA layers
+    fed the same input by one module (q/k/v, gate/up; found by a probe forward) as one
+    autograd node (:mod:`fastft.patching.lora_group`).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
@@ -141,6 +144,8 @@ def patch(
 
     if lora_precision not in PRECISIONS:
         raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
+    if not isinstance(lora_group, bool):
+        raise TypeError(f"lora_group must be True or False, got {lora_group!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -184,7 +189,7 @@ def patch(
         backend=backend,
         nf4_cache_absmax=nf4_cache_absmax,
     )
-    options.update(lora_precision=lora_precision)
+    options.update(lora_precision=lora_precision, lora_group=lora_group)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )

@@ -111,6 +111,7 @@ class FusedLoraForward(GuardedForward):
         self.fan_in_fan_out = fan_in_fan_out
         self.kind = kind
         self.precision = precision
+        self.group, self.group_index = None, None  # set by patching.lora_group
 
     def unfused_reason(self, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None when it can)."""
@@ -147,6 +148,10 @@ class FusedLoraForward(GuardedForward):
         why = None if self.forced else self.misfit(x, layer.lora_A[adapter])
         if why is not None:
             return self.fall_back(why, x, *args, **kwargs)
+        if self.group is not None:
+            y = self.group.output(self, x, adapter)
+            if y is not None:
+                return y
         return self.fused_or_fall_back(lambda: self._fused(x, adapter), (x, *args), kwargs)
 
     def _fused(self, x, adapter):
@@ -201,6 +206,7 @@ def apply(ctx) -> None:
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
     backend = ctx.options["backend"]
     found = 0
+    fused = {}
     for name, module in root.named_modules():
         if not _is_lora_layer(module):
             continue
@@ -231,6 +237,7 @@ def apply(ctx) -> None:
         precision = ctx.options.get("lora_precision", "activation")
         fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, precision, target=name, report=ctx.report)
         ctx.swap(module, "forward", fwd)
+        fused[name] = (module, fwd)
         device = base.weight.device
         how = backends.select(OP_LORA, device, backend).backend
         layout = {
@@ -245,6 +252,10 @@ def apply(ctx) -> None:
             name,
             f"lora_linear [{how}], {layout}, {_dropout_text(module)}, {_precision_text(module, precision)}{note}",
         )
+    if fused and ctx.options.get("lora_group", False):
+        from . import lora_group
+
+        lora_group.apply(ctx, fused)
     if found == 0:
         where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"
         ctx.report.skip(FEATURE, "model", where)
