@@ -189,7 +189,7 @@ class _Experts(torch.autograd.Function):
         if b2 is not None:
             y += b2[sorted_ids]
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-        out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, y * ws[:, None])
+        out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
         ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2)
         ctx.act, ctx.transposed, ctx.K = act, transposed, K
         ctx.has_b1 = b1 is not None
@@ -234,7 +234,7 @@ class _Experts(torch.autograd.Function):
         if need[0]:
             dxs = _gmm(dh, w1t.transpose(-2, -1), offs)  # (S, H)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
-            dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs).to(x.dtype)
+            dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
         return dx, None, dw, dw1, dw2, db1, db2, None, None
 
 

@@ -105,6 +105,7 @@ def patch(
     norms: bool = True,
     rope: bool = True,
     mlp: bool = True,
+    experts: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
 ) -> PatchReport:
@@ -134,6 +135,7 @@ def patch(
         ("norms", norms),
         ("rope", rope),
         ("mlp", mlp),
+        ("experts", experts),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -159,7 +161,15 @@ def patch(
 
     _unpatch_resolved(hf_model)
     options = dict(
-        lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
+        lora=lora,
+        loss=loss,
+        quant=quant,
+        norms=norms,
+        rope=rope,
+        mlp=mlp,
+        experts=experts,
+        checkpointing=checkpointing,
+        backend=backend,
     )
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
@@ -168,6 +178,7 @@ def patch(
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
     from . import checkpointing as checkpointing_feature
+    from . import experts as experts_feature
     from . import fused_ops
     from . import lora as lora_feature
     from . import loss as loss_feature
@@ -178,6 +189,7 @@ def patch(
         ("quant", quant, quant_feature.apply),
         ("norms", norms, fused_ops.apply_norms),
         ("mlp", mlp, fused_ops.apply_mlp),
+        ("experts", experts, experts_feature.apply),
         ("rope", rope, fused_ops.apply_rope),
         ("loss", loss, loss_feature.apply),
         ("checkpointing", checkpointing is not None, checkpointing_feature.apply),
