@@ -231,3 +231,29 @@ def test_no_experts_reported_and_disabled():
     report = fastft.patch(model, experts=False, loss=False)
     assert model.config._experts_implementation != "fastft"
     assert any(s.feature == "experts" and s.reason == "disabled by the caller" for s in report.skipped)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_peft_target_parameters_lora_on_patched_experts(family):
+    """PEFT LoRA on expert weights (target_parameters) under the experts patch: PEFT's loss and every LoRA grad.
+
+    PEFT's ParamWrapper still forms the delta weight (parametrization); the experts op consumes it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model(family)
+    model.config._experts_implementation = "eager"
+    cfg = LoraConfig(
+        r=4, target_modules=[], target_parameters=["experts.gate_up_proj", "experts.down_proj"], init_lora_weights=False
+    )
+    peft_model = get_peft_model(model, cfg)
+    batch = _batch(model)
+    ref_loss, ref_grads = _loss_and_grads(peft_model, batch)
+    assert ref_grads and all("lora_" in n for n in ref_grads)
+    report = fastft.patch(peft_model, loss=False, norms=False, rope=False, mlp=False)
+    assert len([p for p in report.patched if p.feature == "experts"]) == 2
+    loss, grads = _loss_and_grads(peft_model, batch)
+    assert not report.fallbacks
+    torch.testing.assert_close(loss, ref_loss, **FP32)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **FP32)
