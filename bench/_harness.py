@@ -647,3 +647,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple
     ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def ledger_of(run, min_numel: int, sections=("forward", "backward")) -> tuple[str, dict]:
+    """Run ``run(section)`` under a :class:`fastft.ledger.Ledger` (on meta tensors at the bench's
+    shape, or small real ones): ``run`` gets a context-manager factory ``section(name)`` to mark
+    its forward and backward. Returns the ledger's table and its per-section summaries, for the
+    bench to print beside its timings and write in its JSON."""
+    from fastft.ledger import Ledger
+
+    with Ledger(min_numel=min_numel) as led:
+        run(led.section)
+    summary = {name: led.summary(name) for name in sections}
+    summary["saved_bytes"] = led.saved_bytes()
+    return led.table(), summary

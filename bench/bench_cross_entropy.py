@@ -46,16 +46,22 @@ DEFAULTS = {
 }
 QUICK = dict(tokens=256, hidden=64, vocab=4096, reps=2, warmup=1)
 
-# (label, metric, provider, versus, limit): metric "time" compares medians, "memory" peaks
+# (label, metric, provider, versus, limit): metric "time" compares medians, "memory" peaks;
+# keyed by (device, head): a trainable lm_head (full fine-tuning) or a frozen one (LoRA / QLoRA)
 TARGETS = {
-    "cpu": [
+    ("cpu", "trainable"): [
         ("fastft peak memory <= 0.12x transformers", "memory", "fastft", "transformers", 0.12),
         ("fastft fwd+bwd time <= 0.75x transformers", "time", "fastft", "transformers", 0.75),
     ],
-    "cuda": [
-        ("fastft peak memory <= 0.1x transformers", "memory", "fastft", "transformers", 0.10),
-        ("fastft fwd+bwd time <= 0.7x transformers", "time", "fastft", "transformers", 0.70),
+    ("cpu", "frozen"): [],
+    ("cuda", "trainable"): [
+        ("fastft peak memory <= 0.25x transformers", "memory", "fastft", "transformers", 0.25),
+        ("fastft fwd+bwd time <= 0.8x transformers", "time", "fastft", "transformers", 0.80),
         ("fastft fwd+bwd time <= liger (1.0x)", "time", "fastft", "liger", 1.0),
+    ],
+    ("cuda", "frozen"): [
+        ("fastft peak memory <= 0.05x transformers", "memory", "fastft", "transformers", 0.05),
+        ("fastft fwd+bwd time <= 0.7x transformers", "time", "fastft", "transformers", 0.70),
     ],
 }
 
@@ -84,6 +90,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     p.add_argument("--fastft-backend", default="auto", help="backend= for the fastft op (auto, torch, triton)")
     p.add_argument("--ignore-frac", type=float, default=0.05, help="fraction of labels set to -100 (default 0.05)")
+    p.add_argument(
+        "--head",
+        choices=("trainable", "frozen"),
+        default="trainable",
+        help="trainable lm_head (full fine-tuning: grad_weight computed) or frozen (LoRA/QLoRA: grad_hidden only)",
+    )
     H.add_common_args(p, "cross_entropy", memory="peak memory", mem_processes="per-provider memory processes")
     p.add_argument("--_mem-worker", dest="mem_worker", choices=PROVIDERS, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -102,7 +114,7 @@ def resolve(args: argparse.Namespace) -> dict:
     if args.quick:
         base.update(QUICK)
     cfg = {k: getattr(args, k) if getattr(args, k) is not None else v for k, v in base.items()}
-    cfg.update(device=device, quick=args.quick, seed=args.seed, ignore_frac=args.ignore_frac)
+    cfg.update(device=device, quick=args.quick, seed=args.seed, ignore_frac=args.ignore_frac, head=args.head)
     cfg["fastft_backend"] = args.fastft_backend
     target_shape = DEFAULTS[device]
     cfg["at_target_shape"] = all(cfg[k] == target_shape[k] for k in ("tokens", "hidden", "vocab", "dtype"))
@@ -112,7 +124,9 @@ def resolve(args: argparse.Namespace) -> dict:
 # --------------------------------------------------------------------------------------
 # inputs and providers
 # --------------------------------------------------------------------------------------
-def make_inputs(tokens: int, hidden: int, vocab: int, dtype: str, device: str, seed: int, ignore_frac: float):
+def make_inputs(
+    tokens: int, hidden: int, vocab: int, dtype: str, device: str, seed: int, ignore_frac: float, head="trainable"
+):
     import torch
 
     tdtype = H.torch_dtype(dtype)
@@ -125,7 +139,7 @@ def make_inputs(tokens: int, hidden: int, vocab: int, dtype: str, device: str, s
     # exactly what ForCausalLMLoss does to `labels`: tokens < n predict n, last one ignored
     shift_labels = torch.nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].contiguous()
     h.requires_grad_(True)
-    w.requires_grad_(True)
+    w.requires_grad_(head == "trainable")
     return dict(hidden=h, weight=w, labels=labels, shift_labels=shift_labels, vocab=vocab)
 
 
@@ -164,6 +178,27 @@ def make_loss_fn(name: str, inp: dict, device: str, fastft_backend: str = "auto"
     raise ValueError(name)
 
 
+def fastft_ledger(cfg: dict):
+    """The fastft provider's forward and backward under the traffic ledger, on meta tensors."""
+    import torch
+
+    from fastft.ops.cross_entropy import fused_linear_cross_entropy
+
+    T, Hd, V = cfg["tokens"], cfg["hidden"], cfg["vocab"]
+    dt = H.torch_dtype(cfg["dtype"])
+    h = torch.empty(1, T, Hd, device="meta", dtype=dt, requires_grad=True)
+    w = torch.empty(V, Hd, device="meta", dtype=dt, requires_grad=cfg["head"] == "trainable")
+    t = torch.empty(1, T, device="meta", dtype=torch.long)
+
+    def run(section):
+        with section("forward"):
+            loss = fused_linear_cross_entropy(h, w, t, backend=cfg["fastft_backend"])
+        with section("backward"):
+            loss.backward()
+
+    return H.ledger_of(run, min_numel=T * Hd)
+
+
 def make_step(loss_fn, inp: dict):
     """One training step's worth of loss work: clear grads, forward, backward. Returns the loss."""
     h, w = inp["hidden"], inp["weight"]
@@ -192,7 +227,7 @@ def worker_main(args: argparse.Namespace) -> None:
         cfg = resolve(args)
         dev = cfg["device"]
         shape = {k: cfg[k] for k in ("tokens", "hidden", "vocab", "dtype")}
-        inp = make_inputs(**shape, device=dev, seed=cfg["seed"], ignore_frac=cfg["ignore_frac"])
+        inp = make_inputs(**shape, device=dev, seed=cfg["seed"], ignore_frac=cfg["ignore_frac"], head=cfg["head"])
         try:
             step = make_step(make_loss_fn(name, inp, dev, cfg["fastft_backend"]), inp)
         except Skip as exc:
@@ -250,8 +285,7 @@ def main(argv=None) -> int:
 
     choice = backends.select(ce.OP_FLCE, torch.device(dev), cfg["fastft_backend"])
     cfg["fastft_backend_selected"] = f"{choice.backend} ({choice.reason})"
-    default_mb = "512" if torch.device(dev).type == "cuda" else "64"
-    cfg["FASTFT_CE_CHUNK_MB"] = os.environ.get("FASTFT_CE_CHUNK_MB", f"{default_mb} (default)")
+    cfg["FASTFT_CE_CHUNK_MB"] = os.environ.get("FASTFT_CE_CHUNK_MB", "default")
     itemsize = 4 if cfg["dtype"] == "fp32" else 2
     cfg["fastft_chunk_rows"] = ce.chunk_rows(
         cfg["tokens"],
@@ -259,11 +293,12 @@ def main(argv=None) -> int:
         itemsize,
         fp32_scratch=choice.backend == "torch",
         device_type=torch.device(dev).type,
+        trainable_weight=cfg["head"] == "trainable",
     )
     cfg["providers"] = args.provider_list
     print(
         f"cross-entropy bench: tokens={cfg['tokens']} hidden={cfg['hidden']} vocab={cfg['vocab']} "
-        f"dtype={cfg['dtype']} device={dev} ({H.device_name(dev)}) reps={cfg['reps']} warmup={cfg['warmup']}"
+        f"dtype={cfg['dtype']} head={cfg['head']} ignored={cfg['ignore_frac']:.0%} device={dev} ({H.device_name(dev)}) reps={cfg['reps']} warmup={cfg['warmup']}"
         f"{' [quick]' if cfg['quick'] else ''}"
     )
     print(
@@ -271,7 +306,7 @@ def main(argv=None) -> int:
         f"(FASTFT_CE_CHUNK_MB={cfg['FASTFT_CE_CHUNK_MB']})"
     )
 
-    inp = make_inputs(**shape, device=dev, seed=cfg["seed"], ignore_frac=cfg["ignore_frac"])
+    inp = make_inputs(**shape, device=dev, seed=cfg["seed"], ignore_frac=cfg["ignore_frac"], head=cfg["head"])
     rows: dict[str, dict] = {}
     steps = {}
     for name in args.provider_list:
@@ -336,7 +371,7 @@ def main(argv=None) -> int:
 
     # targets (reported, never asserted)
     targets = []
-    for label, metric, who, versus, limit in TARGETS[dev.split(":")[0]]:
+    for label, metric, who, versus, limit in TARGETS[(dev.split(":")[0], cfg["head"])]:
         key = "median_ms" if metric == "time" else "peak_mib"
         value = H.ratio(rows.get(who, {}).get(key), rows.get(versus, {}).get(key))
         met = None if value is None else value <= limit
@@ -345,6 +380,14 @@ def main(argv=None) -> int:
             missing = [p for p in (who, versus) if rows.get(p, {}).get(key) is None]
             note = f"n/a: no {metric} for {', '.join(missing)}"
         targets.append(dict(target=label, value=value, limit=limit, met=met, note=note))
+
+    # what the fastft call launches, allocates and converts at this shape (meta tensors: counted, not run)
+    try:
+        ledger_table, cfg["fastft_ledger"] = fastft_ledger(cfg)
+        print(f"\nfastft traffic ledger (meta tensors, {cfg['tokens']}x{cfg['hidden']}x{cfg['vocab']}):")
+        print(ledger_table)
+    except Exception as exc:  # the ledger is information; never lose the timings for it
+        cfg["fastft_ledger"] = f"unavailable: {type(exc).__name__}: {exc}"
 
     table_rows = list(rows.values())
     print()

@@ -31,12 +31,12 @@ __all__ = [
     "TrainingInterrupted",
 ]
 
-_LAZY = {"train", "TrainConfig", "TrainResult", "TrainingInterrupted"}  # fastft.trainer, imported on first use
+_LAZY = {"train", "TrainConfig", "TrainResult", "TrainingInterrupted"}  # fastft.training, imported on first use
 
 
 def __getattr__(name):
     if name in _LAZY:
-        from . import trainer
+        from . import training
 
-        return getattr(trainer, name)
+        return getattr(training, name)
     raise AttributeError(f"module 'fastft' has no attribute {name!r}")

@@ -78,7 +78,7 @@ _TRAIN_FLAGS = [
 
 
 def _train_config(args):
-    from .trainer import TrainConfig
+    from .training import TrainConfig
 
     cfg = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     overrides = {}
@@ -93,7 +93,7 @@ def _train_config(args):
 
 
 def _cmd_train(args) -> int:
-    from .trainer import train
+    from .training import train
 
     cfg = _train_config(args)
     if cfg.data is not None and not Path(cfg.data).is_file():
@@ -108,13 +108,16 @@ def _cmd_train(args) -> int:
 def _cmd_generate(args) -> int:
     import torch
 
-    from .trainer import format_prompt, generate_text
+    from .training import format_prompt, generate_text
 
     if args.max_new_tokens < 1:
         raise UsageError(f"--max-new-tokens must be >= 1, got {args.max_new_tokens}")
     if args.adapter is not None and not (Path(args.adapter) / "adapter_config.json").is_file():
         raise UsageError(f"--adapter {args.adapter}: not a PEFT adapter directory (no adapter_config.json)")
-    if args.model is None:
+    base, method = args.model, None
+    if args.adapter is not None:
+        base, method = _adapter_base(Path(args.adapter), args.model)
+    if base is None:
         from . import default
 
         tokenizer, model = default.load_tokenizer(), default.load_model(torch.float32)
@@ -122,28 +125,56 @@ def _cmd_generate(args) -> int:
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
         try:
-            tok_src = args.model
+            tok_src = base
             if args.adapter is not None and (Path(args.adapter) / "tokenizer_config.json").is_file():
                 tok_src = args.adapter
             tokenizer = AutoTokenizer.from_pretrained(tok_src, trust_remote_code=args.trust_remote_code)
-            model = AutoModelForCausalLM.from_pretrained(args.model, trust_remote_code=args.trust_remote_code)
-        except OSError as e:
-            raise UsageError(f"cannot load model {args.model!r}: {' '.join(str(e).split())[:300]}") from None
+            model = AutoModelForCausalLM.from_pretrained(base, trust_remote_code=args.trust_remote_code)
+        except (OSError, ValueError) as e:
+            raise UsageError(f"cannot load model {base!r}: {' '.join(str(e).split())[:300]}") from None
+    if method == "qlora":  # the adapter was trained over an NF4 base: generate over the same one
+        from . import quantize
+
+        quantize(model)
     if args.adapter is not None:
         from peft import PeftModel
 
+        from .training.model import quiet_peft_warnings
+
         try:
-            model = PeftModel.from_pretrained(model, args.adapter)
+            with quiet_peft_warnings():
+                model = PeftModel.from_pretrained(model, args.adapter)
         except (OSError, ValueError, RuntimeError, KeyError) as e:
             raise UsageError(
                 f"cannot load adapter {args.adapter!r} onto the model: {' '.join(str(e).split())[:300]}"
             ) from None
     template = args.template
     if template == "auto":
-        template = "alpaca" if args.model is None else ("chat" if getattr(tokenizer, "chat_template", None) else "none")
+        template = "alpaca" if base is None else ("chat" if getattr(tokenizer, "chat_template", None) else "none")
     prompt = format_prompt(args.prompt, tokenizer, template)
     print(generate_text(model.eval(), tokenizer, prompt, max_new_tokens=args.max_new_tokens))
     return 0
+
+
+def _adapter_base(adapter: Path, model: str | None) -> tuple[str | None, str | None]:
+    """(the base model to load, the fastft method the adapter was trained with). Without ``--model``
+    the base is the adapter's ``base_model_name_or_path`` (as PEFT's ``AutoPeftModelForCausalLM``
+    reads it; empty for the embedded default); the method comes from the fastft checkpoint's
+    ``trainer_state.json`` (or the run's ``train_config.json``), so a ``qlora`` run's base is
+    quantised to NF4 as it was in training."""
+    try:
+        acfg = json.loads((adapter / "adapter_config.json").read_text())
+    except (OSError, json.JSONDecodeError) as e:
+        raise UsageError(f"--adapter {adapter}: unreadable adapter_config.json: {e}") from None
+    base = model if model is not None else (acfg.get("base_model_name_or_path") or None)
+    method = None
+    for f, key in ((adapter / "trainer_state.json", "method"), (adapter.parent / "train_config.json", "method")):
+        try:
+            method = json.loads(f.read_text()).get(key)
+            break
+        except (OSError, json.JSONDecodeError, AttributeError):
+            continue
+    return base, method
 
 
 # ------------------------------------------------------------------------------------------ bench
@@ -214,7 +245,7 @@ def main(argv: list[str] | None = None) -> int:
         # DataError (fastft.data) is a ValueError: it names the file and line
         print(f"fastft: error: {_one_line(exc)}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt as exc:  # fastft.trainer.TrainingInterrupted says where the checkpoint is
+    except KeyboardInterrupt as exc:  # fastft.training.TrainingInterrupted says where the checkpoint is
         print(f"fastft: {_one_line(exc) if str(exc) else 'interrupted'}", file=sys.stderr)
         return 130
 

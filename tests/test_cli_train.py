@@ -186,6 +186,75 @@ def test_train_default_end_to_end_then_generate(tmp_path):
     assert gen.stdout == want + "\n"
 
 
+def _train_quiet(out, **kw):
+    """A 1-step in-process run, recording warnings (none may be transformers' deprecation of
+    ``is_gradient_checkpointing``, which PEFT's constructor used to trigger on every command)."""
+    import warnings
+
+    import fastft
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        fastft.train(fastft.TrainConfig(output_dir=str(out), max_steps=1, eval_frac=0.02, num_generations=0,
+                                        quiet=True, **kw))  # fmt: skip
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+
+
+def _generate_in_process(capsys, *args):
+    import warnings
+
+    capsys.readouterr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        rc = main(["generate", "--prompt", "Write the word in capital letters.", "--max-new-tokens", "5", *args])
+    out, err = capsys.readouterr()
+    assert rc == 0, err
+    assert not [w for w in caught if "is_gradient_checkpointing" in str(w.message)]
+    return out
+
+
+def test_generate_adapter_reads_its_base_model_from_adapter_config(tmp_path, capsys):
+    """An adapter trained on another model than the embedded default: ``generate --adapter`` alone
+    loads that base (``base_model_name_or_path``), as an explicit ``--model`` does."""
+    from fastft import default
+    from fastft.testing import tiny_model
+
+    base = tmp_path / "base"
+    tiny_model("llama", vocab_size=len(default.load_tokenizer()), seed=3).save_pretrained(str(base))
+    default.load_tokenizer().save_pretrained(str(base))
+    _train_quiet(tmp_path / "run", model=str(base), data=str(default.dataset_path()), seq_len=256)
+    ckpt = tmp_path / "run" / "checkpoint-last"
+    assert json.loads((ckpt / "adapter_config.json").read_text())["base_model_name_or_path"] == str(base)
+    alone = _generate_in_process(capsys, "--adapter", str(ckpt))
+    explicit = _generate_in_process(capsys, "--adapter", str(ckpt), "--model", str(base))
+    assert alone == explicit and alone.strip()
+
+
+def test_generate_adapter_of_a_qlora_run_quantises_the_base(tmp_path, capsys, monkeypatch):
+    from peft import PeftModel
+
+    import fastft
+    from fastft import default
+    from fastft.nn import Linear4bit
+    from fastft.training import format_prompt, generate_text
+
+    _train_quiet(tmp_path / "run", method="qlora", lr=5e-2)
+    ckpt = tmp_path / "run" / "checkpoint-last"
+    real_quantize, quantised = fastft.quantize, []
+    monkeypatch.setattr(
+        fastft, "quantize", lambda m, **kw: quantised.append(type(m).__name__) or real_quantize(m, **kw)
+    )
+    got = _generate_in_process(capsys, "--adapter", str(ckpt))
+    assert quantised == ["LlamaForCausalLM"]  # the base, before the adapter goes on
+    monkeypatch.undo()
+    tok, model = default.load_tokenizer(), default.load_model()
+    fastft.quantize(model)
+    model = PeftModel.from_pretrained(model, str(ckpt))
+    assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 0
+    prompt = format_prompt("Write the word in capital letters.", tok, "alpaca")
+    assert got == generate_text(model.eval(), tok, prompt, max_new_tokens=5) + "\n"
+
+
 _DIST_ARGS = ["--seq-len", "64", "--batch-size", "2", "--max-steps", "3", "--eval-every", "3", "--dropout", "0",
               "--lr", "1e-2", "--num-generations", "0", "--quiet"]  # fmt: skip
 
@@ -236,7 +305,7 @@ def test_torchrun_two_gloo_ranks_match_one_process(single_process_run, mode):
 
 
 def test_train_interrupted_exits_130_and_says_where_the_checkpoint_is(tmp_path, capsys, monkeypatch):
-    import fastft.trainer as T
+    import fastft.training as T
 
     def interrupted(cfg, **kw):
         raise T.TrainingInterrupted(7, str(tmp_path / "checkpoint-last"))

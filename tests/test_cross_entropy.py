@@ -301,6 +301,99 @@ def test_small_chunks_fixture_gives_minimum_chunk(small_chunks):
     assert chunk_rows(5, 300) == 5
 
 
+def test_chunk_rows_gpu_sizing(monkeypatch):
+    """CUDA: a trainable head gets chunks big enough for compute-bound grad_weight GEMMs, a
+    frozen one small chunks (no accumulator); FASTFT_CE_CHUNK_MB overrides both."""
+    monkeypatch.delenv("FASTFT_CE_CHUNK_MB", raising=False)
+    kw = dict(fp32_scratch=False, device_type="cuda")
+    assert chunk_rows(8192, 128256, 2, trainable_weight=True, **kw) == 2048  # 501 MiB of bf16
+    assert chunk_rows(8192, 128256, 2, trainable_weight=False, **kw) == 512  # 125 MiB
+    assert chunk_rows(8192, 256000, 2, trainable_weight=True, **kw) == 1024  # floor of 1024 rows
+    assert chunk_rows(8192, 1 << 20, 2, trainable_weight=False, **kw) == 256  # floor of 256 rows
+    assert chunk_rows(8192, 128256, 4) == 128  # the CPU budget is unchanged
+    monkeypatch.setenv("FASTFT_CE_CHUNK_MB", "64")
+    assert chunk_rows(8192, 128256, 2, trainable_weight=True, **kw) == 256
+
+
+def test_padded_vocab():
+    assert ce_mod.padded_vocab(50257, "cuda") == 50304
+    assert ce_mod.padded_vocab(128256, "cuda") == 128256
+    assert ce_mod.padded_vocab(50257, "cpu") == 50257
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flce_padded_row_stride(backend, reduction, small_chunks, monkeypatch):
+    """The GPU layout (logits rows padded to ROW_ALIGN) forced on the CPU, with a vocabulary
+    that is not a multiple of it: same results, and the GEMMs write into the padded buffer."""
+    monkeypatch.setattr(ce_mod, "padded_vocab", lambda v, device_type="cuda": -(-v // 64) * 64)
+    # (wrapping the row kernel also takes the torch rows off their transposed CPU layout)
+    strides = []
+    real_rows = ce_mod._row_kernel(backend)
+
+    def rows(logits, *a, **k):
+        strides.append(logits.stride(0))
+        return real_rows(logits, *a, **k)
+
+    monkeypatch.setattr(ce_mod, "_row_kernel", lambda b: rows)
+    h, w, b, t = _flce_inputs((2, 19), V=301)
+    leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
+    up = _upstream(reduction, t.shape)
+    loss = fused_linear_cross_entropy(*leaves[:2], t, leaves[2], reduction=reduction, backend=backend)
+    loss.backward(up if up is not None else torch.ones_like(loss))
+    ref, grads_ref = _loss_and_grads(
+        lambda h, w, b: fused_linear_cross_entropy_reference(h, w, t, b, reduction=reduction), [h, w, b], up
+    )
+    _assert_close(loss.detach(), ref, what="loss")
+    for x, gr in zip(leaves, grads_ref):
+        _assert_close(x.grad, gr, what="grad")
+    assert strides and set(strides) == {320}, strides
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flce_gemms_skip_ignored_tokens(backend, reduction, small_chunks, monkeypatch):
+    """Ignored tokens never reach a GEMM (any reduction, forward and backward): the chunks'
+    logits, which the GEMMs write, hold the counted rows only."""
+    seen = []
+    real_rows = ce_mod._row_kernel(backend)
+
+    def rows(logits, *a, **k):
+        seen.append(logits.shape[0])
+        return real_rows(logits, *a, **k)
+
+    monkeypatch.setattr(ce_mod, "_row_kernel", lambda b: rows)
+    h, w, b, t = _flce_inputs((50,))
+    t[:30] = IGNORE
+    t[30:] = torch.randint(0, 300, (20,))
+    hh = h.clone().requires_grad_(True)
+    up = _upstream(reduction, t.shape)
+    loss = fused_linear_cross_entropy(hh, w, t, b, reduction=reduction, backend=backend)
+    loss.backward(up if up is not None else torch.ones_like(loss))
+    ref, (g_ref,) = _loss_and_grads(
+        lambda h: fused_linear_cross_entropy_reference(h, w, t, b, reduction=reduction), [h], up
+    )
+    _assert_close(loss.detach(), ref, what="loss")
+    _assert_close(hh.grad, g_ref, what="grad hidden")
+    assert torch.equal(hh.grad[:30], torch.zeros_like(hh.grad[:30]))
+    calls = 2 if reduction == "none" else 1  # forward, and backward's recomputation
+    assert sum(seen) == 20 * calls, seen
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flce_frozen_head_has_no_grad_weight(backend, small_chunks, monkeypatch):
+    """A frozen lm_head (every LoRA run): no grad_weight work at all, grad_hidden exact."""
+    accumulations = []
+    real = ce_mod._accumulate_grad_weight
+    monkeypatch.setattr(ce_mod, "_accumulate_grad_weight", lambda *a: accumulations.append(1) or real(*a))
+    h, w, b, t = _flce_inputs((3, 13), bias=False)
+    hh = h.clone().requires_grad_(True)
+    fused_linear_cross_entropy(hh, w, t, backend=backend).backward()
+    ref, (g_ref,) = _loss_and_grads(lambda h: fused_linear_cross_entropy_reference(h, w, t), [h])
+    _assert_close(hh.grad, g_ref, what="grad hidden")
+    assert w.grad is None and not accumulations
+
+
 def _flce_inputs(lead, H=32, V=300, dtype=torch.float32, bias=True):
     h = torch.randn(*lead, H).to(dtype)
     w = (torch.randn(V, H) * H**-0.5 * 2).to(dtype)
@@ -854,3 +947,34 @@ def test_triton_kernel_compiles_for_gpu():
     interpreter lets through, such as a loop-carried variable that changes type.
     In a fresh process: the kernels of this one are already defined as interpreted."""
     run_compile_script(_COMPILE_SCRIPT, timeout=300)
+
+
+# --------------------------------------------------------------------------------------
+# the traffic ledger at the GPU bench's shape (meta tensors: counts, no memory, no compute)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_flce_ledger_at_gpu_shape(head):
+    """8192 x 4096 x 128256 bf16: one fused operator call; never an (N, V) tensor; no
+    activation-sized dtype conversion; a frozen head allocates nothing of the head's size and
+    keeps only grad_hidden for backward."""
+    from fastft.ledger import Ledger
+
+    N, H, V = 8192, 4096, 128256
+    h = torch.randn(N, H, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(V, H, device="meta", dtype=torch.bfloat16, requires_grad=head == "trainable")
+    t = torch.randint(0, V, (N,), device="meta")
+    with Ledger(min_numel=N * H) as led:
+        with led.section("forward"):
+            loss = fused_linear_cross_entropy(h, w, t)
+        with led.section("backward"):
+            loss.backward()
+    ops = led.ops("forward")
+    assert ops.count("fastft::flce") == 1 and not led.temporaries_of((N, V)), led.table()
+    # the only large conversion: the fp32 grad_weight accumulator to the weight's dtype, once
+    big = led.conversions_at_least(N * H)
+    assert len(big) == (1 if head == "trainable" else 0), led.table()
+    if head == "trainable":
+        assert big[0].src.shape == (V, H) and big[0].src.dtype == torch.float32
+    else:
+        assert not led.temporaries_of((V, H)), led.table()
+        assert led.saved_bytes() <= N * H * 2 + 2**20, led.table()

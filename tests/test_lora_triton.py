@@ -119,13 +119,16 @@ def test_only_needed_gradients():
     "dtype, adapter_dtype",
     [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
 )
-def test_low_precision_within_reference_error(dtype, adapter_dtype):
+@pytest.mark.parametrize("precision", ["activation", "peft"])
+def test_low_precision_within_reference_error(dtype, adapter_dtype, precision):
+    """The activation precision against PEFT's computation in the activation dtype (its adapters
+    cast there); the PEFT precision against PEFT's promotion of ``x`` to the adapters' dtype."""
     x, w, b, A, B, _ = _inputs((48,), 40, 24, 16, dtype=dtype, adapter_dtype=adapter_dtype)
-    y, mask = _run_triton(5, x, w, A, B, 2.0, 0.1, bias=b)
+    y, mask = _run_triton(5, x, w, A, B, 2.0, 0.1, bias=b, precision=precision)
     assert y.dtype == dtype
     f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, b, A, B)]
     oracle = lora_linear_reference(f32[0], f32[1], f32[3], f32[4], 2.0, bias=f32[2], mask=mask)
-    plain = lora_linear_reference(x, w, A, B, 2.0, bias=b, mask=mask)
+    plain = lora_linear_reference(x, w, A, B, 2.0, bias=b, mask=mask, precision=precision)
     err, base = (y.float() - oracle).abs().max(), (plain.float() - oracle).abs().max()
     assert err <= 2 * base + 1e-3
     go = torch.randn_like(oracle)

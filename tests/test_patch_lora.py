@@ -173,3 +173,66 @@ def test_unpatch_restores_peft_forwards():
 def test_plain_model_reports_no_lora_layers():
     report = fastft.patch(tiny_model("llama", vocab_size=VOCAB))
     assert {s.feature: s.reason for s in report.skipped}["lora"] == "the model has no PEFT LoRA layers"
+
+
+def _bf16_trio(family):
+    """(fp32 oracle, PEFT all-bf16, bf16 base + the oracle's fp32 adapters): same weights."""
+    import copy
+
+    oracle = _peft_model(family).train()
+    plain = copy.deepcopy(oracle).to(torch.bfloat16)
+    ours = copy.deepcopy(oracle).to(torch.bfloat16)
+    theirs = dict(oracle.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.data = theirs[n].detach().clone()  # fp32, as PEFT keeps adapters over a bf16 base
+    return oracle, plain, ours
+
+
+def _logits_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.logits.float().square().mean().backward()
+    return out.logits.detach().float(), {k: v.float() for k, v in _lora_grads(model).items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_activation_precision_default_meets_the_bf16_rule(family):
+    """fp32 adapters over a bf16 base, the default precision: logits and the LoRA gradients within
+    2x PEFT's own bf16 error against an fp32 oracle (the flash-attention rule). The gradients are
+    judged as one vector (max error) and per tensor by the norm of the error: a per-tensor max
+    over a few hundred bf16-noisy entries is a draw (up to 2.2x either way in these models)."""
+    oracle, plain, ours = _bf16_trio(family)
+    batch = tiny_batch(VOCAB, batch=2, seq=20)
+    want, want_g = _logits_and_grads(oracle, batch)
+    base, base_g = _logits_and_grads(plain, batch)
+    report = fastft.patch(ours, loss=False, norms=False, rope=False, mlp=False)
+    assert "fp32 adapters cast once per step" in str(report).replace("float32", "fp32")
+    got, got_g = _logits_and_grads(ours, batch)
+    assert (got - want).abs().max() <= 2 * (base - want).abs().max()
+    assert got_g.keys() == want_g.keys()
+
+    def flat(d):
+        return torch.cat([d[n].flatten() for n in sorted(d)])
+
+    g, w, b = flat(got_g), flat(want_g), flat(base_g)
+    assert (g - w).abs().max() <= 2 * (b - w).abs().max()
+    for name, g in got_g.items():
+        assert ours.get_parameter(name).grad.dtype == torch.float32
+        assert (g - want_g[name]).norm() <= 2 * (base_g[name] - want_g[name]).norm(), name
+
+
+def test_peft_precision_is_peft_promotion_in_bf16():
+    """lora_precision="peft": a bf16 base with fp32 adapters computes what PEFT computes."""
+    _, _, ours = _bf16_trio("llama")
+    batch = tiny_batch(VOCAB)
+    want, want_g = _logits_and_grads(ours, batch)
+    report = fastft.patch(ours, loss=False, norms=False, rope=False, mlp=False, lora_precision="peft")
+    assert "lora_precision='peft'" in str(report)
+    got, got_g = _logits_and_grads(ours, batch)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    for name, g in got_g.items():
+        torch.testing.assert_close(g, want_g[name], rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="lora_precision"):
+        fastft.patch(ours, lora_precision="fp8")

@@ -118,10 +118,19 @@ def test_lazy_exports_and_light_import():
     import subprocess
     import sys
 
-    code = "import sys, fastft; assert 'fastft.trainer' not in sys.modules; fastft.TrainConfig; print('ok')"
+    code = "import sys, fastft; assert 'fastft.training' not in sys.modules; fastft.TrainConfig; print('ok')"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert out.stdout.strip() == "ok", out.stderr
     assert fastft.train is T.train and fastft.TrainResult is T.TrainResult
+
+
+def test_trainer_module_is_a_shim_over_the_training_package():
+    import fastft.training as P
+    from fastft.training import checkpoint, loop
+
+    assert T.train is P.train is loop.train and T.TrainConfig is P.TrainConfig and T._Trainer is loop._Trainer
+    assert T.TrainingInterrupted is P.TrainingInterrupted and T._resolve_resume is checkpoint._resolve_resume
+    assert set(T.__all__) == set(P.__all__) and all(getattr(T, n) is getattr(P, n) for n in P.__all__)
 
 
 @pytest.mark.parametrize(
@@ -285,6 +294,90 @@ def test_grad_accum_equals_one_big_batch_on_uneven_lengths(tmp_path):
     a, b = _adapter(tmp_path / "big" / "checkpoint-last"), _adapter(tmp_path / "acc" / "checkpoint-last")
     for k in a:
         torch.testing.assert_close(a[k], b[k], rtol=1e-4, atol=1e-6)
+
+
+def _ref_step(trainer, group):
+    """(token-mean loss over the whole group, grad norm) at the current weights, from the model's logits
+    and torch's cross-entropy, with no fastft loss code in the way (dropout is 0 in these runs)."""
+    from fastft.data import count_label_tokens
+
+    model, n_items = trainer.model, sum(count_label_tokens(b) for b in group)
+    total = 0.0
+    for b in group:
+        logits = model(input_ids=b["input_ids"], attention_mask=b["attention_mask"], use_cache=False).logits
+        lab = b["labels"][:, 1:]
+        total = total + torch.nn.functional.cross_entropy(
+            logits[:, :-1].float().flatten(0, 1), lab.flatten(), ignore_index=-100, reduction="sum"
+        )
+    loss = total / n_items
+    grads = torch.autograd.grad(loss, trainer.trainable)
+    return loss.item(), torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in grads])).item()
+
+
+def test_logged_loss_and_grad_norm_match_a_reference_when_read_at_the_logging_interval(tmp_path, monkeypatch):
+    real_step, refs = T._Trainer._step, {}
+
+    def step(self, group):
+        was = self.model.training
+        self.model.eval()  # the patched loss returns logits outside training
+        try:
+            refs[len(refs) + 1] = _ref_step(self, group)
+        finally:
+            self.model.train(was)
+        return real_step(self, group)
+
+    monkeypatch.setattr(T._Trainer, "_step", step)
+    result = _train(tmp_path, max_steps=7, log_every=3, eval_every=5, grad_accum=2)
+    logged = {h["step"]: h for h in _metrics(tmp_path) if "loss" in h}
+    assert sorted(logged) == [3, 6, 7]  # the interval and the last step
+    assert result.losses == pytest.approx([refs[s][0] for s in range(1, 8)], rel=1e-5)
+    for s, h in logged.items():
+        assert h["loss"] == result.losses[s - 1] and h["loss"] == pytest.approx(refs[s][0], rel=1e-5)
+        assert h["grad_norm"] == pytest.approx(refs[s][1], rel=1e-4)
+
+
+def test_the_training_step_makes_no_host_sync(tmp_path, monkeypatch):
+    """fastft reads no float tensor (a loss, a norm) back to the host inside a step; the loop reads the
+    pending values once per logging interval (and before an evaluation or checkpoint that has any)."""
+    import os
+    import sys
+
+    import fastft.training.loop as L
+
+    reads, in_step = [], [False]
+
+    def counting(name):
+        real = getattr(torch.Tensor, name)
+
+        def f(t, *a, **kw):
+            caller = sys._getframe(1).f_code.co_filename
+            if in_step[0] and t.is_floating_point() and f"{os.sep}fastft{os.sep}" in caller:
+                reads.append(f"{name} in {caller}")  # (torch's CPU AdamW reads its step count: not ours)
+            return real(t, *a, **kw)
+
+        return f
+
+    for name in ("item", "tolist", "__float__", "__bool__", "__int__", "numpy", "cpu"):
+        monkeypatch.setattr(torch.Tensor, name, counting(name))
+    real_step, real_read, flushes = T._Trainer._step, L._Pending.read, []
+
+    def step(self, group):
+        in_step[0] = True
+        try:
+            return real_step(self, group)
+        finally:
+            in_step[0] = False
+
+    def read(self):
+        if self.losses:
+            flushes.append(list(self.steps))
+        return real_read(self)
+
+    monkeypatch.setattr(T._Trainer, "_step", step)
+    monkeypatch.setattr(L._Pending, "read", read)
+    result = _train(tmp_path, max_steps=8, log_every=4, eval_every=8)
+    assert reads == [] and flushes == [[1, 2, 3, 4], [5, 6, 7, 8]]
+    assert len(result.losses) == 8 and all(math.isfinite(x) for x in result.losses)
 
 
 # ------------------------------------------------------------- resume, checkpoints, reproducibility

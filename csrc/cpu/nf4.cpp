@@ -3,9 +3,13 @@
 // Contract (plain tensors, see fastft/kernels/nf4_cpu.py):
 //   packed  uint8 [ceil(numel / 2)]: byte i holds flat element 2i in the HIGH nibble and
 //           element 2i + 1 in the LOW nibble
-//   absmax  float32 [ceil(numel / blocksize)] (already dequantised)
+//   absmax  float32 [ceil(numel / blocksize)], or with double quantisation uint8 indices
+//           into code2 plus absmax2 fp32 [ceil(nblocks / blocksize2)], code2 fp32 [256] and
+//           offset fp32 [1]: the scale of block b is decoded here, per block, as bitsandbytes
+//           does it in two kernels: (code2[absmax[b]] * absmax2[b / blocksize2]) + offset, the
+//           product rounded on its own (never an FMA)
 //   code    float32 [16] (the NF4 table)
-//   W[j] = code[nibble(j)] * absmax[j / blocksize]
+//   W[j] = code[nibble(j)] * scale(j / blocksize)
 //
 // dequantize_nf4_out(packed, absmax, code, blocksize, numel, out)  out: 1-D fp32/bf16/fp16
 // nf4_matmul(x2d [M, K], packed, absmax, code, blocksize, N, K, bias?) -> [M, N] in x's dtype
@@ -38,6 +42,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -90,6 +95,24 @@ Isa active_isa() {
 }
 
 int num_threads() { return omp_in_parallel() ? 1 : std::max(1, at::get_num_threads()); }
+
+// The per-block scales: fp32 as they are, or decoded from the 8-bit double quantisation.
+struct Scales {
+  const float* f32 = nullptr;  // fp32 scales, or nullptr when double-quantised
+  const uint8_t* q = nullptr;  // [nblocks] indices into c2
+  const float* a2 = nullptr;   // [ceil(nblocks / bs2)] second-level scales
+  const float* c2 = nullptr;   // [256] code of the second level
+  float off = 0.f;             // the mean subtracted before the second quantisation
+  int64_t bs2 = 256;
+
+  float operator()(int64_t b) const {
+    if (f32 != nullptr) return f32[b];
+    // volatile: the product is rounded to fp32 before the offset is added (GCC would contract
+    // the two into an FMA under -ffp-contract=fast), bit for bit as bitsandbytes' decode
+    volatile float prod = c2[q[b]] * a2[b / bs2];
+    return prod + off;
+  }
+};
 
 inline int nibble(const uint8_t* packed, int64_t j) {
   const uint8_t b = packed[j >> 1];
@@ -183,7 +206,7 @@ FASTFT_AVX2 void dq_avx2(const uint8_t* packed, const float* code, float scale, 
 
 // Dequantise blocks [b0, b1) of the flat weight (numel elements); dst points at element b0*bs.
 template <typename T>
-void dequant_blocks(Isa isa, const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+void dequant_blocks(Isa isa, const uint8_t* packed, const Scales& absmax, const float* code, int64_t bs,
                     int64_t numel, int64_t b0, int64_t b1, T* dst, int threads) {
   if (bs % 2 != 0) isa = Isa::Scalar;  // blocks may start mid-byte
   // enough blocks per task to amortise the loop even for tiny block sizes
@@ -196,7 +219,7 @@ void dequant_blocks(Isa isa, const uint8_t* packed, const float* absmax, const f
       const int64_t e0 = b * bs;
       const int64_t n = std::min(bs, numel - e0);
       T* d = dst + (e0 - b0 * bs);
-      const float s = absmax[b];
+      const float s = absmax(b);
       if (isa == Isa::Avx512)
         dq_avx512(packed, code, s, e0, n, d);
       else if (isa == Isa::Avx2)
@@ -355,7 +378,7 @@ std::array<RowFn, sizeof...(I)> table_avx2(std::index_sequence<I...>) { return {
 template <size_t... I>
 std::array<RowFn, sizeof...(I)> table_scalar(std::index_sequence<I...>) { return {{&row_scalar<I + 1>...}}; }
 
-void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const float* absmax, const float* code,
+void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const Scales& absmax, const float* code,
                   int64_t bs, int64_t M, int64_t N, int64_t K, const float* bias, float* y) {
   static const auto t512 = table_avx512(std::make_index_sequence<kTileAvx512>{});
   static const auto t2 = table_avx2(std::make_index_sequence<kTileAvx2>{});
@@ -364,21 +387,33 @@ void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const float* 
   const int64_t tile = isa == Isa::Avx512 ? kTileAvx512 : isa == Isa::Avx2 ? kTileAvx2 : kTileScalar;
   const int64_t bpr = K / bs;  // blocks per row
   // contiguous ranges of n per thread: each weight row streams from memory once, and the
-  // packed row stays in L1 while the row tiles of x go by
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    RowArgs a{packed + n * (K / 2), absmax + n * bpr, code, nullptr, K, bs, nullptr, N, bias ? bias[n] : 0.f};
-    for (int64_t m0 = 0; m0 < M; m0 += tile) {
-      const int64_t mt = std::min(tile, M - m0);
-      a.x = xp + m0 * K;
-      a.y = y + m0 * N + n;
-      fns[mt - 1](a);
+  // packed row stays in L1 while the row tiles of x go by. A double-quantised row's scales
+  // are decoded once into the thread's `row` buffer (bpr floats) before its tiles run.
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> row(absmax.f32 == nullptr ? bpr : 0);
+#pragma omp for schedule(static)
+    for (int64_t n = 0; n < N; ++n) {
+      const float* absrow = absmax.f32 + n * bpr;
+      if (absmax.f32 == nullptr) {
+        for (int64_t b = 0; b < bpr; ++b) row[b] = absmax(n * bpr + b);
+        absrow = row.data();
+      }
+      RowArgs a{packed + n * (K / 2), absrow, code, nullptr, K, bs, nullptr, N, bias ? bias[n] : 0.f};
+      for (int64_t m0 = 0; m0 < M; m0 += tile) {
+        const int64_t mt = std::min(tile, M - m0);
+        a.x = xp + m0 * K;
+        a.y = y + m0 * N + n;
+        fns[mt - 1](a);
+      }
     }
   }
 }
 
-void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                  int64_t numel) {
+// Checks the weight tensors; returns the scales (fp32 absmax, or the double quantisation).
+Scales check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                    int64_t numel, const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                    const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(blocksize > 0, "nf4: blocksize must be positive, got ", blocksize);
   TORCH_CHECK_VALUE(numel >= 0, "nf4: numel must be non-negative, got ", numel);
   for (const auto* t : {&packed, &absmax, &code}) {
@@ -386,7 +421,6 @@ void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::
     TORCH_CHECK(t->is_contiguous(), "nf4 (cpp): packed, absmax and code must be contiguous");
   }
   TORCH_CHECK(packed.scalar_type() == at::kByte, "nf4: packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4: absmax must be float32, got ", absmax.scalar_type());
   TORCH_CHECK(code.scalar_type() == at::kFloat, "nf4: code must be float32, got ", code.scalar_type());
   TORCH_CHECK(code.numel() == 16, "nf4: code must have 16 entries, got ", code.numel());
   TORCH_CHECK(packed.numel() == (numel + 1) / 2, "nf4: packed has ", packed.numel(), " bytes, expected ceil(",
@@ -394,18 +428,48 @@ void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::
   const int64_t nblocks = (numel + blocksize - 1) / blocksize;
   TORCH_CHECK(absmax.numel() == nblocks, "nf4: absmax has ", absmax.numel(), " entries, expected ceil(", numel,
               " / ", blocksize, ") = ", nblocks);
+  Scales s;
+  const bool nested = absmax2.has_value() && absmax2->defined();
+  if (!nested) {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4: absmax must be float32 (or uint8 with absmax2, code2 and ",
+                "offset), got ", absmax.scalar_type());
+    s.f32 = absmax.data_ptr<float>();
+    return s;
+  }
+  TORCH_CHECK(code2.has_value() && code2->defined() && offset.has_value() && offset->defined(),
+              "nf4: a double-quantised absmax needs absmax2, code2 and offset");
+  TORCH_CHECK(absmax.scalar_type() == at::kByte, "nf4: a double-quantised absmax must be uint8, got ",
+              absmax.scalar_type());
+  TORCH_CHECK_VALUE(blocksize2 > 0, "nf4: blocksize2 must be positive, got ", blocksize2);
+  for (const auto* t : {&*absmax2, &*code2, &*offset}) {
+    TORCH_CHECK(t->device().is_cpu(), "nf4 (cpp): all tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "nf4 (cpp): absmax2, code2 and offset must be contiguous float32");
+  }
+  TORCH_CHECK(code2->numel() == 256, "nf4: code2 must have 256 entries, got ", code2->numel());
+  TORCH_CHECK(offset->numel() == 1, "nf4: offset must have one element, got ", offset->numel());
+  const int64_t nb2 = (nblocks + blocksize2 - 1) / blocksize2;
+  TORCH_CHECK(absmax2->numel() == nb2, "nf4: absmax2 has ", absmax2->numel(), " entries, expected ceil(", nblocks,
+              " / ", blocksize2, ") = ", nb2);
+  s.q = absmax.data_ptr<uint8_t>();
+  s.a2 = absmax2->data_ptr<float>();
+  s.c2 = code2->data_ptr<float>();
+  s.off = offset->data_ptr<float>()[0];
+  s.bs2 = blocksize2;
+  return s;
 }
 
 }  // namespace
 
 at::Tensor dequantize_nf4_out(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                              int64_t blocksize, int64_t numel, at::Tensor out) {
-  check_common(packed, absmax, code, blocksize, numel);
+                              int64_t blocksize, int64_t numel, at::Tensor out,
+                              const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                              const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
+  const Scales am = check_common(packed, absmax, code, blocksize, numel, absmax2, code2, offset, blocksize2);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.numel() == numel,
               "nf4: out must be a contiguous CPU tensor with ", numel, " elements");
   const Isa isa = active_isa();
   const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
   const auto* c = code.data_ptr<float>();
   const int64_t nblocks = absmax.numel();
   const int th = num_threads();
@@ -426,13 +490,15 @@ at::Tensor dequantize_nf4_out(const at::Tensor& packed, const at::Tensor& absmax
 }
 
 at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                      int64_t blocksize, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias) {
+                      int64_t blocksize, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                      const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(N > 0 && K > 0, "nf4_matmul: N and K must be positive, got N=", N, " K=", K);
   TORCH_CHECK_VALUE(K % 2 == 0, "nf4_matmul: K must be even (each weight row starts on a byte), got ", K);
   TORCH_CHECK_VALUE(blocksize > 0 && K % blocksize == 0, "nf4_matmul: K (", K,
                     ") must be a multiple of blocksize (", blocksize, ")");
   TORCH_CHECK_VALUE(blocksize % 2 == 0, "nf4_matmul: blocksize must be even, got ", blocksize);
-  check_common(packed, absmax, code, blocksize, N * K);
+  const Scales am = check_common(packed, absmax, code, blocksize, N * K, absmax2, code2, offset, blocksize2);
   TORCH_CHECK(x.device().is_cpu(), "nf4_matmul (cpp): x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "nf4_matmul: x must be 2-D [M, K], got ", x.dim(), " dims");
   TORCH_CHECK(x.size(1) == K, "nf4_matmul: x has ", x.size(1), " columns, expected K=", K);
@@ -453,7 +519,6 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   const auto f32 = x.options().dtype(at::kFloat);
   if (M == 0) return at::empty({0, N}, x.options());
   const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
   const auto* c = code.data_ptr<float>();
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y;
@@ -499,20 +564,31 @@ at::Tensor empty_1d(int64_t numel, at::ScalarType dt) {
 }
 
 at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                          int64_t blocksize, int64_t numel, at::ScalarType out_dtype) {
+                          int64_t blocksize, int64_t numel, at::ScalarType out_dtype,
+                          const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                          const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
                     "nf4: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
-  check_common(packed, absmax, code, blocksize, numel);
-  return dequantize_nf4_out(packed, absmax, code, blocksize, numel, empty_1d(numel, out_dtype));
+  check_common(packed, absmax, code, blocksize, numel, absmax2, code2, offset, blocksize2);
+  return dequantize_nf4_out(packed, absmax, code, blocksize, numel, empty_1d(numel, out_dtype), absmax2, code2,
+                            offset, blocksize2);
 }
 
 std::string nf4_isa() { return isa_name(active_isa()); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize_nf4_out", &dequantize_nf4_out, "NF4 dequantisation into a preallocated 1-D out tensor");
-  m.def("dequantize_nf4", &dequantize_nf4, "NF4 dequantisation to a new 1-D tensor of out_dtype");
+  // absmax2 / code2 / offset / blocksize2: the double quantisation of a uint8 absmax, decoded in-kernel
+  m.def("dequantize_nf4_out", &dequantize_nf4_out, "NF4 dequantisation into a preallocated 1-D out tensor",
+        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("numel"), py::arg("out"),
+        py::arg("absmax2") = py::none(), py::arg("code2") = py::none(), py::arg("offset") = py::none(),
+        py::arg("blocksize2") = 256);
+  m.def("dequantize_nf4", &dequantize_nf4, "NF4 dequantisation to a new 1-D tensor of out_dtype", py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("numel"), py::arg("out_dtype"),
+        py::arg("absmax2") = py::none(), py::arg("code2") = py::none(), py::arg("offset") = py::none(),
+        py::arg("blocksize2") = 256);
   m.def("nf4_matmul", &nf4_matmul, "fused NF4 matmul: x [M, K] @ W[N, K].T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("N"), py::arg("K"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), py::arg("absmax2") = py::none(), py::arg("code2") = py::none(),
+        py::arg("offset") = py::none(), py::arg("blocksize2") = 256);
   m.def("nf4_isa", &nf4_isa, "instruction set the NF4 kernels use now (honours FASTFT_NF4_ISA)");
 }

@@ -34,6 +34,7 @@ import triton
 import triton.language as tl
 
 from ..backends import BackendUnavailable, interpreting
+from ..ledger import record_kernel
 
 __all__ = ["lora_xa", "lora_dx_add_", "lora_dA", "dropout_mask_triton"]
 
@@ -349,7 +350,9 @@ def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32)
 
     # launch
     block = _MASK_BLOCK_INTERPRET if interpreting() else _MASK_BLOCK
-    _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
+    with record_kernel("dropout_mask", (), (out,)) as launch:
+        if launch:
+            _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
     return out
 
 
@@ -379,30 +382,32 @@ def lora_xa(x2d: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Te
     # launch
     block_n, block_k, block_r, num_warps = _config("xa", R)
     grid = (triton.cdiv(N, block_n), triton.cdiv(R, block_r))
-    _lora_xa_kernel[grid](
-        x2d,
-        x2d.stride(0),
-        x2d.stride(1),
-        A,
-        A.stride(0),
-        A.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        N,
-        K,
-        R,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(A.dtype),
-        UPCAST_DOT=_upcast_dot(A.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with record_kernel("lora_xa", (x2d, A), (out,)) as launch:
+        if launch:
+            _lora_xa_kernel[grid](
+                x2d,
+                x2d.stride(0),
+                x2d.stride(1),
+                A,
+                A.stride(0),
+                A.stride(1),
+                out,
+                out.stride(0),
+                out.stride(1),
+                N,
+                K,
+                R,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(A.dtype),
+                UPCAST_DOT=_upcast_dot(A.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
     return out
 
 
@@ -433,38 +438,41 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     # launch
     block_n, block_k, block_r, num_warps = _config("dx", R)
     grid = (triton.cdiv(N, block_n), triton.cdiv(K, block_k))
-    _lora_dx_add_kernel[grid](
-        dx,
-        dx.stride(0),
-        dx.stride(1),
-        t,
-        t.stride(0),
-        t.stride(1),
-        A,
-        A.stride(0),
-        A.stride(1),
-        N,
-        K,
-        R,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(A.dtype),
-        UPCAST_DOT=_upcast_dot(A.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
+    with record_kernel("lora_dx_add_", (dx, t, A), (dx,)) as launch:
+        if launch:
+            _lora_dx_add_kernel[grid](
+                dx,
+                dx.stride(0),
+                dx.stride(1),
+                t,
+                t.stride(0),
+                t.stride(1),
+                A,
+                A.stride(0),
+                A.stride(1),
+                N,
+                K,
+                R,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(A.dtype),
+                UPCAST_DOT=_upcast_dot(A.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
     return dx
 
 
-def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``t.T @ (x2d * M)`` ``[r, in]`` in ``t``'s dtype (the adapter's), accumulated in fp32.
+def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float, *, out_dtype=None) -> torch.Tensor:
+    """``t.T @ (x2d * M)`` ``[r, in]`` in ``out_dtype`` (default ``t``'s: the branch's), accumulated in fp32.
 
     ``t`` ``[N, r]``, ``x2d`` ``[N, in]``; ``M`` the mask of :func:`dropout_mask_triton`;
-    ``p == 0`` means no mask.
+    ``p == 0`` means no mask. ``out_dtype=torch.float32`` gives fp32 gradients of fp32 adapters
+    from a 16-bit branch without rounding them to 16 bits first.
     """
     # check
     _check_float("t", t, 2)
@@ -476,45 +484,50 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
     _same_device(x2d, t=t)
     seed, p, scale = _check_dropout(seed, p)
     _check_runnable(x2d.device, "lora_dA")
+    out_dtype = t.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 
     # allocate
     if N == 0 or K == 0 or R == 0:
-        return torch.zeros((R, K), device=x2d.device, dtype=t.dtype)
+        return torch.zeros((R, K), device=x2d.device, dtype=out_dtype)
     block_n, block_k, block_r, num_warps = _config("dA_fp32" if t.dtype == torch.float32 else "dA", R)
     k_tiles, r_tiles, row_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split = _splits(row_tiles, k_tiles * r_tiles, x2d.device)
     rows_per_split = triton.cdiv(row_tiles, split) * block_n
     split = triton.cdiv(N, rows_per_split)  # no empty split
     if split == 1:
-        out = torch.empty((1, R, K), device=x2d.device, dtype=t.dtype)
+        out = torch.empty((1, R, K), device=x2d.device, dtype=out_dtype)
     else:  # fp32 partials, summed below
         out = torch.empty((split, R, K), device=x2d.device, dtype=torch.float32)
 
     # launch
-    _lora_dA_kernel[(k_tiles, split, r_tiles)](
-        t,
-        t.stride(0),
-        t.stride(1),
-        x2d,
-        x2d.stride(0),
-        x2d.stride(1),
-        out,
-        out.stride(0),
-        out.stride(1),
-        out.stride(2),
-        N,
-        K,
-        R,
-        rows_per_split,
-        seed,
-        p,
-        scale,
-        HAS_DROPOUT=p > 0.0,
-        INPUT_PRECISION=_input_precision(t.dtype),
-        UPCAST_DOT=_upcast_dot(t.dtype),
-        BLOCK_N=block_n,
-        BLOCK_K=block_k,
-        BLOCK_R=block_r,
-        num_warps=num_warps,
-    )
-    return out[0] if split == 1 else out.sum(0).to(t.dtype)
+    with record_kernel("lora_dA", (t, x2d), (out,)) as launch:
+        if launch:
+            _lora_dA_kernel[(k_tiles, split, r_tiles)](
+                t,
+                t.stride(0),
+                t.stride(1),
+                x2d,
+                x2d.stride(0),
+                x2d.stride(1),
+                out,
+                out.stride(0),
+                out.stride(1),
+                out.stride(2),
+                N,
+                K,
+                R,
+                rows_per_split,
+                seed,
+                p,
+                scale,
+                HAS_DROPOUT=p > 0.0,
+                INPUT_PRECISION=_input_precision(t.dtype),
+                UPCAST_DOT=_upcast_dot(t.dtype),
+                BLOCK_N=block_n,
+                BLOCK_K=block_k,
+                BLOCK_R=block_r,
+                num_warps=num_warps,
+            )
+    return out[0] if split == 1 else out.sum(0).to(out_dtype)

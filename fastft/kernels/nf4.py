@@ -6,13 +6,21 @@ The low-level contract, on plain tensors, for a weight ``W`` of ``numel`` elemen
 * ``packed`` uint8, ``ceil(numel / 2)`` bytes, contiguous: byte ``i`` holds flat element
   ``2i`` in its HIGH nibble and ``2i + 1`` in its LOW nibble (an odd ``numel`` leaves the
   last low nibble unused);
-* ``absmax`` float32, ``ceil(numel / blocksize)`` scales, contiguous (already dequantised
-  from any double quantisation);
+* ``absmax`` float32, ``ceil(numel / blocksize)`` scales, contiguous; or, double-quantised,
+  uint8 indices with the keywords ``absmax2`` (fp32 ``[ceil(nblocks / blocksize2)]``),
+  ``code2`` (fp32 ``[256]``), ``offset`` (fp32 ``[1]``) and ``blocksize2``: every kernel
+  decodes the scale of a block it touches itself, ``code2[absmax[b]] * absmax2[b // blocksize2]
+  + offset`` (a gather from a 1 KiB table that stays in L1), so a call is one launch whatever
+  the double quantisation (no PyTorch kernels decode the absmax first);
 * ``code`` float32 ``[16]``, the NF4 table.
 
 ::
 
-    W[j] = code[nib(j)] * absmax[j // blocksize]
+    W[j] = code[nib(j)] * scale(j // blocksize)
+
+The dequantisation kernel is compiled without FP contraction so that the decoded scale
+(product, then offset) is bit-identical to bitsandbytes' two-kernel decode; the GEMV / GEMM
+kernels allow it (their results are judged by tolerance against dequantise-then-matmul).
 
 * :func:`dequantize_nf4_triton` writes ``W`` (1-D, fp32/bf16/fp16). Memory-bound: each
   program reads a contiguous run of bytes, decodes both nibbles of each (a gather from the
@@ -52,6 +60,13 @@ import triton.language as tl
 from ..backends import BackendUnavailable, interpreting
 
 __all__ = ["dequantize_nf4_triton", "nf4_matmul_triton"]
+
+
+def _launch(fn, *args, **kwargs):
+    """Every kernel launch (and torch GEMM) of this module goes through here, so that tests can
+    count the launches of one op: ``fn`` is ``kernel[grid]`` or a torch function."""
+    return fn(*args, **kwargs)
+
 
 # Dequantisation: bytes per program (2 outputs each). On a GPU 1024 bytes at 4 warps is 8
 # contiguous bytes in and 16 outputs (32 B in bf16) out per thread: wide vector accesses,
@@ -99,13 +114,39 @@ _GEMV_INTERPRET = (16, 32)  # BLOCK_N, BLOCK_K
 # kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _load_scale(
+    absmax_ptr,  # fp32 scales, or (DQ) uint8 indices into code2
+    absmax2_ptr,  # (DQ) fp32 second-level scales, one per BLOCKSIZE2 blocks
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] mean subtracted before the second quantisation
+    idx,  # int64 block indices, any shape
+    mask,  # which idx are real (the rest give 0)
+    DQ: tl.constexpr,  # the absmax is double-quantised: decode it here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
+):
+    """The fp32 scale of quantisation block ``idx``: ``absmax[idx]``, or decoded in-kernel
+    ``code2[absmax[idx]] * absmax2[idx // BLOCKSIZE2] + offset`` (0 where masked)."""
+    if DQ:
+        q = tl.load(absmax_ptr + idx, mask=mask, other=0).to(tl.int32)
+        prod = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + idx // BLOCKSIZE2, mask=mask, other=0.0)
+        return tl.where(mask, prod + tl.load(offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + idx, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dequant_kernel(
     packed_ptr,  # (ceil(numel / 2),) uint8: element 2i in the high nibble of byte i, 2i + 1 in the low
-    absmax_ptr,  # (ceil(numel / BLOCKSIZE),) fp32 scale per quantisation block
+    absmax_ptr,  # (ceil(numel / BLOCKSIZE),) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     out_ptr,  # (numel,) out: code[nib] * absmax, fp32/bf16/fp16
     numel,  # number of weight elements
     nbytes,  # ceil(numel / 2)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (even: both nibbles of a byte share it)
     BLOCK: tl.constexpr,  # bytes per program (power of two)
 ):
@@ -114,7 +155,9 @@ def _dequant_kernel(
     b = tl.load(packed_ptr + byte, mask=byte_ok, other=0)
     hi = (b >> 4).to(tl.int32)
     lo = (b & 0xF).to(tl.int32)
-    scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE, mask=byte_ok, other=0.0)
+    scale = _load_scale(
+        absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (2 * byte) // BLOCKSIZE, byte_ok, DQ, BLOCKSIZE2
+    )
     w_hi = tl.load(code_ptr + hi) * scale
     w_lo = tl.load(code_ptr + lo) * scale
     w = tl.interleave(w_hi, w_lo)  # (2 * BLOCK,): element 2i then 2i + 1
@@ -125,7 +168,10 @@ def _dequant_kernel(
 @triton.jit
 def _decode_tile(
     packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
-    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE) (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     rn,  # (BLOCK_N,) int64 output columns (rows of W)
     n_ok,  # (BLOCK_N,) rn < N
@@ -133,6 +179,8 @@ def _decode_tile(
     K,  # in_features (even)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
     BLOCK_K: tl.constexpr,  # weights per row of the tile
 ):
@@ -149,10 +197,26 @@ def _decode_tile(
     hi = (b >> 4).to(tl.int32)
     lo = (b & 0xF).to(tl.int32)
     if ROW_SCALE:
-        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+            n_ok,
+            DQ,
+            BLOCKSIZE2,
+        )[:, None]
     else:
-        scale = tl.load(
-            absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + (2 * kb[None, :]) // BLOCKSIZE, mask=mask, other=0.0
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn[:, None] * (K // BLOCKSIZE) + (2 * kb[None, :]) // BLOCKSIZE,
+            mask,
+            DQ,
+            BLOCKSIZE2,
         )
     w_hi = tl.load(code_ptr + hi) * scale
     w_lo = tl.load(code_ptr + lo) * scale
@@ -162,7 +226,10 @@ def _decode_tile(
 @triton.jit
 def _decode_tile_interleaved(
     packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
-    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE) (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     rn,  # (BLOCK_N,) int64 output columns (rows of W)
     n_ok,  # (BLOCK_N,) rn < N
@@ -170,6 +237,8 @@ def _decode_tile_interleaved(
     K,  # in_features (even)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
     BLOCK_K: tl.constexpr,  # weights per row of the tile
 ):
@@ -187,14 +256,32 @@ def _decode_tile_interleaved(
     b = tl.load(packed_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
     nib = tl.interleave(b >> 4, b & 0xF).to(tl.int32)  # (BLOCK_N, BLOCK_K): column k0 + 2j high, k0 + 2j + 1 low
     if ROW_SCALE:
-        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+            n_ok,
+            DQ,
+            BLOCKSIZE2,
+        )[:, None]
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             kmask = n_ok[:, None]
         else:
             kmask = n_ok[:, None] & (rk < K)[None, :]
-        scale = tl.load(absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + rk[None, :] // BLOCKSIZE, mask=kmask, other=0.0)
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn[:, None] * (K // BLOCKSIZE) + rk[None, :] // BLOCKSIZE,
+            kmask,
+            DQ,
+            BLOCKSIZE2,
+        )
     return tl.load(code_ptr + nib) * scale
 
 
@@ -204,7 +291,10 @@ def _nf4_gemm_kernel(
     stride_xm,  # elements between rows of x
     stride_xk,  # elements between columns of x
     packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
-    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
     out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
@@ -218,6 +308,8 @@ def _nf4_gemm_kernel(
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
     INPUT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee"/"tf32" for fp32 operands, else None
     UPCAST_DOT: tl.constexpr,  # run tl.dot on fp32 copies of the (rounded) operands (interpreter + bf16)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded in-kernel per block
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block
     BLOCK_M: tl.constexpr,  # rows of x per program
     BLOCK_N: tl.constexpr,  # output columns per program
@@ -238,7 +330,22 @@ def _nf4_gemm_kernel(
             x_mask = m_ok[:, None] & (k0 + rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=x_mask, other=0.0)
         w = _decode_tile_interleaved(
-            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+            packed_ptr,
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            code_ptr,
+            rn,
+            n_ok,
+            k0,
+            K,
+            EVEN_K,
+            ROW_SCALE,
+            DQ,
+            BLOCKSIZE2,
+            BLOCKSIZE,
+            BLOCK_K,
         ).to(x.dtype)  # (BLOCK_N, BLOCK_K), rounded once
         wt = tl.trans(w)
         if UPCAST_DOT:
@@ -259,7 +366,10 @@ def _nf4_gemv_kernel(
     stride_xm,  # elements between rows of x
     stride_xk,  # elements between columns of x
     packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
-    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
     out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
@@ -272,6 +382,8 @@ def _nf4_gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
     ROUND_W: tl.constexpr,  # round decoded weights to x's dtype first (as dequantise-then-matmul does)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded in-kernel per block
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block
     BLOCK_M: tl.constexpr,  # M rounded up to a power of two (<= 8): all rows in one program
     BLOCK_N: tl.constexpr,  # output columns per program
@@ -294,7 +406,22 @@ def _nf4_gemv_kernel(
         x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
         x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
         w_hi, w_lo = _decode_tile(
-            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+            packed_ptr,
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            code_ptr,
+            rn,
+            n_ok,
+            k0,
+            K,
+            EVEN_K,
+            ROW_SCALE,
+            DQ,
+            BLOCKSIZE2,
+            BLOCKSIZE,
+            BLOCK_K,
         )
         if ROUND_W:
             w_hi = w_hi.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -330,17 +457,27 @@ def _check_count(name: str, value, *, positive: bool = False) -> int:
     return int(value)
 
 
-def _check_quant_state(packed, absmax, code, blocksize, numel) -> tuple[int, int]:
-    """Validate the NF4 tensors for a weight of ``numel`` elements; returns (blocksize, numel)."""
+def _check_quant_state(packed, absmax, code, blocksize, numel, nested: dict | None = None) -> tuple[int, int]:
+    """Validate the NF4 tensors for a weight of ``numel`` elements; returns (blocksize, numel).
+    ``nested``: the double quantisation (absmax2, code2, offset, blocksize2) of a uint8 absmax."""
     blocksize = _check_count("blocksize", blocksize, positive=True)
     if blocksize % 2:
         raise ValueError(f"blocksize must be even (both nibbles of a byte share a scale), got {blocksize}")
     numel = _check_count("numel", numel)
-    for name, t, dtype, want in (
+    nblocks = -(-numel // blocksize)
+    checks = [
         ("packed", packed, torch.uint8, (numel + 1) // 2),
-        ("absmax", absmax, torch.float32, -(-numel // blocksize)),
+        ("absmax", absmax, torch.uint8 if nested else torch.float32, nblocks),
         ("code", code, torch.float32, 16),
-    ):
+    ]
+    if nested:
+        bs2 = _check_count("blocksize2", nested["blocksize2"], positive=True)
+        checks += [
+            ("absmax2", nested["absmax2"], torch.float32, -(-nblocks // bs2)),
+            ("code2", nested["code2"], torch.float32, 256),
+            ("offset", nested["offset"], torch.float32, 1),
+        ]
+    for name, t, dtype, want in checks:
         if not torch.is_tensor(t):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype != dtype:
@@ -356,6 +493,27 @@ def _check_quant_state(packed, absmax, code, blocksize, numel) -> tuple[int, int
     return blocksize, numel
 
 
+def _nested(absmax2, code2, offset, blocksize2) -> dict | None:
+    if absmax2 is None and code2 is None and offset is None:
+        return None
+    return dict(absmax2=absmax2, code2=code2, offset=offset, blocksize2=blocksize2)
+
+
+def _scale_args(absmax, nested) -> tuple[tuple, dict]:
+    """(pointer args, constexprs) of the scales for a kernel: the nested tensors, or placeholders."""
+    if nested:
+        return (absmax, nested["absmax2"], nested["code2"], nested["offset"]), dict(
+            DQ=True, BLOCKSIZE2=int(nested["blocksize2"])
+        )
+    return (absmax, absmax, absmax, absmax), dict(DQ=False, BLOCKSIZE2=256)  # placeholders, never read
+
+
+def _no_fp_fusion() -> dict:
+    """Launch option keeping products and sums separately rounded (bit-exact decodes); the
+    interpreter (numpy) never fuses and takes no such option."""
+    return {} if interpreting() else dict(enable_fp_fusion=False)
+
+
 def dequantize_nf4_triton(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -363,15 +521,22 @@ def dequantize_nf4_triton(
     blocksize: int,
     numel: int,
     out_dtype: torch.dtype = torch.float32,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
-    """The NF4 weight ``W[j] = code[nib(j)] * absmax[j // blocksize]``, 1-D ``[numel]`` in ``out_dtype``.
+    """The NF4 weight ``W[j] = code[nib(j)] * scale(j // blocksize)``, 1-D ``[numel]`` in ``out_dtype``.
 
     ``packed`` uint8 ``ceil(numel / 2)`` bytes (element ``2i`` in the high nibble of byte ``i``),
-    ``absmax`` fp32 ``ceil(numel / blocksize)``, ``code`` fp32 ``[16]``, all contiguous on one
-    device; ``blocksize`` even; ``out_dtype`` fp32/bf16/fp16. The product is formed in fp32.
+    ``absmax`` fp32 ``ceil(numel / blocksize)`` (or uint8 with ``absmax2``/``code2``/``offset``,
+    decoded in-kernel), ``code`` fp32 ``[16]``, all contiguous on one device; ``blocksize`` even;
+    ``out_dtype`` fp32/bf16/fp16. The product is formed in fp32. One launch.
     """
     # check
-    blocksize, numel = _check_quant_state(packed, absmax, code, blocksize, numel)
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    blocksize, numel = _check_quant_state(packed, absmax, code, blocksize, numel, nested)
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     _check_runnable(packed.device, "dequantize_nf4_triton")
@@ -384,16 +549,20 @@ def dequantize_nf4_triton(
     # launch
     nbytes = (numel + 1) // 2
     block = _DEQUANT_BLOCK_INTERPRET if interpreting() else _DEQUANT_BLOCK
-    _dequant_kernel[(triton.cdiv(nbytes, block),)](
+    scale_ptrs, scale_meta = _scale_args(absmax, nested)
+    _launch(
+        _dequant_kernel[(triton.cdiv(nbytes, block),)],
         packed,
-        absmax,
+        *scale_ptrs,
         code,
         out,
         numel,
         nbytes,
+        **scale_meta,
         BLOCKSIZE=blocksize,
         BLOCK=block,
         num_warps=_DEQUANT_WARPS,
+        **_no_fp_fusion(),
     )
     return out
 
@@ -421,6 +590,11 @@ def nf4_matmul_triton(
     N: int,
     K: int,
     bias: torch.Tensor | None = None,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
     """``x2d @ W.T (+ bias)`` ``[M, N]`` in ``x2d``'s dtype, ``W`` the ``[N, K]`` NF4 weight, fp32 accumulation.
 
@@ -441,7 +615,8 @@ def nf4_matmul_triton(
     K = _check_count("K", K)
     if x2d.shape[1] != K:
         raise ValueError(f"x2d shape {tuple(x2d.shape)} must be [M, K] with K = {K}")
-    blocksize, _ = _check_quant_state(packed, absmax, code, blocksize, N * K)
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    blocksize, _ = _check_quant_state(packed, absmax, code, blocksize, N * K, nested)
     if K % blocksize:
         raise ValueError(f"K = {K} must be a multiple of blocksize = {blocksize}")
     if packed.device != x2d.device:
@@ -464,19 +639,20 @@ def nf4_matmul_triton(
         return out if bias is None else out.add_(bias.to(out.dtype))
 
     if M > FUSED_GEMM_MAX_M:  # training shapes: dequantise, then cuBLAS (see the module docstring)
-        w = dequantize_nf4_triton(packed, absmax, code, blocksize, N * K, x2d.dtype).view(N, K)
+        w = dequantize_nf4_triton(packed, absmax, code, blocksize, N * K, x2d.dtype, **(nested or {})).view(N, K)
         if bias is None:
-            return torch.mm(x2d, w.t(), out=out)
-        return torch.addmm(bias.to(out.dtype), x2d, w.t(), out=out)
+            return _launch(torch.mm, x2d, w.t(), out=out)
+        return _launch(torch.addmm, bias.to(out.dtype), x2d, w.t(), out=out)
 
     # launch
-    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize)
+    scale_ptrs, scale_meta = _scale_args(absmax, nested)
+    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, **scale_meta)
     args = (
         x2d,
         x2d.stride(0),
         x2d.stride(1),
         packed,
-        absmax,
+        *scale_ptrs,
         code,
         bias if bias is not None else absmax,  # placeholder, never read
         out,
@@ -492,7 +668,8 @@ def nf4_matmul_triton(
             (block_n, block_k), num_warps = _GEMV_INTERPRET, 4
         else:
             block_n, block_k, num_warps = _GEMV_CONFIG[block_m]
-        _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](
+        _launch(
+            _nf4_gemv_kernel[(triton.cdiv(N, block_n),)],
             *args,
             **common,
             EVEN_K=K % block_k == 0,
@@ -511,7 +688,8 @@ def nf4_matmul_triton(
                 "fp32" if x2d.dtype == torch.float32 else "16bit"
             ]
         grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _nf4_gemm_kernel[grid](
+        _launch(
+            _nf4_gemm_kernel[grid],
             *args,
             **common,
             EVEN_K=K % block_k == 0,

@@ -20,12 +20,13 @@ Backward, with upstream gradient ``d``::
     gelu_tanh'(x) = 0.5 (1 + t) + 0.5 x (1 - t^2) sqrt(2/pi) (1 + 3 * 0.044715 x^2),
                     t = tanh(sqrt(2/pi) (x + 0.044715 x^3))
 
-The autograd Function saves only ``gate`` and ``up``; backward recomputes the
-activation and its derivative (no activation tensor is kept alive between passes).
+The forward saves only ``gate`` and ``up``; backward recomputes the activation and its
+derivative (no activation tensor is kept alive between passes).
 
-Layers: the public functions validate then pick a backend (:mod:`fastft.backends`:
-``triton``, then ``torch``); the autograd Function calls a backend's forward /
-backward pair; :func:`swiglu_reference` / :func:`geglu_reference` are the plain
+Layers: the public functions validate, then call the ``torch.library`` operators
+``fastft::gated_act_fwd`` / ``fastft::gated_act_bwd`` (fake implementations and the autograd
+formula registered, so torch.compile traces them without a graph break), which pick a
+backend at run time (:mod:`fastft.backends`: ``triton``, then ``torch``); :func:`swiglu_reference` / :func:`geglu_reference` are the plain
 PyTorch definitions the tests compare against.
 """
 
@@ -101,26 +102,52 @@ def _kernels(backend: str):
 
 
 # --------------------------------------------------------------------------------------
-# autograd
+# the operators (torch.library: one traced node each for torch.compile, no graph break)
 # --------------------------------------------------------------------------------------
-class _GatedAct(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, gate, up, act, fwd, bwd):
-        ctx.act, ctx.bwd = act, bwd
-        ctx.save_for_backward(gate, up)
-        return fwd(gate, up, act)
+_OPS = {"silu": OP_SWIGLU, "gelu": OP_GEGLU, "gelu_tanh": OP_GEGLU}
 
-    @staticmethod
-    def backward(ctx, dout):
-        gate, up = ctx.saved_tensors
-        dgate, dup = ctx.bwd(dout, gate, up, ctx.act)
-        return (
-            dgate if ctx.needs_input_grad[0] else None,
-            dup if ctx.needs_input_grad[1] else None,
-            None,
-            None,
-            None,
-        )
+
+@torch.library.custom_op("fastft::gated_act_fwd", mutates_args=())
+def _gated_act_fwd(gate: torch.Tensor, up: torch.Tensor, act: str, backend: str) -> torch.Tensor:
+    """``act(gate) * up``; the backend is chosen here, at run time."""
+    fwd, _ = _kernels(backends.select(_OPS[act], gate.device, backend).backend)
+    return fwd(gate, up, act)
+
+
+@_gated_act_fwd.register_fake
+def _(gate, up, act, backend):
+    return torch.empty_like(gate)
+
+
+@torch.library.custom_op("fastft::gated_act_bwd", mutates_args=())
+def _gated_act_bwd(
+    dout: torch.Tensor, gate: torch.Tensor, up: torch.Tensor, act: str, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dgate, dup)``; the activation is recomputed."""
+    _, bwd = _kernels(backends.select(_OPS[act], gate.device, backend).backend)
+    return bwd(dout, gate, up, act)
+
+
+@_gated_act_bwd.register_fake
+def _(dout, gate, up, act, backend):
+    return torch.empty_like(gate), torch.empty_like(up)
+
+
+def _setup(ctx, inputs, output):
+    gate, up, act, backend = inputs
+    ctx.save_for_backward(gate, up)  # only the inputs: the activation is recomputed in backward
+    ctx.act, ctx.backend = act, backend
+
+
+def _grad(ctx, dout):
+    gate, up = ctx.saved_tensors
+    if not (ctx.needs_input_grad[0] or ctx.needs_input_grad[1]):
+        return None, None, None, None
+    dgate, dup = _gated_act_bwd(dout, gate, up, ctx.act, ctx.backend)
+    return (dgate if ctx.needs_input_grad[0] else None), (dup if ctx.needs_input_grad[1] else None), None, None
+
+
+_gated_act_fwd.register_autograd(_grad, setup_context=_setup)
 
 
 def _check_inputs(op: str, gate, up) -> None:
@@ -138,14 +165,11 @@ def _check_inputs(op: str, gate, up) -> None:
 
 
 def _run(op: str, gate, up, act: str, backend: str) -> torch.Tensor:
-    choice = backends.select(op, gate.device, backend)
-    fwd, bwd = _kernels(choice.backend)
-    if not torch.is_grad_enabled() or not (gate.requires_grad or up.requires_grad):
-        return fwd(gate.detach(), up.detach(), act)
-    return _GatedAct.apply(gate, up, act, fwd, bwd)
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(op, gate.device, backend)
+    return torch.ops.fastft.gated_act_fwd(gate, up, act, backend)
 
 
-@torch.compiler.disable
 def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
     """``silu(gate) * up``, fused; ``gate`` and ``up`` have the same shape and float dtype.
 
@@ -156,7 +180,6 @@ def swiglu(gate: torch.Tensor, up: torch.Tensor, *, backend: str = "auto") -> to
     return _run(OP_SWIGLU, gate, up, "silu", backend)
 
 
-@torch.compiler.disable
 def geglu(gate: torch.Tensor, up: torch.Tensor, *, approximate: str = "tanh", backend: str = "auto") -> torch.Tensor:
     """``gelu(gate, approximate=approximate) * up``, fused; ``approximate`` is ``"tanh"`` or ``"none"``.
 

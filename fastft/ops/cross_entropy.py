@@ -279,28 +279,73 @@ def _finish(loss_rows: torch.Tensor, counted: torch.Tensor, reduction: str, num_
 # --------------------------------------------------------------------------------------
 # cross_entropy on materialised logits
 # --------------------------------------------------------------------------------------
-class _CrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, logits2d, target, opts, reduction, num_items_in_batch, rows):
-        loss_rows, lse = rows(logits2d, target, **opts)
-        counted = target != opts["ignore_index"]
-        out, denom = _finish(loss_rows, counted, reduction, num_items_in_batch)
-        ctx.save_for_backward(logits2d, target, denom if denom is not None else lse.new_ones(()))
-        ctx.opts, ctx.reduction, ctx.rows = opts, reduction, rows
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        logits2d, target, denom = ctx.saved_tensors
-        if not ctx.needs_input_grad[0]:
-            return (None,) * 6
-        scale = grad_out.float() if ctx.reduction != "mean" else grad_out.float() / denom
-        grad = torch.empty_like(logits2d)
-        ctx.rows(logits2d, target, **ctx.opts, grad_scale=scale.reshape(-1), grad_out=grad)
-        return grad, None, None, None, None, None
+# The operators below take the options as plain arguments (a schema has no dicts); `_opts`
+# turns them back into the row kernels' keywords.
+def _opts(ignore_index: int, label_smoothing: float, z_loss: float, softcap: float | None) -> dict:
+    return dict(ignore_index=ignore_index, label_smoothing=label_smoothing, z_loss=z_loss, softcap=softcap)
 
 
-@torch.compiler.disable
+@torch.library.custom_op("fastft::ce_rows", mutates_args=())
+def _ce_rows_op(
+    logits2d: torch.Tensor,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(loss, lse)`` per row of ``logits2d``; the backend is chosen here, at run time."""
+    rows = _row_kernel(backends.select(OP_CE, logits2d.device, backend).backend)
+    return rows(logits2d, target, **_opts(ignore_index, label_smoothing, z_loss, softcap))
+
+
+@_ce_rows_op.register_fake
+def _(logits2d, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    n = logits2d.shape[0]
+    return logits2d.new_empty(n, dtype=torch.float32), logits2d.new_empty(n, dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::ce_rows_grad", mutates_args=())
+def _ce_rows_grad_op(
+    logits2d: torch.Tensor,
+    target: torch.Tensor,
+    grad_rows: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """``grad_rows[:, None] * dloss/dlogits`` in ``logits2d.dtype``."""
+    rows = _row_kernel(backends.select(OP_CE, logits2d.device, backend).backend)
+    grad = torch.empty_like(logits2d)
+    rows(logits2d, target, **_opts(ignore_index, label_smoothing, z_loss, softcap), grad_scale=grad_rows, grad_out=grad)
+    return grad
+
+
+@_ce_rows_grad_op.register_fake
+def _(logits2d, target, grad_rows, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return torch.empty_like(logits2d)
+
+
+def _ce_setup(ctx, inputs, output):
+    logits2d, target, *opts, backend = inputs
+    ctx.save_for_backward(logits2d, target)
+    ctx.opts, ctx.backend = opts, backend
+
+
+def _ce_grad(ctx, grad_loss, _grad_lse):
+    logits2d, target = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    grad = _ce_rows_grad_op(logits2d, target, grad_loss.float().contiguous(), *ctx.opts, ctx.backend)
+    return (grad,) + (None,) * 6
+
+
+_ce_rows_op.register_autograd(_ce_grad, setup_context=_ce_setup)
+
+
 def cross_entropy(
     logits: torch.Tensor,
     target: torch.Tensor,
@@ -329,25 +374,63 @@ def cross_entropy(
     target = _index_dtype(target)
     if target.device != logits.device:
         raise ValueError(f"target is on {target.device} but logits are on {logits.device}")
-    choice = backends.select(OP_CE, logits.device, backend)
-    opts = dict(
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-    )
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_CE, logits.device, backend)
     logits2d = logits.reshape(-1, V)
     if logits2d.stride(-1) != 1:
         logits2d = logits2d.contiguous()
-    out = _CrossEntropy.apply(
-        logits2d, target.reshape(-1), opts, reduction, num_items_in_batch, _row_kernel(choice.backend)
+    t1d = target.reshape(-1)
+    softcap = None if softcap is None else float(softcap)
+    loss_rows, _ = torch.ops.fastft.ce_rows(
+        logits2d, t1d, ignore_index, float(label_smoothing), float(z_loss), softcap, backend
     )
+    # the reduction is plain torch (traced, differentiated by autograd): the per-row
+    # gradient the operator's backward receives carries the 1/denominator
+    out, _ = _finish(loss_rows, t1d != ignore_index, reduction, num_items_in_batch)
     return out.reshape(target.shape) if reduction == "none" else out
 
 
 # --------------------------------------------------------------------------------------
 # fused linear cross-entropy: never materialises the (tokens, V) logits
 # --------------------------------------------------------------------------------------
+def _counted_rows(t1d: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
+    """Indices of the tokens that count, or None to run every row.
+
+    Ignored tokens add nothing to the loss or to any gradient, so they are left out of every
+    GEMM (prompt tokens masked to -100 are often a third or more of an SFT batch). Finding
+    them costs one host synchronisation on a GPU (the count sets the chunk loop), the only one
+    of the call; it is skipped under torch.compile tracing and CUDA-graph capture, where a sync
+    is not allowed, and when every token counts (no copy of ``hidden`` then)."""
+    if t1d.numel() == 0 or torch.compiler.is_compiling():
+        return None
+    if t1d.is_cuda and torch.cuda.is_current_stream_capturing():
+        return None
+    keep = (t1d != ignore_index).nonzero().squeeze(1)
+    return keep if keep.numel() < t1d.numel() else None
+
+
+# The logits buffer's row stride is padded to a multiple of this many elements (128 bytes in
+# bf16): a vocabulary such as GPT-2's 50257 otherwise starts every row at an odd address, which
+# costs cuBLAS its aligned tensor-core paths and the row kernel its vectorised loads.
+ROW_ALIGN = 64
+# Smallest chunk on CUDA, by whether grad_weight is computed. With a trainable head every chunk's
+# ``grad_weight += g^T h`` reads and writes the whole fp32 accumulator (8 V H bytes) against 6 n V H
+# flops for the chunk's three GEMMs: an arithmetic intensity of 0.75 n flop/byte, so n >= 1024 keeps
+# that traffic under ~40% of the GEMM time on an H100 (~300 flop/byte of bf16 tensor-core balance).
+# With a frozen head (every LoRA / QLoRA run) there is no accumulator: the GEMMs are (n, H) x (H, V)
+# and (n, V) x (V, H), compute-bound from a few hundred rows, so the chunk is sized by memory alone.
+_CUDA_MIN_ROWS = {True: 1024, False: 256}
+# Default budgets (MiB) for one chunk's logits: CPU; CUDA with a trainable head; CUDA, frozen head.
+_BUDGET_MB = {"cpu": 64.0, ("cuda", True): 512.0, ("cuda", False): 128.0}
+
+
+def padded_vocab(vocab: int, device_type: str = "cuda") -> int:
+    """Row stride of the chunk's logits buffer: ``vocab`` rounded up to ``ROW_ALIGN`` on a GPU."""
+    if device_type != "cuda":
+        return vocab
+    return -(-vocab // ROW_ALIGN) * ROW_ALIGN
+
+
 def chunk_rows(
     n_tokens: int,
     vocab: int,
@@ -356,33 +439,52 @@ def chunk_rows(
     budget_mb: float | None = None,
     fp32_scratch: bool = True,
     device_type: str = "cpu",
+    trainable_weight: bool = True,
 ) -> int:
-    """Tokens per chunk so that one chunk's logits stay within a memory budget.
+    """Tokens per chunk of the fused linear cross-entropy.
 
     One buffer of ``rows x V`` in the input dtype holds each chunk's logits and then,
     in place, their gradient; it is reused for every chunk. The torch path with a
-    non-fp32 input adds an fp32 scratch copy (``fp32_scratch``). Worked example: V =
-    128256 in fp32 with the default budget (``FASTFT_CE_CHUNK_MB`` = 64 MiB): 130 rows,
-    rounded down to 128 -> 62.6 MiB, against 1 GiB for 2048 tokens of fp32 logits (and
-    as much again for their gradient) on the unfused path. The fp32 ``grad_weight``
-    accumulator (V x H x 4 bytes) comes on top and dominates for large hidden sizes.
-    Rows are a power of two between 16 and 8192, so the GEMM shapes stay steady.
+    non-fp32 input adds an fp32 scratch copy (``fp32_scratch``). The fp32 ``grad_weight``
+    accumulator (V x H x 4 bytes), when the head is trainable, comes on top.
 
-    The default budget is 64 MiB on the CPU and 512 MiB on CUDA. On a GPU every chunk's
-    ``grad_weight += g^T h`` reads and writes the whole fp32 accumulator (2 GiB at V = 128256,
-    H = 4096): with 64 MiB chunks (256 rows of bf16 at that V) that traffic alone took as long
-    as the three GEMMs on an H100 (fused CE 1.9x the unfused time); 512 MiB chunks make it
-    8x less, for 448 MiB more memory.
+    Budgets (``FASTFT_CE_CHUNK_MB`` overrides all of them):
+
+    * CPU, 64 MiB. V = 128256 in fp32: 130 rows, rounded down to 128 -> 62.6 MiB, against
+      1 GiB for 2048 tokens of fp32 logits (and as much again for their gradient) unfused.
+    * CUDA, trainable head, 512 MiB and at least 1024 rows: the GEMMs must outweigh the
+      accumulator traffic (see ``_CUDA_MIN_ROWS``). V = 128256, bf16: 2048 rows, 501 MiB.
+      With 64 MiB chunks (256 rows) that traffic alone took as long as the three GEMMs on
+      an H100 (fused CE 1.9x the unfused time).
+    * CUDA, frozen head, 128 MiB and at least 256 rows: no ``grad_weight`` at all, so only
+      memory matters. V = 128256, bf16: 512 rows, 125 MiB, against ~10 GiB of logits, their
+      fp32 copies and gradients for 8192 tokens on the transformers path.
+
+    Rows are a power of two between 16 and 8192, so the GEMM shapes stay steady.
     """
+    env = os.environ.get("FASTFT_CE_CHUNK_MB")
+    floor = 16
     if budget_mb is None:
-        default = "512" if device_type == "cuda" else "64"
-        budget_mb = float(os.environ.get("FASTFT_CE_CHUNK_MB", default))
+        if env is not None:
+            budget_mb = float(env)
+        elif device_type == "cuda":
+            budget_mb = _BUDGET_MB[("cuda", bool(trainable_weight))]
+            floor = _CUDA_MIN_ROWS[bool(trainable_weight)]
+        else:
+            budget_mb = _BUDGET_MB["cpu"]
     # the logits buffer, plus an fp32 scratch copy when the row kernel needs one (torch path, non-fp32)
     per_elem = itemsize + (4 if fp32_scratch and itemsize != 4 else 0)
-    rows = int(budget_mb * 2**20 // (vocab * per_elem))
-    rows = max(16, min(rows, 8192))
+    rows = int(budget_mb * 2**20 // (padded_vocab(vocab, device_type) * per_elem))
+    rows = max(floor, min(rows, 8192))
     rows = 1 << (rows.bit_length() - 1)  # a power of two, for steady GEMM shapes
     return max(1, min(rows, n_tokens))
+
+
+def _logits_buffer(rows: int, V: int, like: torch.Tensor) -> torch.Tensor:
+    """A reusable ``(rows, V)`` logits buffer whose row stride is padded on a GPU (a view)."""
+    Vp = padded_vocab(V, like.device.type)
+    buf = torch.empty(rows, Vp, device=like.device, dtype=like.dtype)
+    return buf if Vp == V else buf[:, :V]
 
 
 def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad_h, grad_w, grad_b, loss_rows=None):
@@ -393,14 +495,18 @@ def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad
     ``row_scale(s, e)`` gives the fp32 upstream factor (1 element, or e - s)."""
     N = h2d.shape[0]
     V = weight.shape[0]
-    flat = torch.empty(min(chunk, N) * V, device=h2d.device, dtype=h2d.dtype)
+    n_buf = min(chunk, N)
     ws = None
-    if rows is ce_rows_torch and flat.dtype != torch.float32:
-        ws = torch.empty(min(chunk, N), V, device=flat.device, dtype=torch.float32)
+    if rows is ce_rows_torch and h2d.dtype != torch.float32:
+        ws = torch.empty(n_buf, V, device=h2d.device, dtype=torch.float32)
     # On the CPU, MKL runs the logits GEMM faster as (V, n) = W @ h^T than as (n, V) = h @ W^T
     # for small n, and grad_w += g^T h then reads g^T contiguously; the row kernel takes the
     # transposed view. Triton kernels want the vocabulary dimension contiguous.
     transposed = h2d.device.type == "cpu" and rows is ce_rows_torch
+    if transposed:
+        flat = torch.empty(n_buf * V, device=h2d.device, dtype=h2d.dtype)
+    else:
+        buf = _logits_buffer(n_buf, V, h2d)  # (n_buf, V), row stride padded on a GPU
     wt = weight.t()
     for s in range(0, N, chunk):
         e = min(s + chunk, N)
@@ -413,7 +519,7 @@ def _chunked_grads(h2d, weight, bias, target, opts, rows, chunk, row_scale, grad
                 torch.mm(weight, hc.t(), out=lt)
             g = lt.t()
         else:
-            g = flat[: (e - s) * V].view(e - s, V)
+            g = buf[: e - s]
             if bias is not None:
                 torch.addmm(bias, hc, wt, out=g)
             else:
@@ -445,101 +551,273 @@ def _accumulate_grad_weight(acc: torch.Tensor, dlogits: torch.Tensor, h: torch.T
         acc.add_(torch.mm(dlogits.t(), h).float())
 
 
-class _FusedLinearCrossEntropy(torch.autograd.Function):
-    """Chunked over tokens. Two strategies:
+# --------------------------------------------------------------------------------------
+# the fused linear CE operators (torch.library: opaque to torch.compile, no graph break)
+#
+# Two strategies, chunked over the counted tokens:
+# * reduction "mean"/"sum" (`fastft::flce`): the upstream gradient is a scalar, so each
+#   chunk's gradient is computed during forward (the chunk's logits are never recomputed)
+#   and scaled by the upstream gradient in backward: 3 GEMMs, like the unfused path.
+# * reduction "none" (`fastft::flce_rows` / `fastft::flce_rows_grad`): per-token upstream
+#   gradients are only known in backward, which recomputes each chunk's logits: 4 GEMMs.
+# Ignored tokens are dropped inside the operators (`_counted_rows`), so the data-dependent
+# count never reaches a traced graph; outputs keep the full token count.
+# --------------------------------------------------------------------------------------
+def _no_autocast(device_type: str):
+    """The GEMMs run in the dtype the public function cast to; autocast stays out of them."""
+    if device_type in ("cuda", "cpu") and torch.is_autocast_enabled(device_type):
+        return torch.autocast(device_type, enabled=False)
+    return contextlib.nullcontext()
 
-    * reduction "mean"/"sum": the upstream gradient is a scalar, so each chunk's
-      gradient is computed during forward (the chunk's logits are recomputed never)
-      and scaled by the upstream gradient in backward: 3 GEMMs, like the unfused path.
-    * reduction "none": per-token upstream gradients are only known in backward, so
-      forward keeps the log-sum-exp and backward recomputes each chunk's logits: 4 GEMMs.
-    """
 
-    @staticmethod
-    def forward(ctx, h2d, weight, bias, target, opts, reduction, num_items_in_batch, rows, chunk):
-        N, H = h2d.shape
-        V = weight.shape[0]
-        ignore = opts["ignore_index"]
-        counted = target != ignore
-        need_h, need_w = h2d.requires_grad, weight.requires_grad
-        need_b = bias is not None and bias.requires_grad
-        eager = reduction != "none" and (need_h or need_w or need_b)
+def _setup_rows(h2d, weight, target, ignore_index, backend, trainable):
+    """Counted rows (or None), their hidden states and targets, the row kernel and the chunk."""
+    choice = backends.select(OP_FLCE, h2d.device, backend)
+    keep = _counted_rows(target, ignore_index)
+    if keep is not None:
+        h2d, target = h2d.index_select(0, keep), target.index_select(0, keep)
+    chunk = chunk_rows(
+        h2d.shape[0],
+        weight.shape[0],
+        h2d.element_size(),
+        fp32_scratch=choice.backend == "torch",
+        device_type=h2d.device.type,
+        trainable_weight=trainable,
+    )
+    return keep, h2d, target, _row_kernel(choice.backend), chunk
 
-        loss_rows = torch.empty(N, device=h2d.device, dtype=torch.float32)
-        if reduction == "mean":
-            denom = (
-                _as_denominator(num_items_in_batch, h2d.device)
-                if num_items_in_batch is not None
-                else counted.sum().clamp(min=1).float()
-            )
-            scale = 1.0 / denom
+
+def _loss_rows_only(h2d, weight, bias, target, opts, rows, chunk) -> torch.Tensor:
+    """Per-row losses, chunk by chunk, in one reused (row-padded) logits buffer."""
+    N, V = h2d.shape[0], weight.shape[0]
+    loss_rows = torch.empty(N, device=h2d.device, dtype=torch.float32)
+    buf = _logits_buffer(min(chunk, N), V, h2d) if N else None
+    for s in range(0, N, chunk):
+        e = min(s + chunk, N)
+        logits = buf[: e - s]
+        if bias is not None:
+            torch.addmm(bias, h2d[s:e], weight.t(), out=logits)
         else:
-            denom = None
-            scale = torch.ones((), device=h2d.device, dtype=torch.float32)
+            torch.mm(h2d[s:e], weight.t(), out=logits)
+        loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
+    return loss_rows
 
-        grad_h = torch.empty_like(h2d) if (eager and need_h) else None
-        grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if (eager and need_w) else None
-        grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if (eager and need_b) else None
-        if eager:
-            one = scale.reshape(1)
+
+def _scatter_rows(rows_kept: torch.Tensor, keep, n_all: int) -> torch.Tensor:
+    """Rows of the counted tokens back into ``n_all`` rows (zeros for the ignored ones)."""
+    if keep is None:
+        return rows_kept
+    full = rows_kept.new_zeros((n_all,) + tuple(rows_kept.shape[1:]))
+    return full.index_copy_(0, keep, rows_kept)
+
+
+def _empty_like_or(t: torch.Tensor | None, shape, dtype, like: torch.Tensor) -> torch.Tensor:
+    return t if t is not None else like.new_empty(shape, dtype=dtype)
+
+
+@torch.library.custom_op("fastft::flce", mutates_args=())
+def _flce_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    denom: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(loss, grad_h, grad_w, grad_b)`` for reduction mean/sum: ``loss = sum / denom`` and
+    the gradients of that loss (fp32 ``grad_w`` / ``grad_b``); one not asked for is empty."""
+    opts = _opts(ignore_index, label_smoothing, z_loss, softcap)
+    N, H = h2d.shape
+    V = weight.shape[0]
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, need_w)
+        scale = (1.0 / denom.float()).reshape(1)
+        if need_h or need_w or need_b:
+            loss_rows = torch.empty(hk.shape[0], device=h2d.device, dtype=torch.float32)
+            grad_h = torch.empty_like(hk) if need_h else None
+            grad_w = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if need_w else None
+            grad_b = torch.zeros(V, device=h2d.device, dtype=torch.float32) if need_b else None
             _chunked_grads(
-                h2d, weight, bias, target, opts, rows, chunk, lambda s, e: one, grad_h, grad_w, grad_b, loss_rows
+                hk, weight, bias, tk, opts, rows, chunk, lambda s, e: scale, grad_h, grad_w, grad_b, loss_rows
             )
+            if grad_h is not None:
+                grad_h = _scatter_rows(grad_h, keep, N)
         else:
-            for s in range(0, N, chunk):
-                e = min(s + chunk, N)
-                logits = torch.nn.functional.linear(h2d[s:e], weight, bias)
-                loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
-                del logits
-
-        if reduction == "none":
-            out = loss_rows
-        elif reduction == "sum":
-            out = loss_rows.sum()
-        else:
-            out = loss_rows.sum() / denom
-        ctx.reduction, ctx.opts, ctx.rows, ctx.chunk, ctx.eager = reduction, opts, rows, chunk, eager
-        ctx.has_bias = bias is not None
-        ctx.weight_dtype = weight.dtype
-        ctx.bias_dtype = bias.dtype if bias is not None else None
-        ctx.consumed = False
-        if eager:
-            ctx.save_for_backward(grad_h, grad_w, grad_b)
-        else:
-            ctx.save_for_backward(h2d, weight, bias, target)
-        return out
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        if ctx.eager:
-            if ctx.consumed:
-                raise RuntimeError(
-                    "fused_linear_cross_entropy computes its gradients during forward and can be "
-                    "backpropagated once; retain_graph=True with a second backward is not supported"
-                )
-            ctx.consumed = True
-            grad_h, grad_w, grad_b = ctx.saved_tensors
-            g = grad_out.float()
-            # scale by the upstream scalar; skipped tensors stay None
-            gh = grad_h.mul_(g.to(grad_h.dtype)) if grad_h is not None else None
-            gw = grad_w.mul_(g) if grad_w is not None else None
-            gb = grad_b.mul_(g) if grad_b is not None else None
-        else:
-            h2d, weight, bias, target = ctx.saved_tensors
-            N, H = h2d.shape
-            need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-            need_b = ctx.has_bias and ctx.needs_input_grad[2]
-            gh = torch.empty_like(h2d) if need_h else None
-            gw = torch.zeros(weight.shape, device=h2d.device, dtype=torch.float32) if need_w else None
-            gb = torch.zeros(weight.shape[0], device=h2d.device, dtype=torch.float32) if need_b else None
-            go = grad_out.float().reshape(-1)
-            _chunked_grads(h2d, weight, bias, target, ctx.opts, ctx.rows, ctx.chunk, lambda s, e: go[s:e], gh, gw, gb)
-        gw = gw.to(ctx.weight_dtype) if gw is not None else None
-        gb = gb.to(ctx.bias_dtype) if gb is not None else None
-        return gh, gw, gb, None, None, None, None, None, None
+            loss_rows = _loss_rows_only(hk, weight, bias, tk, opts, rows, chunk)
+            grad_h = grad_w = grad_b = None
+        loss = loss_rows.sum() * scale.squeeze(0)
+    return (
+        loss,
+        _empty_like_or(grad_h, (0,), h2d.dtype, h2d),
+        _empty_like_or(grad_w, (0,), torch.float32, h2d),
+        _empty_like_or(grad_b, (0,), torch.float32, h2d),
+    )
 
 
-@torch.compiler.disable
+@_flce_op.register_fake
+def _(
+    h2d, weight, bias, target, denom, need_h, need_w, need_b, ignore_index, label_smoothing, z_loss, softcap, backend
+):
+    f32 = torch.float32
+    return (
+        h2d.new_empty((), dtype=f32),
+        h2d.new_empty(h2d.shape if need_h else (0,)),
+        h2d.new_empty(weight.shape if need_w else (0,), dtype=f32),
+        h2d.new_empty((weight.shape[0],) if need_b else (0,), dtype=f32),
+    )
+
+
+def _flce_setup(ctx, inputs, output):
+    weight, bias = inputs[1], inputs[2]
+    ctx.save_for_backward(*output[1:])
+    ctx.mark_non_differentiable(*output[1:])  # the saved gradients are not results to differentiate
+    ctx.set_materialize_grads(False)  # no zero "gradients" of them (2 GiB for an fp32 grad_weight)
+    ctx.weight_dtype = weight.dtype
+    ctx.bias_dtype = bias.dtype if bias is not None else None
+    ctx.computed = inputs[5:8]  # need_h, need_w, need_b: the gradients forward produced
+    ctx.consumed = False
+
+
+def _flce_grad(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 13
+    if ctx.consumed:
+        raise RuntimeError(
+            "fused_linear_cross_entropy computes its gradients during forward and can be "
+            "backpropagated once; retain_graph=True with a second backward is not supported"
+        )
+    ctx.consumed = True
+    grad_h, grad_w, grad_b = ctx.saved_tensors
+    g = grad_loss.float()
+    # scale by the upstream scalar: in place in eager (the buffers are ours and used once; a
+    # copy of an fp32 grad_weight is 2 GiB at V 128256, H 4096); out of place while a graph is
+    # traced (functional / fake tensors), where a mutated forward output is not allowed
+    saved = next((t for t in (grad_h, grad_w, grad_b) if t.numel()), grad_h)
+    inplace = type(saved) is torch.Tensor and not torch.compiler.is_compiling()
+    # a gradient forward was not asked to compute is None (zero) for autograd
+    need_h, need_w, need_b = (c and n for c, n in zip(ctx.computed, ctx.needs_input_grad[:3]))
+    gh = (grad_h.mul_(g.to(grad_h.dtype)) if inplace else grad_h * g.to(grad_h.dtype)) if need_h else None
+    gw = (grad_w.mul_(g) if inplace else grad_w * g).to(ctx.weight_dtype) if need_w else None
+    gb = (grad_b.mul_(g) if inplace else grad_b * g).to(ctx.bias_dtype) if need_b else None
+    return (gh, gw, gb) + (None,) * 10
+
+
+_flce_op.register_autograd(_flce_grad, setup_context=_flce_setup)
+
+
+@torch.library.custom_op("fastft::flce_rows", mutates_args=())
+def _flce_rows_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> torch.Tensor:
+    """Per-token losses (reduction "none"), 0 for ignored tokens."""
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, False)
+        loss = _loss_rows_only(hk, weight, bias, tk, _opts(ignore_index, label_smoothing, z_loss, softcap), rows, chunk)
+        return _scatter_rows(loss, keep, h2d.shape[0])
+
+
+@_flce_rows_op.register_fake
+def _(h2d, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return h2d.new_empty(h2d.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::flce_rows_grad", mutates_args=())
+def _flce_rows_grad_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    grad_rows: torch.Tensor,
+    need_h: bool,
+    need_w: bool,
+    need_b: bool,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(grad_h, grad_w, grad_b)`` of ``sum(grad_rows * loss_rows)``, logits recomputed per
+    chunk; in the inputs' dtypes; one not asked for is empty."""
+    opts = _opts(ignore_index, label_smoothing, z_loss, softcap)
+    N, H = h2d.shape
+    V = weight.shape[0]
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, need_w)
+        go = grad_rows.float().reshape(-1)
+        if keep is not None:
+            go = go.index_select(0, keep)
+        gh = torch.empty_like(hk) if need_h else None
+        gw = torch.zeros(V, H, device=h2d.device, dtype=torch.float32) if need_w else None
+        gb = torch.zeros(V, device=h2d.device, dtype=torch.float32) if need_b else None
+        _chunked_grads(hk, weight, bias, tk, opts, rows, chunk, lambda s, e: go[s:e], gh, gw, gb)
+        gh = _scatter_rows(gh, keep, N) if gh is not None else None
+    return (
+        _empty_like_or(gh, (0,), h2d.dtype, h2d),
+        gw.to(weight.dtype) if gw is not None else weight.new_empty(0),
+        gb.to(bias.dtype) if gb is not None else h2d.new_empty(0),
+    )
+
+
+@_flce_rows_grad_op.register_fake
+def _(
+    h2d,
+    weight,
+    bias,
+    target,
+    grad_rows,
+    need_h,
+    need_w,
+    need_b,
+    ignore_index,
+    label_smoothing,
+    z_loss,
+    softcap,
+    backend,
+):
+    return (
+        h2d.new_empty(h2d.shape if need_h else (0,)),
+        weight.new_empty(weight.shape if need_w else (0,)),
+        (bias.new_empty(bias.shape) if need_b else h2d.new_empty(0)),
+    )
+
+
+def _flce_rows_setup(ctx, inputs, output):
+    h2d, weight, bias, target, *rest = inputs
+    ctx.save_for_backward(h2d, weight, bias, target)
+    ctx.rest = rest
+
+
+def _flce_rows_backward(ctx, grad_rows):
+    h2d, weight, bias, target = ctx.saved_tensors
+    need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    need_b = bias is not None and ctx.needs_input_grad[2]
+    if not (need_h or need_w or need_b):
+        return (None,) * 9
+    gh, gw, gb = _flce_rows_grad_op(
+        h2d, weight, bias, target, grad_rows.contiguous(), need_h, need_w, need_b, *ctx.rest
+    )
+    return (gh if need_h else None, gw if need_w else None, gb if need_b else None) + (None,) * 6
+
+
+_flce_rows_op.register_autograd(_flce_rows_backward, setup_context=_flce_rows_setup)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -558,8 +836,12 @@ def fused_linear_cross_entropy(
 
     ``hidden`` ``[..., H]``, ``weight`` ``[V, H]``, ``bias`` ``[V]`` or None, ``target`` ``[...]``.
     Same semantics and keywords as :func:`cross_entropy`. The tokens are processed in
-    chunks (:func:`chunk_rows`); ``grad_weight`` and ``grad_bias`` accumulate in fp32
-    across chunks and come back in the parameters' dtypes. No host synchronisation.
+    chunks (:func:`chunk_rows`, sized for a trainable or a frozen ``weight``: with
+    ``weight.requires_grad`` False no ``grad_weight`` is computed at all); ``grad_weight`` and
+    ``grad_bias`` accumulate in fp32 across chunks and come back in the parameters' dtypes.
+    Ignored tokens are left out of every GEMM; finding them is the call's one host
+    synchronisation on a GPU (none under torch.compile or CUDA-graph capture, where every
+    row runs). The chunk's logits buffer has its row stride padded to ``ROW_ALIGN`` on a GPU.
     """
     _check_float("hidden", hidden)
     _check_float("weight", weight)
@@ -591,32 +873,25 @@ def fused_linear_cross_entropy(
     for name, t in (("weight", weight), ("target", target), ("bias", bias)):
         if t is not None and t.device != hidden.device:
             raise ValueError(f"{name} is on {t.device} but hidden is on {hidden.device}")
-    choice = backends.select(OP_FLCE, hidden.device, backend)
-    opts = dict(
-        ignore_index=ignore_index,
-        label_smoothing=float(label_smoothing),
-        z_loss=float(z_loss),
-        softcap=None if softcap is None else float(softcap),
-    )
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_FLCE, hidden.device, backend)
     h2d = hidden.reshape(-1, H)
     if not h2d.is_contiguous():
         h2d = h2d.contiguous()
-    if not torch.is_grad_enabled():  # forward sees requires_grad even under no_grad: skip the eager gradients
-        h2d, weight = h2d.detach(), weight.detach()
-        bias = bias.detach() if bias is not None else None
     t1d = target.reshape(-1)
-    if h2d.device.type == "cpu" and reduction != "none":
-        # Ignored tokens add nothing to a summed loss or to any gradient: on the CPU, where
-        # finding them costs no device synchronisation, leave them out of every GEMM
-        # (prompt tokens masked to -100 are often a third or more of an SFT batch).
-        keep = (t1d != ignore_index).nonzero().squeeze(1)
-        if keep.numel() < t1d.numel():
-            h2d, t1d = h2d.index_select(0, keep), t1d.index_select(0, keep)
-    chunk = chunk_rows(
-        h2d.shape[0], V, h2d.element_size(), fp32_scratch=choice.backend == "torch", device_type=h2d.device.type
-    )
-    with torch.autocast(dev, enabled=False) if autocast else contextlib.nullcontext():
-        out = _FusedLinearCrossEntropy.apply(
-            h2d, weight, bias, t1d, opts, reduction, num_items_in_batch, _row_kernel(choice.backend), chunk
-        )
-    return out.reshape(target.shape) if reduction == "none" else out
+    opts = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
+    if reduction == "none":
+        out = torch.ops.fastft.flce_rows(h2d, weight, bias, t1d, *opts, backend)
+        return out.reshape(target.shape)
+    grad = torch.is_grad_enabled()
+    need_h, need_w = grad and h2d.requires_grad, grad and weight.requires_grad
+    need_b = grad and bias is not None and bias.requires_grad
+    if reduction == "mean":
+        if num_items_in_batch is not None:
+            denom = _as_denominator(num_items_in_batch, h2d.device)
+        else:
+            denom = (t1d != ignore_index).sum().clamp(min=1).float()
+    else:
+        denom = torch.ones((), device=h2d.device, dtype=torch.float32)
+    loss, *_ = torch.ops.fastft.flce(h2d, weight, bias, t1d, denom, need_h, need_w, need_b, *opts, backend)
+    return loss

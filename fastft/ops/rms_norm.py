@@ -22,10 +22,11 @@ Backward, with ``dy`` the upstream gradient and ``w' = weight + offset`` (all fp
     dw   = sum over rows of dy * xhat        (Llama order: xhat.to(x.dtype), as the
                                               forward uses it; fp32 sum, then weight.dtype)
 
-The autograd Function saves ``x`` and ``rstd`` (fp32, one per row) only, and
-recomputes ``xhat`` in the backward. Layers as in :mod:`fastft.ops.cross_entropy`:
-:func:`rms_norm` validates then picks a backend (:mod:`fastft.backends`); a backend is a
-pair ``fwd(x2d, weight, eps, offset) -> (out2d, rstd)`` and
+The forward saves ``x`` and ``rstd`` (fp32, one per row) only, and recomputes ``xhat``
+in the backward. Layers: :func:`rms_norm` validates, then calls the ``torch.library``
+operators ``fastft::rms_norm_fwd`` / ``fastft::rms_norm_bwd`` (fake implementations and the
+autograd formula registered, so torch.compile traces them without a graph break), which
+pick the backend at run time (:mod:`fastft.backends`); a backend is a pair ``fwd(x2d, weight, eps, offset) -> (out2d, rstd)`` and
 ``bwd(dy2d, x2d, weight, rstd, offset, need_dx, need_dw) -> (dx, dw)``;
 :func:`rms_norm_reference` is the pure-PyTorch oracle, written like the modules.
 """
@@ -102,26 +103,63 @@ def rms_norm_bwd_torch(
 
 
 # --------------------------------------------------------------------------------------
-# autograd
+# the operators (torch.library: traced by torch.compile as one node each, no graph break)
 # --------------------------------------------------------------------------------------
-class _RMSNorm(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, weight, eps, offset, fwd, bwd):
-        out, rstd = fwd(x2d, weight, eps, offset)
-        ctx.save_for_backward(x2d, weight, rstd)
-        ctx.offset, ctx.bwd = offset, bwd
-        return out
+@torch.library.custom_op("fastft::rms_norm_fwd", mutates_args=())
+def _rms_norm_fwd(
+    x2d: torch.Tensor, weight: torch.Tensor, eps: float, offset: float, backend: str
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(out, rstd)`` of the rows of ``x2d``; the backend is chosen here, at run time."""
+    fwd, _ = _backend(backends.select(OP_RMS_NORM, x2d.device, backend).backend)
+    return fwd(x2d, weight, eps, offset)
 
-    @staticmethod
-    def backward(ctx, grad_out):
-        x2d, weight, rstd = ctx.saved_tensors
-        need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
-        if not (need_dx or need_dw):
-            return (None,) * 6
-        if grad_out.stride(-1) != 1:
-            grad_out = grad_out.contiguous()
-        dx, dw = ctx.bwd(grad_out, x2d, weight, rstd, ctx.offset, need_dx, need_dw)
-        return dx, dw, None, None, None, None
+
+@_rms_norm_fwd.register_fake
+def _(x2d, weight, eps, offset, backend):
+    dtype = torch.promote_types(weight.dtype, x2d.dtype) if offset == 0 else x2d.dtype
+    return x2d.new_empty(x2d.shape, dtype=dtype), x2d.new_empty(x2d.shape[0], dtype=torch.float32)
+
+
+@torch.library.custom_op("fastft::rms_norm_bwd", mutates_args=())
+def _rms_norm_bwd(
+    dy: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    rstd: torch.Tensor,
+    offset: float,
+    need_dx: bool,
+    need_dw: bool,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dx, dw)``; one not asked for comes back empty (an operator cannot return None)."""
+    _, bwd = _backend(backends.select(OP_RMS_NORM, x2d.device, backend).backend)
+    if dy.stride(-1) != 1:
+        dy = dy.contiguous()
+    dx, dw = bwd(dy, x2d, weight, rstd, offset, need_dx, need_dw)
+    return (dx if dx is not None else x2d.new_empty(0)), (dw if dw is not None else weight.new_empty(0))
+
+
+@_rms_norm_bwd.register_fake
+def _(dy, x2d, weight, rstd, offset, need_dx, need_dw, backend):
+    return x2d.new_empty(x2d.shape if need_dx else (0,)), weight.new_empty(weight.shape if need_dw else (0,))
+
+
+def _setup(ctx, inputs, output):
+    x2d, weight, _, offset, backend = inputs
+    ctx.save_for_backward(x2d, weight, output[1])
+    ctx.offset, ctx.backend = offset, backend
+
+
+def _grad(ctx, grad_out, _grad_rstd):
+    x2d, weight, rstd = ctx.saved_tensors
+    need_dx, need_dw = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+    if not (need_dx or need_dw):
+        return None, None, None, None, None
+    dx, dw = _rms_norm_bwd(grad_out, x2d, weight, rstd, ctx.offset, need_dx, need_dw, ctx.backend)
+    return (dx if need_dx else None), (dw if need_dw else None), None, None, None
+
+
+_rms_norm_fwd.register_autograd(_grad, setup_context=_setup)
 
 
 def _backend(name: str):
@@ -144,7 +182,6 @@ def _check_number(name: str, v, *, positive: bool) -> float:
     return v
 
 
-@torch.compiler.disable
 def rms_norm(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -177,10 +214,10 @@ def rms_norm(
     eps = _check_number("eps", eps, positive=True)
     offset = _check_number("offset", offset, positive=False)
 
-    choice = backends.select(OP_RMS_NORM, x.device, backend)
-    fwd, bwd = _backend(choice.backend)
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_RMS_NORM, x.device, backend)
     x2d = x.reshape(-1, N)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()
-    out = _RMSNorm.apply(x2d, weight, eps, offset, fwd, bwd)
+    out, _ = torch.ops.fastft.rms_norm_fwd(x2d, weight, eps, offset, backend)
     return out.reshape(x.shape)

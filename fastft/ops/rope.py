@@ -17,14 +17,16 @@ Backward is the transpose of the rotation: with ``cos = [c1, c2]``, ``sin = [s1,
 
     dx[:R/2]  = g1 c1 + g2 s2        dx[R/2:R] = g2 c2 - g1 s1        dx[R:] = g[R:]
 
-so the autograd Function saves only ``cos`` and ``sin`` (broadcast views, nothing
-copied), never ``q`` or ``k``. The arithmetic is fp32 whatever the dtype, rounded once.
+so the forward saves only ``cos`` and ``sin`` (broadcast views, nothing copied), never
+``q`` or ``k``. The arithmetic is fp32 whatever the dtype, rounded once.
 Out of place: ``q`` and ``k`` are never modified; new tensors are returned.
 Gradients for ``cos`` / ``sin`` are not implemented by the fused backends: when either
 requires grad (under grad mode) the op runs :func:`rope_reference` instead.
 
-Layers: :func:`rope` validates then picks a backend (:mod:`fastft.backends`:
-``triton``, then ``torch``); the autograd Function calls the backend's rotation
+Layers: :func:`rope` validates, then calls the ``torch.library`` operator
+``fastft::rope_rotate`` once for ``q`` and once for ``k`` (fake implementation and autograd
+formula registered: torch.compile traces it without a graph break); the operator picks a
+backend at run time (:mod:`fastft.backends`: ``triton``, then ``torch``) and calls its rotation
 ``(x, cos, sin, backward=, out_dtype=)``; :func:`rope_reference` is transformers'
 code, the oracle for the tests.
 """
@@ -96,27 +98,38 @@ def _rotation(backend: str):
 
 
 # --------------------------------------------------------------------------------------
-# autograd
+# the operator (torch.library: one traced node for torch.compile, no graph break)
 # --------------------------------------------------------------------------------------
-class _Rope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, q, k, cos_q, sin_q, cos_k, sin_k, rotate):
-        ctx.rotate = rotate
-        ctx.q_dtype, ctx.k_dtype = q.dtype, k.dtype
-        ctx.save_for_backward(cos_q, sin_q, cos_k, sin_k)
-        q_out = rotate(q, cos_q, sin_q, out_dtype=torch.promote_types(q.dtype, cos_q.dtype))
-        k_out = rotate(k, cos_k, sin_k, out_dtype=torch.promote_types(k.dtype, cos_k.dtype))
-        return q_out, k_out
+@torch.library.custom_op("fastft::rope_rotate", mutates_args=())
+def _rope_rotate(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, backward: bool, out_dtype: torch.dtype, backend: str
+) -> torch.Tensor:
+    """Rotate ``x`` by ``cos`` / ``sin`` (already shaped ``x.shape[:-1] + (R,)``), or apply the
+    transpose when ``backward``; the backend is chosen here, at run time."""
+    rotate = _rotation(backends.select(OP_ROPE, x.device, backend).backend)
+    return rotate(x, cos, sin, backward=backward, out_dtype=out_dtype)
 
-    @staticmethod
-    def backward(ctx, gq, gk):
-        cos_q, sin_q, cos_k, sin_k = ctx.saved_tensors
-        dq = dk = None
-        if ctx.needs_input_grad[0] and gq is not None:
-            dq = ctx.rotate(gq, cos_q, sin_q, backward=True, out_dtype=ctx.q_dtype)
-        if ctx.needs_input_grad[1] and gk is not None:
-            dk = ctx.rotate(gk, cos_k, sin_k, backward=True, out_dtype=ctx.k_dtype)
-        return dq, dk, None, None, None, None, None
+
+@_rope_rotate.register_fake
+def _(x, cos, sin, backward, out_dtype, backend):
+    return torch.empty(x.shape, dtype=out_dtype, device=x.device)
+
+
+def _setup(ctx, inputs, output):
+    x, cos, sin, backward, _, backend = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.backward, ctx.x_dtype, ctx.backend = backward, x.dtype, backend
+
+
+def _grad(ctx, g):
+    # the rotation is orthogonal: its gradient is the transposed rotation (cos / sin get none:
+    # rope() takes the reference path when they require grad)
+    cos, sin = ctx.saved_tensors
+    dx = _rope_rotate(g, cos, sin, not ctx.backward, ctx.x_dtype, ctx.backend) if ctx.needs_input_grad[0] else None
+    return dx, None, None, None, None, None
+
+
+_rope_rotate.register_autograd(_grad, setup_context=_setup)
 
 
 def _check(q, k, cos, sin, unsqueeze_dim):
@@ -161,7 +174,6 @@ def _broadcast(t: torch.Tensor, x: torch.Tensor, name: str, xname: str) -> torch
         ) from None
 
 
-@torch.compiler.disable
 def rope(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -183,13 +195,11 @@ def rope(
     cos_u, sin_u = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
     cos_q, sin_q = _broadcast(cos_u, q, "cos", "q"), _broadcast(sin_u, q, "sin", "q")
     cos_k, sin_k = _broadcast(cos_u, k, "cos", "k"), _broadcast(sin_u, k, "sin", "k")
-    choice = backends.select(OP_ROPE, q.device, backend)
-    grad = torch.is_grad_enabled()
-    if grad and (cos.requires_grad or sin.requires_grad):
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_ROPE, q.device, backend)
+    if torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad):
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
-    rotate = _rotation(choice.backend)
-    if not grad or not (q.requires_grad or k.requires_grad):
-        q_dt = torch.promote_types(q.dtype, cos.dtype)
-        k_dt = torch.promote_types(k.dtype, cos.dtype)
-        return rotate(q.detach(), cos_q, sin_q, out_dtype=q_dt), rotate(k.detach(), cos_k, sin_k, out_dtype=k_dt)
-    return _Rope.apply(q, k, cos_q, sin_q, cos_k, sin_k, rotate)
+    q_dt = torch.promote_types(q.dtype, cos.dtype)
+    k_dt = torch.promote_types(k.dtype, cos.dtype)
+    rotate = torch.ops.fastft.rope_rotate
+    return rotate(q, cos_q, sin_q, False, q_dt, backend), rotate(k, cos_k, sin_k, False, k_dt, backend)

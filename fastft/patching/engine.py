@@ -108,6 +108,8 @@ def patch(
     experts: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
+    nf4_cache_absmax: bool = False,
+    lora_precision: str = "activation",
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -124,10 +126,22 @@ def patch(
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
     device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
+
+    ``nf4_cache_absmax=True`` (with ``quant``) keeps every double-quantised 4-bit layer's absmax
+    also decoded in fp32 (+32 / blocksize bits per weight, 0.5 at blocksize 64; each layer's cost
+    is in the report), so the NF4 kernels read it instead of decoding the 8-bit absmax per block.
+    ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
+    dtype (fp32 adapters over a bf16 base are cast once per step, never ``x``); ``"peft"``
+    keeps PEFT's promotion of the input to the adapters' dtype exactly
+    (:func:`fastft.ops.lora_linear`'s ``precision``).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
+    from ..ops.lora import PRECISIONS
+
+    if lora_precision not in PRECISIONS:
+        raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -136,6 +150,7 @@ def patch(
         ("rope", rope),
         ("mlp", mlp),
         ("experts", experts),
+        ("nf4_cache_absmax", nf4_cache_absmax),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -170,7 +185,9 @@ def patch(
         experts=experts,
         checkpointing=checkpointing,
         backend=backend,
+        nf4_cache_absmax=nf4_cache_absmax,
     )
+    options.update(lora_precision=lora_precision)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )

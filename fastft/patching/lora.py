@@ -103,11 +103,14 @@ class FusedLoraForward(GuardedForward):
 
     feature = FEATURE
 
-    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear", **where):
+    def __init__(
+        self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear", precision="activation", **where
+    ):
         super().__init__(original, backend, **where)
         self.layer = layer
         self.fan_in_fan_out = fan_in_fan_out
         self.kind = kind
+        self.precision = precision
 
     def unfused_reason(self, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None when it can)."""
@@ -171,6 +174,7 @@ class FusedLoraForward(GuardedForward):
             fan_in_fan_out=self.fan_in_fan_out,
             quant_state=quant_state,
             backend=self.backend,
+            precision=self.precision,
         )
         return y.to(in_dtype) if y.dtype != in_dtype else y
 
@@ -178,6 +182,19 @@ class FusedLoraForward(GuardedForward):
 def _dropout_text(layer) -> str:
     ps = {float(d.p) for d in layer.lora_dropout.values() if isinstance(d, nn.Dropout)}
     return f"dropout {max(ps):g} fused (mask regenerated from a seed)" if ps and max(ps) > 0 else "no dropout"
+
+
+def _precision_text(layer, precision: str) -> str:
+    dts = {p.dtype for a in layer.lora_A.values() for p in a.parameters()}
+    base = getattr(layer.base_layer, "compute_dtype", None) or layer.base_layer.weight.dtype
+    if not base.is_floating_point:  # packed 4-bit: the activations' dtype is known per call only
+        return f"{precision} precision"
+    if dts <= {base}:
+        return f"branch in {str(base).replace('torch.', '')}"
+    ad = "/".join(sorted(str(d).replace("torch.", "") for d in dts))
+    if precision == "peft":
+        return f"{ad} adapters, PEFT's promotion of x to {ad} (lora_precision='peft')"
+    return f"{ad} adapters cast once per step, branch in the activation dtype"
 
 
 def apply(ctx) -> None:
@@ -211,7 +228,8 @@ def apply(ctx) -> None:
         if kind == "linear" and getattr(module, "fan_in_fan_out", False):
             ctx.report.skip(FEATURE, name, "fan_in_fan_out=True on an nn.Linear base is not a layout fastft fuses")
             continue
-        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, target=name, report=ctx.report)
+        precision = ctx.options.get("lora_precision", "activation")
+        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, precision, target=name, report=ctx.report)
         ctx.swap(module, "forward", fwd)
         device = base.weight.device
         how = backends.select(OP_LORA, device, backend).backend
@@ -222,7 +240,11 @@ def apply(ctx) -> None:
             "bnb-nf4": "bitsandbytes 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
         }[kind]
         note = nf4_rows_note(base) if kind in ("nf4", "bnb-nf4") else ""
-        ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}{note}")
+        ctx.report.add(
+            FEATURE,
+            name,
+            f"lora_linear [{how}], {layout}, {_dropout_text(module)}, {_precision_text(module, precision)}{note}",
+        )
     if found == 0:
         where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"
         ctx.report.skip(FEATURE, "model", where)
