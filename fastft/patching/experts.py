@@ -180,3 +180,19 @@ def apply(ctx) -> None:
         )
     for config in configs.values():
         ctx.swap(config, "_experts_implementation_internal", _IMPL)
+
+
+def expert_target_parameters(model) -> list[str]:
+    """PEFT ``target_parameters`` naming every experts module's 3-D weights (``["experts.gate_up_proj", ...]``).
+
+    What the trainer adds to ``target_modules="all-linear"`` so LoRA trains the experts too
+    (``all-linear`` alone wraps only ``nn.Linear`` layers and leaves 3-D expert weights frozen)."""
+    out = set()
+    for name, module in model.named_modules():
+        if is_experts_module(module):
+            leaf = name.rsplit(".", 1)[-1]
+            for pname in ("gate_up_proj", "up_proj", "down_proj"):
+                p = getattr(module, pname, None)
+                if isinstance(p, torch.nn.Parameter) and p.dim() == 3:
+                    out.add(f"{leaf}.{pname}")
+    return sorted(out)
