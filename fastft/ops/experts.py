@@ -85,8 +85,9 @@ def act_forward(h: torch.Tensor, act: ExpertsActivation) -> torch.Tensor:
     return F.gelu(gate, approximate="tanh" if act.kind == "gelu_tanh" else "none") * up
 
 
-def act_backward(da: torch.Tensor, h: torch.Tensor, act: ExpertsActivation) -> torch.Tensor:
-    """``dh (S, 2I)`` of :func:`act_forward` for upstream ``da (S, I)``; the activation is recomputed."""
+def act_backward(da: torch.Tensor, h: torch.Tensor, act: ExpertsActivation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh (S, 2I), a (S, I))``: the gradient of :func:`act_forward` for upstream ``da`` and the
+    activation itself, both from one recomputation of the activation off the saved ``h``."""
     gate, up = _split(h, act)
     if act.kind == "gpt_oss":
         gc = gate.clamp(max=act.limit)
@@ -95,15 +96,18 @@ def act_backward(da: torch.Tensor, h: torch.Tensor, act: ExpertsActivation) -> t
         glu = gc * s
         du = (da * glu) * ((up >= -act.limit) & (up <= act.limit))
         dg = (da * (uc + 1)) * (s + act.alpha * glu * (1 - s)) * (gate <= act.limit)
-        return torch.stack((dg, du), dim=-1).reshape(h.shape)
+        return torch.stack((dg, du), dim=-1).reshape(h.shape), (uc + 1) * glu
+    n = gate.shape[-1]
+    dh = torch.empty_like(h)
     if act.kind == "silu":
-        dgate = torch.ops.aten.silu_backward(da * up, gate)
-        dup = F.silu(gate) * da
+        sg = F.silu(gate)
+        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :n])
     else:
         approx = "tanh" if act.kind == "gelu_tanh" else "none"
-        dgate = torch.ops.aten.gelu_backward(da * up, gate, approximate=approx)
-        dup = F.gelu(gate, approximate=approx) * da
-    return torch.cat((dgate, dup), dim=-1)
+        sg = F.gelu(gate, approximate=approx)
+        dh[:, :n] = torch.ops.aten.gelu_backward(da * up, gate, approximate=approx)
+    torch.mul(sg, da, out=dh[:, n:])
+    return dh, sg.mul_(up)
 
 
 # --------------------------------------------------------------------------------------
@@ -206,7 +210,8 @@ class _Experts(torch.autograd.Function):
         w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         dout_s = dout[tok].to(dtype)  # (S, H)
         g = _gmm(dout_s, w2t.transpose(-2, -1), offs)  # (S, I) = dout W2^T
-        a = act_forward(h, act)  # (S, I), recomputed
+        wcol = ws[:, None].to(dtype)
+        dh, a = act_backward(g * wcol, h, act)  # (S, 2I), and a (S, I) recomputed
         dw = None
         if need[2]:
             dws = (g.float() * a.float()).sum(-1)
@@ -215,7 +220,6 @@ class _Experts(torch.autograd.Function):
             dw = torch.empty_like(dws)
             dw[perm] = dws
             dw = dw.view(-1, K).to(ws.dtype)
-        wcol = ws[:, None].to(dtype)
         dy = dout_s * wcol  # (S, H)
         dw2 = db2 = dw1 = db1 = dx = None
         if need[4]:
@@ -223,7 +227,6 @@ class _Experts(torch.autograd.Function):
         if need[6]:
             db2 = torch.zeros(E, dy.shape[1], device=dy.device, dtype=torch.float32)
             db2 = db2.index_add_(0, sorted_ids, dy.float()).to(b2.dtype)
-        dh = act_backward(g * wcol, h, act)  # (S, 2I)
         if need[3] or need[0]:
             xs = x[tok].to(dtype)
             if need[3]:
