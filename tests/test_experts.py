@@ -219,7 +219,8 @@ def test_guard_falls_back_and_reports():
     mod._is_expert_parallel = False
     torch.testing.assert_close(out, mod(x, idx, w), **FP32)
     assert any("expert-parallel" in k and name in k for k in report.fallbacks)
-    assert "experts" in str(report)
+    assert "experts" in str(report) and "was grouped_mm" in str(report)
+    assert fastft.unpatch(model) and model.config._experts_implementation == "grouped_mm"  # the default, back
 
 
 def test_no_experts_reported_and_disabled():

@@ -123,6 +123,9 @@ def patch(
     call raises instead. Patching again first undoes the previous patch;
     :func:`unpatch` restores the original behaviour exactly.
 
+    ``experts=True`` runs transformers 5 MoE experts modules with :func:`fastft.ops.experts`
+    through transformers' ``ExpertsInterface`` (see :mod:`fastft.patching.experts`).
+
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
     device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
