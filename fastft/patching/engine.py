@@ -105,6 +105,7 @@ def patch(
     norms: bool = True,
     rope: bool = True,
     mlp: bool = True,
+    experts: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
     nf4_cache_absmax: bool = False,
@@ -122,6 +123,9 @@ def patch(
     that does not fit (counted in ``report.fallbacks``); with a forced backend such a
     call raises instead. Patching again first undoes the previous patch;
     :func:`unpatch` restores the original behaviour exactly.
+
+    ``experts=True`` runs transformers 5 MoE experts modules with :func:`fastft.ops.experts`
+    through transformers' ``ExpertsInterface`` (see :mod:`fastft.patching.experts`).
 
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
@@ -153,6 +157,7 @@ def patch(
         ("norms", norms),
         ("rope", rope),
         ("mlp", mlp),
+        ("experts", experts),
         ("nf4_cache_absmax", nf4_cache_absmax),
     ):
         if not isinstance(flag, bool):
@@ -185,6 +190,7 @@ def patch(
         norms=norms,
         rope=rope,
         mlp=mlp,
+        experts=experts,
         checkpointing=checkpointing,
         backend=backend,
         nf4_cache_absmax=nf4_cache_absmax,
@@ -197,6 +203,7 @@ def patch(
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
     from . import checkpointing as checkpointing_feature
+    from . import experts as experts_feature
     from . import fused_ops
     from . import lora as lora_feature
     from . import loss as loss_feature
@@ -207,6 +214,7 @@ def patch(
         ("quant", quant, quant_feature.apply),
         ("norms", norms, fused_ops.apply_norms),
         ("mlp", mlp, fused_ops.apply_mlp),
+        ("experts", experts, experts_feature.apply),
         ("rope", rope, fused_ops.apply_rope),
         ("loss", loss, loss_feature.apply),
         ("checkpointing", checkpointing is not None, checkpointing_feature.apply),
