@@ -17,7 +17,7 @@ for every member in one node::
 draws them): its rank-``r`` products run on their own (the Triton kernels regenerate its
 mask, the torch backend draws it from its seed) and its ``(t_i A_i) * M_i`` is added into the
 same ``dX``. Precision as :func:`fastft.ops.lora_linear` (``"activation"``: the branch in
-``x``'s dtype, adapters cast once per version; ``"peft"``: only when adapters and ``x`` share
+``x``'s dtype, adapters cast once per call; ``"peft"``: only when adapters and ``x`` share
 a dtype, else use the per-layer op). Base weights are frozen (a trainable base, a 4-bit
 base, ``fan_in_fan_out`` or ``lora_bias`` keep the per-layer op).
 """
