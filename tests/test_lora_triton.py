@@ -160,8 +160,10 @@ def test_mask_seed_and_layout():
     m = dropout_mask_triton(7, (37, 29), 0.3, "cpu")
     torch.testing.assert_close(m, dropout_mask_triton(7, (37, 29), 0.3, "cpu"), atol=0, rtol=0)  # deterministic
     assert not torch.equal(m, dropout_mask_triton(8, (37, 29), 0.3, "cpu"))  # seeds differ
-    # element i of the flattened mask is drawn at offset i: any view of [N, in] gives the same mask
-    torch.testing.assert_close(dropout_mask_triton(7, (37 * 29,), 0.3, "cpu").view(37, 29), m, atol=0, rtol=0)
+    # the mask is a function of (row, col) of the [N, in] view: [..., in] gives the same one
+    torch.testing.assert_close(dropout_mask_triton(7, (1, 37, 29), 0.3, "cpu").view(37, 29), m, atol=0, rtol=0)
+    # a row's mask does not depend on how many rows follow (each kernel tile regenerates its part)
+    torch.testing.assert_close(dropout_mask_triton(7, (5, 29), 0.3, "cpu"), m[:5], atol=0, rtol=0)
     mb = dropout_mask_triton(7, (37, 29), 0.3, "cpu", torch.bfloat16)
     assert mb.dtype == torch.bfloat16 and torch.equal(mb > 0, m > 0)
     torch.testing.assert_close(mb, m.bfloat16(), atol=0, rtol=BF16_ULP)
@@ -305,9 +307,9 @@ from fastft.kernels import lora as k
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {
-    "xa": (k._lora_xa_kernel, dict(x_ptr="X", a_ptr="A", out_ptr="A")),
-    "dx": (k._lora_dx_add_kernel, dict(dx_ptr="X", t_ptr="A", a_ptr="A")),
-    "dA": (k._lora_dA_kernel, dict(t_ptr="A", x_ptr="X", out_ptr="*fp32")),
+    "xa": (k._lora_xa_kernel, dict(x_ptr="X", a_ptr="A", out_ptr="A", seed_ptr="*i64")),
+    "dx": (k._lora_dx_add_kernel, dict(dx_ptr="X", t_ptr="A", a_ptr="A", seed_ptr="*i64")),
+    "dA": (k._lora_dA_kernel, dict(t_ptr="A", x_ptr="X", out_ptr="*fp32", seed_ptr="*i64")),
 }
 for x_dt, a_dt in [("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16")]:
     for R in (8, 256):
@@ -343,8 +345,10 @@ for x_dt, a_dt in [("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*bf16", "*bf16"), (
                     f.flush()
                     usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
                 assert "STACK:0 " in usage, (name, x_dt, a_dt, R, usage)
-mask_sig = {"out_ptr": "*bf16", "numel": "i32", "seed": "i64", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
-triton.compile(ASTSource(k._dropout_mask_kernel, mask_sig, {"BLOCK": k._MASK_BLOCK}), target=GPUTarget("cuda", 90, 32))
+mask_sig = {"out_ptr": "*bf16", "N": "i32", "K": "i32", "seed_ptr": "*i64", "p": "fp32", "scale": "fp32",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+mask_const = {"BLOCK_N": k._MASK_TILE[0], "BLOCK_K": k._MASK_TILE[1]}
+triton.compile(ASTSource(k._dropout_mask_kernel, mask_sig, mask_const), target=GPUTarget("cuda", 90, 32))
 print("OK")
 """
 

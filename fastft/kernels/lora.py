@@ -4,10 +4,12 @@ With dropout ``p > 0`` the LoRA branch needs ``x * M`` (``M`` the scaled keep-ma
 times: in forward for ``x A^T`` and in backward for ``dX += (t A) * M`` and
 ``dA = t^T (x * M)``. PEFT materialises the dropped copy of ``x`` and its mask; these
 kernels never store either: every tile regenerates its part of the mask from the seed
-with Triton's Philox counter RNG, at the element's offset in the ``[N, in]`` input::
+with Triton's Philox counter RNG. One call gives four 32-bit words, used for four consecutive
+columns of the ``[N, in]`` input (a quarter of a call per element)::
 
-    u    = tl.rand(seed, row * in_features + col)       (int64 offset, fp32 in [0, 1))
-    M    = (u >= p) / (1 - p)
+    w0..w3 = tl.randint4x(seed, row * ceil(in / 4) + col // 4)     (int64 counter)
+    u      = uniform float of word (w0, w2, w1, w3)[col % 4]        (fp32 in [0, 1))
+    M      = (u >= p) / (1 - p)
 
 so the forward and every backward kernel see the same mask, whatever their tiling. The seed
 is a ``(1,)`` int64 tensor read on the device (the op draws it with torch's generator on the
@@ -42,8 +44,8 @@ from ..ledger import record_kernel
 __all__ = ["lora_xa", "lora_dx_add_", "lora_dA", "dropout_mask_triton"]
 
 # Tiles, per kernel: (BLOCK_N rows, BLOCK_K in-features, largest BLOCK_R, num_warps). Every
-# element of an (N, in) tile runs 10 Philox rounds, so the tiles are kept to 8 elements per
-# thread; the rank tile is r rounded up to a power of two >= 16 (tl.dot's minimum), capped
+# four elements of an (N, in) tile share one 10-round Philox call; the tiles stay at 8 elements
+# per thread; the rank tile is r rounded up to a power of two >= 16 (tl.dot's minimum), capped
 # (a larger r loops, or adds programs along r). Picked so that ptxas reports no register
 # spills for sm_90 with fp32 and bf16 adapters (not tuned on a GPU yet). fp32 operands run
 # tl.dot on FMAs (IEEE, like torch.mm), whose operand tiles live in registers: dA's are smaller.
@@ -57,8 +59,8 @@ _CONFIG = {
 # multi-rank-block and split paths with small shapes. Tests may change these.
 _BLOCK_INTERPRET = 16
 _MAX_BLOCK_R_INTERPRET = 16
-_MASK_BLOCK = 1024
-_MASK_BLOCK_INTERPRET = 256
+_MASK_TILE = (16, 128)  # (rows, columns) per program of the mask kernel
+_MASK_TILE_INTERPRET = (8, 32)
 # dA: at most this many programs split the reduction over rows (each then covers >= 4 row tiles)
 _MAX_SPLIT_INTERPRET = 2
 
@@ -67,23 +69,40 @@ _MAX_SPLIT_INTERPRET = 2
 # kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _scaled_keep(seed, offs, p, scale):
-    """The scaled keep-mask at int64 offsets ``offs``: ``scale`` where ``rand >= p``, else 0 (fp32)."""
-    return tl.where(tl.rand(seed, offs) >= p, scale, 0.0)
+def _scaled_keep(seed, rn, k_start, K, p, scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scaled keep-mask of rows ``rn`` (int64, ``(BLOCK_N,)``) and columns
+    ``k_start + arange(BLOCK_K)`` (``k_start`` a multiple of 4): ``scale`` where ``u >= p``, else 0.
+
+    One Philox call gives four 32-bit words, used for four consecutive columns: element
+    ``(row, col)`` takes word ``col % 4`` of the call at counter ``row * ceil(K / 4) + col // 4``.
+    So the RNG work is a quarter of one call per element, and every kernel, whatever its
+    tiling, regenerates the same mask."""
+    kq = k_start // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = rn[:, None] * ((K + 3) // 4) + kq[None, :]  # (BLOCK_N, BLOCK_K // 4) int64
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    # (BLOCK_N, BLOCK_K // 4, 2, 2) -> (BLOCK_N, BLOCK_K): columns 4q..4q+3 take w0, w2, w1, w3
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_N, BLOCK_K))
+    u = tl.random.uint_to_uniform_float(words)
+    return tl.where(u >= p, scale, 0.0)
 
 
 @triton.jit
 def _dropout_mask_kernel(
-    out_ptr,  # (numel,) out: the scaled keep-mask, contiguous, any float dtype
-    numel,  # number of elements
+    out_ptr,  # (N, K) out: the scaled keep-mask, contiguous, any float dtype
+    N,  # rows
+    K,  # columns (the mask's row length: in_features)
     seed_ptr,  # (1,) int64 Philox seed, read on the device (a CUDA-graph replay sees a fresh one)
     p,  # dropout probability in [0, 1)
     scale,  # 1 / (1 - p)
-    BLOCK: tl.constexpr,  # elements per program
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per program (a multiple of 4)
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = _scaled_keep(tl.load(seed_ptr), offs, p, scale)
-    tl.store(out_ptr + offs, m.to(out_ptr.dtype.element_ty), mask=offs < numel)
+    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * BLOCK_K
+    rk = k_start + tl.arange(0, BLOCK_K)
+    m = _scaled_keep(tl.load(seed_ptr), rn, k_start, K, p, scale, BLOCK_N, BLOCK_K)
+    ok = (rn[:, None] < N) & (rk[None, :] < K)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], m.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -126,7 +145,7 @@ def _lora_xa_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn, k0, K, p, scale, BLOCK_N, BLOCK_K)
         a = tl.load(  # (BLOCK_K, BLOCK_R) = A^T tile
             a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
             mask=k_ok[:, None] & r_ok[None, :],
@@ -192,7 +211,7 @@ def _lora_dx_add_kernel(
             t, a = t.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(t, a, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
+        acc = acc * _scaled_keep(tl.load(seed_ptr), rn, pid_k * BLOCK_K, K, p, scale, BLOCK_N, BLOCK_K)
     io_mask = row_ok[:, None] & k_ok[None, :]
     d_ptrs = dx_ptr + rn[:, None] * stride_dn + rk[None, :] * stride_dk
     d = tl.load(d_ptrs, mask=io_mask, other=0.0).to(tl.float32)
@@ -249,7 +268,7 @@ def _lora_dA_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(tl.load(seed_ptr), rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn, pid_k * BLOCK_K, K, p, scale, BLOCK_N, BLOCK_K)
         xo = x.to(t.dtype)
         if UPCAST_DOT:
             t, xo = t.to(tl.float32), xo.to(tl.float32)
@@ -346,8 +365,8 @@ def _splits(row_tiles: int, other_programs: int, device: torch.device) -> int:
 def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
     """The scaled keep-mask (``0`` or ``1/(1-p)``, contiguous ``shape``) the kernels use for ``seed``.
 
-    Element ``i`` of the flattened mask is drawn at Philox offset ``i``: for an ``[N, in]``
-    input that is ``row * in + col``, for ``[..., in]`` the same as its ``[N, in]`` view.
+    Element ``(row, col)`` of the ``[N, in]`` view (``[..., in]`` is flattened to it) takes
+    word ``col % 4`` of the Philox call at counter ``row * ceil(in / 4) + col // 4``.
     """
     # check
     device = torch.device(device)
@@ -359,15 +378,17 @@ def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32)
 
     # allocate
     out = torch.empty(shape, device=device, dtype=dtype)
-    numel = out.numel()
-    if numel == 0:
+    if out.numel() == 0:
         return out
+    K = shape[-1] if shape else 1
+    N = out.numel() // K
 
     # launch
-    block = _MASK_BLOCK_INTERPRET if interpreting() else _MASK_BLOCK
+    bn, bk = _MASK_TILE_INTERPRET if interpreting() else _MASK_TILE
+    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     with record_kernel("dropout_mask", (), (out,)) as launch:
         if launch:
-            _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
+            _dropout_mask_kernel[grid](out, N, K, seed, p, scale, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
 
