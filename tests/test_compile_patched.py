@@ -63,4 +63,4 @@ def test_patched_step_compiles_like_unpatched(family):
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == eager_grads.keys()
     for name, g in grads.items():
-        torch.testing.assert_close(g, eager_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, eager_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
