@@ -73,12 +73,12 @@ def _batch(cfg: dict, seed: int, *, pairs: int | None = None, seq: int | None = 
     return {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
 
 
-def _fastft_step(model):
+def _fastft_step(model, checkpointing=None):
     import fastft
     from fastft.losses import dpo_loss
     from fastft.preference import sequence_logps
 
-    fastft.patch(model)
+    fastft.patch(model, checkpointing=checkpointing)
     hf = model.get_base_model()
 
     def step(b):
@@ -140,7 +140,11 @@ def worker_main(args) -> None:
     torch.set_num_threads(max(1, args.threads))
     cfg = QUICK_CFG if args.quick else CPU_CFG
     model = _build(cfg, args.seed)
-    step = _fastft_step(model) if args.provider == "fastft" else _trl_step(model)
+    if args.provider == "trl":
+        step = _trl_step(model)
+    else:
+        step = _fastft_step(model, "recompute" if args.provider == "fastft+ckpt" else None)
+        model.train()
     batch = _batch(cfg, args.seed + 2)
     tiny = _batch(cfg, args.seed + 3, pairs=1, seq=16)
 
@@ -170,7 +174,8 @@ def main(argv=None) -> int:
     H.add_common_args(p, NAME, memory="peak memory")
     p.add_argument("--quick", action="store_true", help="tiny shapes (format check)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
-    p.add_argument("--worker", choices=("fastft", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--worker", choices=("fastft", "fastft+ckpt", "trl"), help=argparse.SUPPRESS)
+    p.add_argument("--no-ckpt", action="store_true", help="skip the fastft + checkpointing='recompute' variant")
     args = p.parse_args(argv)
     device = H.resolve_device(args.device)
     if device != "cpu":
@@ -188,10 +193,11 @@ def main(argv=None) -> int:
     common = ["--device", "cpu", "--reps", args.reps, "--warmup", args.warmup, "--seed", args.seed,
               "--threads", args.threads] + (["--quick"] if args.quick else []) + (["--skip-memory"] if args.skip_memory else [])  # fmt: skip
     results = {}
-    for prov in ("fastft", "trl"):  # one after the other: the CPU is shared
+    provs = ("fastft", "trl") if args.no_ckpt else ("fastft", "fastft+ckpt", "trl")
+    for prov in provs:  # one after the other: the CPU is shared
         results[prov] = H.run_isolated(__file__, ["--worker", prov, *common], H.worker_env("cpu"))
         r = results[prov]
-        print(f"{prov:7s} {r.get('status')}: " + (f"{r['median_ms']:.0f} ms, {r['tokens_per_s']:.0f} tok/s, "
+        print(f"{prov:11s} {r.get('status')}: " + (f"{r['median_ms']:.0f} ms, {r['tokens_per_s']:.0f} tok/s, "
               f"peak {r.get('memory', {}).get('peak_mib', float('nan')):.0f} MiB, loss {r['loss']:.6f}"
               if r.get("status") == "ok" else str(r.get("reason"))[-800:]), flush=True)  # fmt: skip
     f, t = results["fastft"], results["trl"]
@@ -206,6 +212,12 @@ def main(argv=None) -> int:
             grad_norm_rel_diff=abs(f["grad_norm"] - t["grad_norm"]) / max(abs(t["grad_norm"]), 1e-12),
             agree=abs(f["loss"] - t["loss"]) <= 1e-4 * max(1.0, abs(t["loss"])),
         )
+        k = results.get("fastft+ckpt", {})
+        if k.get("status") == "ok":
+            km = (k.get("memory") or {}).get("peak_mib")
+            summary["ckpt"] = dict(tokens_per_s_ratio=H.ratio(k["tokens_per_s"], t["tokens_per_s"]),
+                                   mem_ratio=H.ratio(km, tm) if km and tm else None,
+                                   loss_abs_diff=abs(k["loss"] - t["loss"]))  # fmt: skip
         summary["meets_targets"] = {
             "memory": summary["mem_ratio"] is not None and summary["mem_ratio"] <= TARGETS["mem_ratio_max"],
             "tokens_per_s": summary["tokens_per_s_ratio"] >= TARGETS["tokens_per_s_ratio_min"],
@@ -218,7 +230,7 @@ def main(argv=None) -> int:
         reference="TRL 1.16 DPOTrainer._compute_loss on materialised logits (selective_log_softmax); "
         "the trainer is not stepped (its dataset pipeline / accelerate), the optimizer update is left out on both sides",
         targets=TARGETS,
-        results=[results["fastft"], results["trl"]],
+        results=[results[p] for p in provs],
         summary=summary,
     )
     H.finish(args, NAME, payload, device="cpu", quick=args.quick, t_start=t0)

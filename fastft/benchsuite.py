@@ -236,8 +236,14 @@ def _rows_dpo(doc: dict) -> list[dict]:
     case = (
         f"DPO step {c.get('pairs')} pairs x {c.get('seq')} tok, LoRA r{c.get('rank')}, {c.get('params', 0) / 1e6:.0f}M"
     )
-    return [_row("dpo", case, "fastft", "trl (logits)", f.get("median_ms"), t.get("median_ms"), s.get("mem_ratio"),
+    rows = [_row("dpo", case, "fastft", "trl (logits)", f.get("median_ms"), t.get("median_ms"), s.get("mem_ratio"),
                  s.get("agree"), tokens_per_s=f.get("tokens_per_s"))]  # fmt: skip
+    k = by.get("fastft+ckpt")
+    if k:
+        rows.append(_row("dpo", case, "fastft+ckpt", "trl (logits)", k.get("median_ms"), t.get("median_ms"),
+                         s.get("ckpt", {}).get("mem_ratio"), s.get("ckpt", {}).get("loss_abs_diff", 1.0) <= 1e-4,
+                         tokens_per_s=k.get("tokens_per_s")))  # fmt: skip
+    return rows
 
 
 _EXTRACT = {

@@ -154,6 +154,6 @@ def test_rows_from_the_committed_dpo_result():
     paths = sorted((BENCH / "results").glob("dpo-cpu-*.json"))
     assert paths
     rows = benchsuite.rows_from_result(json.loads(paths[0].read_text()))
-    assert len(rows) == 1 and rows[0]["bench"] == "dpo" and rows[0]["ok"] is True
+    assert 1 <= len(rows) <= 2 and all(r["bench"] == "dpo" and r["ok"] is True for r in rows)
     assert rows[0]["fastft_ms"] > 0 and rows[0]["ref_ms"] > 0 and 0 < rows[0]["mem_ratio"] < 1
     assert "dpo" in benchsuite.BENCHES and "dpo" not in benchsuite.parse_benches(None, True)
