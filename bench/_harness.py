@@ -229,6 +229,52 @@ def time_fn(fn: Callable[[], Any], warmup: int, reps: int, *, device=None) -> di
     }
 
 
+def _stats(times: list[float], warmup: int) -> dict[str, Any]:
+    s = sorted(times)
+    return {
+        "median_ms": _percentile(s, 50),
+        "p20_ms": _percentile(s, 20),
+        "p80_ms": _percentile(s, 80),
+        "min_ms": s[0],
+        "reps": len(times),
+        "warmup": max(0, warmup),
+        "times_ms": times,
+    }
+
+
+def time_interleaved(
+    fns: dict[str, Callable[[], Any]], warmup: int, reps: int, *, device=None, inner: int = 1
+) -> dict[str, dict[str, Any]]:
+    """Time several providers of one computation *interleaved*: each repetition runs every
+    provider once (``inner`` calls each, the order rotated per repetition), so that a loaded or
+    throttling machine slows them all alike and their ratios stay meaningful. Returns, per name,
+    what :func:`time_fn` returns (ms per call: median, p20, p80, min, all times) plus ``inner``.
+    """
+    sync = _sync_for(device)
+    names = list(fns)
+    for _ in range(max(0, warmup)):
+        for n in names:
+            fns[n]()
+    sync()
+    times: dict[str, list[float]] = {n: [] for n in names}
+    for r in range(max(1, reps)):
+        order = names[r % len(names) :] + names[: r % len(names)] if names else []
+        for n in order:
+            fn = fns[n]
+            sync()
+            t0 = time.perf_counter()
+            for _ in range(max(1, inner)):
+                fn()
+            sync()
+            times[n].append((time.perf_counter() - t0) * 1e3 / max(1, inner))
+    out = {}
+    for n in names:
+        out[n] = _stats(times[n], warmup)
+        out[n]["inner"] = max(1, inner)
+        out[n]["interleaved_with"] = [m for m in names if m != n]
+    return out
+
+
 # --------------------------------------------------------------------------------------
 # memory (call inside a fresh process)
 # --------------------------------------------------------------------------------------
@@ -647,3 +693,17 @@ def markdown_table(rows: Sequence[dict[str, Any]], columns: Sequence[str | tuple
     ]
     lines += ["| " + " | ".join(c.ljust(w) for c, w in zip(row, widths)) + " |" for row in cells]
     return "\n".join(lines)
+
+
+def ledger_of(run, min_numel: int, sections=("forward", "backward")) -> tuple[str, dict]:
+    """Run ``run(section)`` under a :class:`fastft.ledger.Ledger` (on meta tensors at the bench's
+    shape, or small real ones): ``run`` gets a context-manager factory ``section(name)`` to mark
+    its forward and backward. Returns the ledger's table and its per-section summaries, for the
+    bench to print beside its timings and write in its JSON."""
+    from fastft.ledger import Ledger
+
+    with Ledger(min_numel=min_numel) as led:
+        run(led.section)
+    summary = {name: led.summary(name) for name in sections}
+    summary["saved_bytes"] = led.saved_bytes()
+    return led.table(), summary

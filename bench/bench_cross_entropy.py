@@ -178,6 +178,27 @@ def make_loss_fn(name: str, inp: dict, device: str, fastft_backend: str = "auto"
     raise ValueError(name)
 
 
+def fastft_ledger(cfg: dict):
+    """The fastft provider's forward and backward under the traffic ledger, on meta tensors."""
+    import torch
+
+    from fastft.ops.cross_entropy import fused_linear_cross_entropy
+
+    T, Hd, V = cfg["tokens"], cfg["hidden"], cfg["vocab"]
+    dt = H.torch_dtype(cfg["dtype"])
+    h = torch.empty(1, T, Hd, device="meta", dtype=dt, requires_grad=True)
+    w = torch.empty(V, Hd, device="meta", dtype=dt, requires_grad=cfg["head"] == "trainable")
+    t = torch.empty(1, T, device="meta", dtype=torch.long)
+
+    def run(section):
+        with section("forward"):
+            loss = fused_linear_cross_entropy(h, w, t, backend=cfg["fastft_backend"])
+        with section("backward"):
+            loss.backward()
+
+    return H.ledger_of(run, min_numel=T * Hd)
+
+
 def make_step(loss_fn, inp: dict):
     """One training step's worth of loss work: clear grads, forward, backward. Returns the loss."""
     h, w = inp["hidden"], inp["weight"]
@@ -359,6 +380,14 @@ def main(argv=None) -> int:
             missing = [p for p in (who, versus) if rows.get(p, {}).get(key) is None]
             note = f"n/a: no {metric} for {', '.join(missing)}"
         targets.append(dict(target=label, value=value, limit=limit, met=met, note=note))
+
+    # what the fastft call launches, allocates and converts at this shape (meta tensors: counted, not run)
+    try:
+        ledger_table, cfg["fastft_ledger"] = fastft_ledger(cfg)
+        print(f"\nfastft traffic ledger (meta tensors, {cfg['tokens']}x{cfg['hidden']}x{cfg['vocab']}):")
+        print(ledger_table)
+    except Exception as exc:  # the ledger is information; never lose the timings for it
+        cfg["fastft_ledger"] = f"unavailable: {type(exc).__name__}: {exc}"
 
     table_rows = list(rows.values())
     print()

@@ -265,6 +265,59 @@ class Provider(H.LayerStep):
             raise ValueError(name)
 
 
+def ledger_rows(cfg: dict, cells: list) -> list[dict]:
+    """The traffic ledger (:mod:`fastft.ledger`) of one fwd+bwd per provider at each dropout-free cell's
+    shapes, on meta tensors (no memory, no compute; what the torch level launches, converts and moves
+    whatever the device). ``fastft`` is the default activation precision, ``fastft-peft`` the
+    ``precision="peft"`` option (PEFT's promotion, the same aten ops as PEFT's layer)."""
+    import torch
+
+    from fastft.ledger import Ledger
+    from fastft.ops import lora_linear
+
+    rows = []
+    for cell in cells:
+        if cell["dropout"] != 0.0:  # the torch backend's mask is not what the GPU runs: not counted
+            continue
+        n, fin, fout, r = cfg["tokens"], cell["in_features"], cell["out_features"], cell["rank"]
+        dt, adt = H.torch_dtype(cfg["dtype"]), H.torch_dtype(cfg["adapter_dtype"])
+
+        def meta(*shape, dtype, grad=False):
+            return torch.empty(*shape, device="meta", dtype=dtype).requires_grad_(grad)
+
+        _, scaling = _scaling(cfg, r)
+        for name in ("fastft", "fastft-peft", "base"):
+            # fresh tensors per provider: no gradient accumulated from the previous one
+            x, dy, w = meta(n, fin, dtype=dt, grad=True), meta(n, fout, dtype=dt), meta(fout, fin, dtype=dt)
+            a, b = meta(r, fin, dtype=adt, grad=True), meta(fout, r, dtype=adt, grad=True)
+            if name == "base":
+                call = lambda: torch.nn.functional.linear(x, w)  # noqa: B023, E731 - called in this iteration
+            else:
+                prec = "activation" if name == "fastft" else "peft"
+                call = lambda: lora_linear(x, w, a, b, scaling, backend="torch", precision=prec)  # noqa: B023, E731
+            led = Ledger(min_numel=n * min(fin, fout))
+            with led:
+                with led.section("forward"):
+                    y = call()
+                with led.section("backward"):
+                    y.backward(dy)
+            s = led.summary()
+            rows.append(
+                dict(
+                    **cell,
+                    provider=name,
+                    launches=s["launches"],
+                    moved_mib=round(s["bytes_moved"] / 2**20, 1),
+                    conversions=s["conversions"],
+                    conversion_mib=round(s["conversion_bytes"] / 2**20, 1),
+                    full_size_temporaries=s["temporaries"],
+                    saved_mib=round(s["saved_bytes"] / 2**20, 1),
+                    ops=" ".join(led.ops()),
+                )
+            )
+    return rows
+
+
 def cell_inputs(cfg: dict, cell: dict, dev: str) -> dict:
     return make_inputs(
         cfg["tokens"],
@@ -581,10 +634,32 @@ def main(argv=None) -> int:
         )
     )
 
+    ledger = ledger_rows(cfg, cells)
+    if ledger:
+        print()
+        print("traffic ledger, one fwd+bwd at these shapes (meta tensors: torch-level counts, any device):")
+        print(
+            H.markdown_table(
+                ledger,
+                [
+                    ("in_features", "in"),
+                    ("out_features", "out"),
+                    ("rank", "r"),
+                    "provider",
+                    "launches",
+                    ("moved_mib", "MiB moved"),
+                    "conversions",
+                    ("conversion_mib", "conversion MiB"),
+                    ("full_size_temporaries", "full-size temps"),
+                    ("saved_mib", "saved MiB"),
+                ],
+            )
+        )
+
     H.finish(
         args,
         "lora",
-        {"config": cfg, "results": rows, "agreement": agreement, "targets": targets},
+        {"config": cfg, "results": rows, "agreement": agreement, "targets": targets, "ledger": ledger},
         device=dev,
         quick=cfg["quick"],
         t_start=t_start,

@@ -42,6 +42,7 @@ from functools import partial
 import _harness as H
 
 SECTIONS = ("dequant", "matmul", "qlora")
+GEMV_MAX_M = 8  # fastft.ops.nf4.GEMV_MAX_M: up to this batch, CUDA also times both GEMVs
 QLORA_PROVIDERS = ("fastft", "peft-bnb", "dense")
 
 # per device: the shapes the targets are stated for
@@ -389,14 +390,20 @@ def run_matmul(cfg: dict, dev: str) -> tuple[list[dict], dict]:
             x = _randn(g, batch, K, scale=1.0, dtype=dt, device=dev)
             ref = F.linear(x.float(), dense.float())
             group = {}
-            for name in ("fastft", "bitsandbytes", "dense"):
+            timed = {}
+            providers = ["fastft", "bitsandbytes", "dense"]
+            if dev.startswith("cuda") and batch <= GEMV_MAX_M:
+                # the GEMV policy (fastft.ops.nf4.GEMV_POLICY) is decided from these two rows
+                providers[1:1] = ["fastft-triton", "fastft-cuda"]
+            for name in providers:
                 row = {"section": "matmul", "x_dtype": dname, "batch": batch, "provider": name}
                 rows.append(row)
                 group[name] = row
                 try:
-                    if name == "fastft":
-                        row["backend"] = _backend("nf4_matmul", dev, be)
-                        calls = [partial(nf4_matmul, x, p, state, backend=be) for p in packs]
+                    if name.startswith("fastft"):
+                        want = be if name == "fastft" else name.split("-", 1)[1]
+                        row["backend"] = _backend("nf4_matmul", dev, want)
+                        calls = [partial(nf4_matmul, x, p, state, backend=want) for p in packs]
                         wbytes = nf4_bytes
                     elif name == "bitsandbytes":
                         _probe_bnb(dev, dt)
@@ -416,10 +423,16 @@ def run_matmul(cfg: dict, dev: str) -> tuple[list[dict], dict]:
                 except Skip as exc:
                     row.update(status="skipped", reason=str(exc))
                     continue
-                with torch.no_grad():
-                    t = _time(calls, cfg, dev)
+                timed[name] = (calls, wbytes)
+            # all providers of this shape timed interleaved (a loaded CPU slows them alike)
+            cyc = {n: itertools.cycle(c) for n, (c, _) in timed.items()}
+            fns = {n: (lambda it=it: next(it)()) for n, it in cyc.items()}
+            with torch.no_grad():
+                ts = H.time_interleaved(fns, cfg["warmup"], cfg["reps"], device=dev, inner=cfg["inner"])
+            for name, t in ts.items():
+                row = group[name]
                 row.update(status="ok", time=t, median_ms=t["median_ms"], p20_ms=t["p20_ms"], p80_ms=t["p80_ms"])
-                row["weight_gb_s"] = wbytes / (t["median_ms"] * 1e-3) / 1e9
+                row["weight_gb_s"] = timed[name][1] / (t["median_ms"] * 1e-3) / 1e9
             bnb_ms = group["bitsandbytes"].get("median_ms")
             dense_ms = group["dense"].get("median_ms")
             for r in group.values():

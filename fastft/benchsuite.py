@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 # per-op benches run by default, in this order; "e2e" (the training step) is added by --e2e
-PER_OP = ("cross_entropy", "lora", "nf4", "checkpointing", "fused_ops")
+PER_OP = ("cross_entropy", "lora", "nf4", "checkpointing", "fused_ops", "moe")
 BENCHES = PER_OP + ("e2e", "dpo")  # "dpo" (a DPO step vs TRL's loss on logits) runs when named in --ops
 # the results name each bench writes (bench/results/<name>[-quick]-<device>.json)
 RESULT_NAME = {b: b for b in BENCHES}
@@ -206,6 +206,21 @@ def _rows_fused_ops(doc: dict) -> list[dict]:
     return out
 
 
+def _rows_moe(doc: dict) -> list[dict]:
+    c = doc.get("config", {})
+    by = {r["provider"]: r for r in doc.get("rows", []) if r.get("median_ms")}
+    f = by.get("fastft")
+    case = f"experts E{c.get('experts')} top-{c.get('top_k')} {c.get('tokens')} tok H{c.get('hidden')} I{c.get('intermediate')} {c.get('dtype')} fwd+bwd"
+    out = []
+    for ref in ("eager", "grouped_mm", "batched_mm"):
+        r = by.get(ref)
+        if f and r:
+            err = f.get("max_rel_err_vs_eager")
+            out.append(_row("moe", case, "experts", ref, f.get("median_ms"), r.get("median_ms"), None,
+                            None if err is None else err < 1e-4))  # fmt: skip
+    return out
+
+
 def _rows_e2e(doc: dict) -> list[dict]:
     c = doc.get("config", {})
     rows = [r for r in doc.get("results", []) if r.get("status") == "ok"]
@@ -252,6 +267,7 @@ _EXTRACT = {
     "nf4": _rows_nf4,
     "checkpointing": _rows_checkpointing,
     "fused_ops": _rows_fused_ops,
+    "moe": _rows_moe,
     "e2e": _rows_e2e,
     "dpo": _rows_dpo,
 }

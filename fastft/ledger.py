@@ -6,9 +6,10 @@ GPU time is scarce; a design claim such as "no full-size upcast", "``x`` saved o
 ``saved_tensors_hooks`` pair (every tensor autograd keeps for backward), and records:
 
 * **launches** - aten ops that do work (views, metadata ops and bare allocations are not
-  launches); a fastft custom kernel (a Triton launch, a C++ extension call) counts as one
-  launch with its input and output bytes when its launcher wraps the call in
-  :func:`record_kernel` (the aten ops inside are not counted);
+  launches); a fastft ``torch.library`` operator (``fastft::...``) counts as one launch with its
+  input and output bytes, and so does a fastft custom kernel (a Triton launch, a C++ extension
+  call) whose launcher wraps the call in :func:`record_kernel` (the aten ops inside either are
+  not counted);
 * **temporaries** - outputs of at least ``min_numel`` elements (the "full-size" ones at the
   shapes of a test: pass the activation size), with shape and dtype;
 * **conversions** - dtype changes (``_to_copy`` / ``copy_`` across dtypes) with their sizes;
@@ -146,8 +147,20 @@ class _Mode(TorchDispatchMode):
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
-        out = func(*args, **kwargs)
         led = self.ledger
+        if getattr(func, "namespace", None) == "fastft":
+            # a fastft torch.library operator is one kernel: what runs inside it is not counted
+            led._quiet += 1
+            try:
+                out = func(*args, **kwargs)
+            finally:
+                led._quiet -= 1
+            if not led._quiet:
+                ins = [a for a in tree_flatten((args, kwargs))[0] if isinstance(a, torch.Tensor)]
+                outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor) and o.numel()]
+                led._kernel(func._opname, ins, outs)
+            return out
+        out = func(*args, **kwargs)
         if led._quiet:
             return out
         led._on_op(func, args, kwargs, out)

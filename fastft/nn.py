@@ -36,11 +36,16 @@ class Linear4bit(nn.Linear):
         blocksize: int = 64,
         double_quant: bool = True,
         weight_dtype: torch.dtype = torch.float32,
+        cache_absmax: bool = False,
         device=None,
     ):
         nn.Module.__init__(self)  # not nn.Linear.__init__: no dense weight is ever allocated
         self.in_features, self.out_features = in_features, out_features
         self.blocksize, self.double_quant, self.weight_dtype = blocksize, double_quant, weight_dtype
+        # keep the fp32 absmax decoded from the double quantisation (+32 / blocksize bits per
+        # weight, 0.5 at blocksize 64): the kernels read it instead of decoding the 8-bit absmax
+        self.cache_absmax = bool(cache_absmax) and double_quant
+        self._nf4_state: NF4State | None = None
         numel = in_features * out_features
         self.weight = nn.Parameter(torch.empty((numel + 1) // 2, 1, dtype=torch.uint8, device=device), False)
         self.bias = nn.Parameter(torch.zeros(out_features, dtype=weight_dtype, device=device)) if bias else None
@@ -53,7 +58,9 @@ class Linear4bit(nn.Linear):
             self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32))
 
     @classmethod
-    def from_linear(cls, linear: nn.Module, *, blocksize: int = 64, double_quant: bool = True) -> Linear4bit:
+    def from_linear(
+        cls, linear: nn.Module, *, blocksize: int = 64, double_quant: bool = True, cache_absmax: bool = False
+    ) -> Linear4bit:
         """Quantise an ``nn.Linear`` (or transformers' ``Conv1D``, whose weight is ``[in, out]``)."""
         weight = linear.weight.detach()
         if type(linear) is not nn.Linear:  # Conv1D: y = x @ W + b with W [in, out]
@@ -66,6 +73,7 @@ class Linear4bit(nn.Linear):
             blocksize=blocksize,
             double_quant=double_quant,
             weight_dtype=weight.dtype,
+            cache_absmax=cache_absmax,
             device=weight.device,
         )
         packed, state = quantize_nf4(weight.contiguous(), blocksize=blocksize, double_quant=double_quant)
@@ -86,11 +94,22 @@ class Linear4bit(nn.Linear):
 
     @property
     def quant_state(self) -> NF4State:
-        """The NF4 state of the weight (built from the buffers; cheap, no copies)."""
+        """The NF4 state of the weight, built from the buffers (no copies) and kept while they
+        are the same tensors, so that it is validated once (a ``.to()``, ``load_state_dict`` or
+        ``load_state`` that replaces a buffer builds a new one). With ``cache_absmax`` it also
+        keeps the decoded fp32 absmax (not a buffer: rebuilt from the 8-bit one when needed)."""
+        st = self._nf4_state
+        if (
+            st is not None
+            and st.absmax is self.absmax
+            and st.code is self.code
+            and (not self.double_quant or (st.absmax2 is self.nested_absmax and st.offset is self.nested_offset))
+        ):
+            return st
         extra = {}
         if self.double_quant:
             extra = dict(offset=self.nested_offset, absmax2=self.nested_absmax, code2=self.nested_code)
-        return NF4State(
+        st = NF4State(
             shape=torch.Size((self.out_features, self.in_features)),
             dtype=self.weight_dtype,
             blocksize=self.blocksize,
@@ -98,6 +117,14 @@ class Linear4bit(nn.Linear):
             code=self.code,
             **extra,
         )
+        if self.cache_absmax:
+            st = st.with_absmax_cache()
+        self._nf4_state = st
+        return st
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._nf4_state = None  # the buffers were overwritten in place: validate (and decode) again
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
@@ -107,6 +134,7 @@ class Linear4bit(nn.Linear):
         return (
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"nf4 blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + (", fp32 absmax cached" if self.cache_absmax else "")
         )
 
 
@@ -121,12 +149,19 @@ def _is_linear_like(module: nn.Module) -> bool:
 
 
 def quantize(
-    model: nn.Module, *, blocksize: int = 64, double_quant: bool = True, skip: tuple[str, ...] = ("lm_head",)
+    model: nn.Module,
+    *,
+    blocksize: int = 64,
+    double_quant: bool = True,
+    skip: tuple[str, ...] = ("lm_head",),
+    cache_absmax: bool = False,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and GPT-2 ``Conv1D``) in ``model`` with :class:`Linear4bit`, in place.
 
     A layer is left alone when any dotted component of its name is in ``skip``
     (default: the output head). Returns ``model``. Quantise before wrapping with PEFT.
+    ``cache_absmax=True`` keeps each layer's double-quantised absmax also decoded in fp32
+    (+32 / blocksize bits per weight, 0.5 at the default 64) so the kernels skip the decode.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
@@ -141,5 +176,6 @@ def quantize(
             if _is_linear_like(child) and not (set(full.split(".")) & set(skip)):
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
-        setattr(parent, child_name, Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant))
+        layer = Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant, cache_absmax=cache_absmax)
+        setattr(parent, child_name, layer)
     return model

@@ -121,7 +121,7 @@ def test_rows_from_the_committed_per_op_results():
 
 def test_unknown_op_is_a_value_error_listing_the_valid_ones():
     with pytest.raises(
-        ValueError, match="unknown bench 'nope'.*cross_entropy, lora, nf4, checkpointing, fused_ops, e2e"
+        ValueError, match="unknown bench 'nope'.*cross_entropy, lora, nf4, checkpointing, fused_ops, moe, e2e"
     ):
         benchsuite.run(_args(ops="lora,nope"))
     with pytest.raises(ValueError, match="--ops is empty"):

@@ -947,3 +947,34 @@ def test_triton_kernel_compiles_for_gpu():
     interpreter lets through, such as a loop-carried variable that changes type.
     In a fresh process: the kernels of this one are already defined as interpreted."""
     run_compile_script(_COMPILE_SCRIPT, timeout=300)
+
+
+# --------------------------------------------------------------------------------------
+# the traffic ledger at the GPU bench's shape (meta tensors: counts, no memory, no compute)
+# --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("head", ["trainable", "frozen"])
+def test_flce_ledger_at_gpu_shape(head):
+    """8192 x 4096 x 128256 bf16: one fused operator call; never an (N, V) tensor; no
+    activation-sized dtype conversion; a frozen head allocates nothing of the head's size and
+    keeps only grad_hidden for backward."""
+    from fastft.ledger import Ledger
+
+    N, H, V = 8192, 4096, 128256
+    h = torch.randn(N, H, device="meta", dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(V, H, device="meta", dtype=torch.bfloat16, requires_grad=head == "trainable")
+    t = torch.randint(0, V, (N,), device="meta")
+    with Ledger(min_numel=N * H) as led:
+        with led.section("forward"):
+            loss = fused_linear_cross_entropy(h, w, t)
+        with led.section("backward"):
+            loss.backward()
+    ops = led.ops("forward")
+    assert ops.count("fastft::flce") == 1 and not led.temporaries_of((N, V)), led.table()
+    # the only large conversion: the fp32 grad_weight accumulator to the weight's dtype, once
+    big = led.conversions_at_least(N * H)
+    assert len(big) == (1 if head == "trainable" else 0), led.table()
+    if head == "trainable":
+        assert big[0].src.shape == (V, H) and big[0].src.dtype == torch.float32
+    else:
+        assert not led.temporaries_of((V, H)), led.table()
+        assert led.saved_bytes() <= N * H * 2 + 2**20, led.table()

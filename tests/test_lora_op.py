@@ -3,7 +3,9 @@
 import pytest
 import torch
 
+from fastft.ledger import Ledger
 from fastft.ops import dropout_mask, lora_linear, lora_linear_reference
+from fastft.ops.lora import cast_adapter
 
 TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5)}
 
@@ -79,7 +81,7 @@ def test_bf16_base_within_plain_bf16_error(p):
 def test_fp32_adapters_over_bf16_base_follow_peft_promotion():
     x, w, b, _, _, _ = _inputs((16,), 32, 24, 4, dtype=torch.bfloat16)
     _, _, _, A, B, _ = _inputs((16,), 32, 24, 4, dtype=torch.float32)
-    y = lora_linear(x, w, A, B, 1.5, bias=b)
+    y = lora_linear(x, w, A, B, 1.5, bias=b, precision="peft")
     ref = lora_linear_reference(x, w, A, B, 1.5, bias=b)  # result + lora in fp32, cast back: PEFT's order
     assert y.dtype == torch.bfloat16
     torch.testing.assert_close(y, ref, atol=1e-2, rtol=1e-2)
@@ -158,3 +160,91 @@ def test_under_torch_compile():
     torch.testing.assert_close(compiled, eager)
     for a, c in zip(ge, gc):
         torch.testing.assert_close(a, c)
+
+
+def _f32_copies(*ts):
+    return [t.detach().float().requires_grad_(t.requires_grad) if t is not None else None for t in ts]
+
+
+def _bf16_copies(*ts):
+    return [t.detach().bfloat16().requires_grad_(t.requires_grad) if t is not None else None for t in ts]
+
+
+@pytest.mark.parametrize("p", [0.0, 0.2])
+@pytest.mark.parametrize("lead, in_f, out_f, r", [((3, 41), 96, 72, 16), ((67,), 50, 130, 8)])
+def test_activation_precision_meets_the_bf16_rule(lead, in_f, out_f, r, p):
+    """fp32 adapters over a bf16 base, branch in bf16 (the default): error against the fp32 oracle
+    <= 2x that of PEFT's own all-bf16 computation, forward and every gradient; dA, dB in fp32."""
+    x, w, b, _, _, _ = _inputs(lead, in_f, out_f, r, dtype=torch.bfloat16)
+    _, _, _, A, B, lb = _inputs(lead, in_f, out_f, r, lora_bias=True)
+    torch.manual_seed(5)
+    y = lora_linear(x, w, A, B, 2.0, bias=b, lora_bias=lb, dropout_p=p)
+    seed = _seed_the_op_draws(5)
+    n = x.numel() // in_f
+    mask = dropout_mask(seed, (n, in_f), p, "cpu").reshape(x.shape) if p else None
+    fx, fw, fb, fA, fB, flb = _f32_copies(x, w, b, A, B, lb)
+    oracle = lora_linear_reference(fx, fw, fA, fB, 2.0, bias=fb, lora_bias=flb, mask=mask)
+    bA, bB, blb = _bf16_copies(A, B, lb)  # PEFT's computation with its adapters in bf16
+    plain = lora_linear_reference(x, w, bA, bB, 2.0, bias=b, lora_bias=blb, mask=mask)
+    assert y.dtype == torch.bfloat16
+    assert (y.float() - oracle).abs().max() <= 2 * (plain.float() - oracle).abs().max()
+    go = torch.randn(oracle.shape)
+    got = _grads(y, (x, b, A, B, lb), go.bfloat16())
+    pl = _grads(plain, (x, b, bA, bB, blb), go.bfloat16())
+    orc = _grads(oracle, (fx, fb, fA, fB, flb), go)
+    for name, g, q, o in zip(("x", "b", "A", "B", "lora_bias"), got, pl, orc):
+        want_dtype = torch.float32 if name in ("A", "B", "lora_bias") else torch.bfloat16
+        assert g.dtype == want_dtype, name
+        assert (g.float() - o).abs().max() <= 2 * (q.float() - o).abs().max(), name
+
+
+def test_activation_precision_converts_no_activation_sized_tensor():
+    N, in_f, out_f, r = 96, 64, 80, 8
+    x, w, b, _, _, _ = _inputs((N,), in_f, out_f, r, dtype=torch.bfloat16)
+    _, _, _, A, B, _ = _inputs((N,), in_f, out_f, r)
+    small = min(N * in_f, N * out_f)
+    for precision in ("activation", "peft"):
+        with Ledger(min_numel=small) as led:
+            with led.section("forward"):
+                y = lora_linear(x, w, A, B, 2.0, bias=b, dropout_p=0.1, precision=precision)
+            with led.section("backward"):
+                y.backward(torch.ones_like(y))
+        # the torch backend's dropout mask is drawn as bool and scaled in the branch's dtype: not
+        # a conversion of an activation (the Triton backend never materialises it)
+        big = [c for c in led.conversions_at_least(small) if c.src.dtype.is_floating_point]
+        if precision == "activation":
+            assert big == [], led.table()
+            # forward: x A^T (after the mask), s xa B^T (+ bias), the base GEMM accumulated in place
+            assert [o for o in led.ops("forward") if o in ("mm", "addmm", "addmm_")] == ["mm", "addmm", "addmm_"]
+            assert "addmm_" in led.ops("backward")  # dY W accumulated onto t A
+        else:  # PEFT's promotion: x, dY and the [N, out] sum change dtype
+            assert {(c.src.dtype, c.dst.dtype) for c in big} >= {
+                (torch.bfloat16, torch.float32),
+                (torch.float32, torch.bfloat16),
+            }
+
+
+def test_adapters_are_cast_per_call_and_never_stale():
+    """Each call casts the rank-sized adapters once (forward; backward reuses the saved casts) and
+    never reuses a cast across calls: FSDP2 refills parameters in place without bumping their
+    version counter, which a cache keyed on (pointer, version) once mistook for no change."""
+    x, w, _, _, _, _ = _inputs((20,), 24, 16, 4, dtype=torch.bfloat16)
+    _, _, _, A, B, _ = _inputs((20,), 24, 16, 4)
+    with Ledger(min_numel=0) as led:
+        for _ in range(3):  # three forwards + backwards (gradient accumulation)
+            lora_linear(x, w, A, B, 1.0).sum().backward()
+    casts = [c for c in led.conversions if c.src.shape in ((4, 24), (16, 4)) and c.dst.dtype == torch.bfloat16]
+    assert len(casts) == 2 * 3, led.table()
+    before = lora_linear(x, w, A, B, 1.0).detach()
+    with torch.no_grad(), torch.autograd._unsafe_preserve_version_counter(A):
+        A.mul_(2.0)  # what FSDP2's unshard does: new values, same version
+    after = lora_linear(x, w, A, B, 1.0).detach()
+    torch.testing.assert_close(after, lora_linear(x, w, A.detach().clone(), B, 1.0).detach())
+    assert not torch.equal(after, before)
+    assert cast_adapter(A, torch.float32) is A
+
+
+def test_unknown_precision_is_a_clear_error():
+    x, w, b, A, B, _ = _inputs((5,), 12, 6, 2)
+    with pytest.raises(ValueError, match="precision"):
+        lora_linear(x, w, A, B, 1.0, precision="fp8")

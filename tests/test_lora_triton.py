@@ -119,13 +119,16 @@ def test_only_needed_gradients():
     "dtype, adapter_dtype",
     [(torch.bfloat16, torch.float32), (torch.bfloat16, torch.bfloat16), (torch.float16, torch.float32)],
 )
-def test_low_precision_within_reference_error(dtype, adapter_dtype):
+@pytest.mark.parametrize("precision", ["activation", "peft"])
+def test_low_precision_within_reference_error(dtype, adapter_dtype, precision):
+    """The activation precision against PEFT's computation in the activation dtype (its adapters
+    cast there); the PEFT precision against PEFT's promotion of ``x`` to the adapters' dtype."""
     x, w, b, A, B, _ = _inputs((48,), 40, 24, 16, dtype=dtype, adapter_dtype=adapter_dtype)
-    y, mask = _run_triton(5, x, w, A, B, 2.0, 0.1, bias=b)
+    y, mask = _run_triton(5, x, w, A, B, 2.0, 0.1, bias=b, precision=precision)
     assert y.dtype == dtype
     f32 = [t.detach().float().requires_grad_(t.requires_grad) for t in (x, w, b, A, B)]
     oracle = lora_linear_reference(f32[0], f32[1], f32[3], f32[4], 2.0, bias=f32[2], mask=mask)
-    plain = lora_linear_reference(x, w, A, B, 2.0, bias=b, mask=mask)
+    plain = lora_linear_reference(x, w, A, B, 2.0, bias=b, mask=mask, precision=precision)
     err, base = (y.float() - oracle).abs().max(), (plain.float() - oracle).abs().max()
     assert err <= 2 * base + 1e-3
     go = torch.randn_like(oracle)
@@ -157,8 +160,10 @@ def test_mask_seed_and_layout():
     m = dropout_mask_triton(7, (37, 29), 0.3, "cpu")
     torch.testing.assert_close(m, dropout_mask_triton(7, (37, 29), 0.3, "cpu"), atol=0, rtol=0)  # deterministic
     assert not torch.equal(m, dropout_mask_triton(8, (37, 29), 0.3, "cpu"))  # seeds differ
-    # element i of the flattened mask is drawn at offset i: any view of [N, in] gives the same mask
-    torch.testing.assert_close(dropout_mask_triton(7, (37 * 29,), 0.3, "cpu").view(37, 29), m, atol=0, rtol=0)
+    # the mask is a function of (row, col) of the [N, in] view: [..., in] gives the same one
+    torch.testing.assert_close(dropout_mask_triton(7, (1, 37, 29), 0.3, "cpu").view(37, 29), m, atol=0, rtol=0)
+    # a row's mask does not depend on how many rows follow (each kernel tile regenerates its part)
+    torch.testing.assert_close(dropout_mask_triton(7, (5, 29), 0.3, "cpu"), m[:5], atol=0, rtol=0)
     mb = dropout_mask_triton(7, (37, 29), 0.3, "cpu", torch.bfloat16)
     assert mb.dtype == torch.bfloat16 and torch.equal(mb > 0, m > 0)
     torch.testing.assert_close(mb, m.bfloat16(), atol=0, rtol=BF16_ULP)
@@ -302,9 +307,9 @@ from fastft.kernels import lora as k
 
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 KERNELS = {
-    "xa": (k._lora_xa_kernel, dict(x_ptr="X", a_ptr="A", out_ptr="A")),
-    "dx": (k._lora_dx_add_kernel, dict(dx_ptr="X", t_ptr="A", a_ptr="A")),
-    "dA": (k._lora_dA_kernel, dict(t_ptr="A", x_ptr="X", out_ptr="*fp32")),
+    "xa": (k._lora_xa_kernel, dict(x_ptr="X", a_ptr="A", out_ptr="A", seed_ptr="*i64")),
+    "dx": (k._lora_dx_add_kernel, dict(dx_ptr="X", t_ptr="A", a_ptr="A", seed_ptr="*i64")),
+    "dA": (k._lora_dA_kernel, dict(t_ptr="A", x_ptr="X", out_ptr="*fp32", seed_ptr="*i64")),
 }
 for x_dt, a_dt in [("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*bf16", "*bf16"), ("*fp16", "*fp16")]:
     for R in (8, 256):
@@ -340,8 +345,10 @@ for x_dt, a_dt in [("*bf16", "*fp32"), ("*fp32", "*fp32"), ("*bf16", "*bf16"), (
                     f.flush()
                     usage = subprocess.run([cuobjdump, "--dump-resource-usage", f.name], capture_output=True, text=True).stdout
                 assert "STACK:0 " in usage, (name, x_dt, a_dt, R, usage)
-mask_sig = {"out_ptr": "*bf16", "numel": "i32", "seed": "i64", "p": "fp32", "scale": "fp32", "BLOCK": "constexpr"}
-triton.compile(ASTSource(k._dropout_mask_kernel, mask_sig, {"BLOCK": k._MASK_BLOCK}), target=GPUTarget("cuda", 90, 32))
+mask_sig = {"out_ptr": "*bf16", "N": "i32", "K": "i32", "seed_ptr": "*i64", "p": "fp32", "scale": "fp32",
+            "BLOCK_N": "constexpr", "BLOCK_K": "constexpr"}
+mask_const = {"BLOCK_N": k._MASK_TILE[0], "BLOCK_K": k._MASK_TILE[1]}
+triton.compile(ASTSource(k._dropout_mask_kernel, mask_sig, mask_const), target=GPUTarget("cuda", 90, 32))
 print("OK")
 """
 
@@ -382,3 +389,20 @@ def test_on_device_against_reference_with_the_same_mask(dtype, adapter_dtype, r)
     want = _grads(ref, (f32[0], f32[2], f32[3]), go)
     for a, b in zip(got, want):
         assert rel(a, b) < tol
+
+
+def test_seed_on_the_device_gives_the_int_seeds_mask():
+    """The op hands the kernels a (1,) int64 seed drawn on the device (no host sync; fresh at
+    every CUDA-graph replay): it selects the same mask as the same int."""
+    x, a = torch.randn(37, 24), torch.randn(8, 24)
+    s = torch.tensor([2**40 + 3], dtype=torch.int64)
+    torch.testing.assert_close(lora_xa(x, a, s, 0.3), lora_xa(x, a, 2**40 + 3, 0.3), rtol=0, atol=0)
+    torch.testing.assert_close(
+        dropout_mask_triton(s, (37, 24), 0.3, "cpu"), dropout_mask_triton(2**40 + 3, (37, 24), 0.3, "cpu")
+    )
+    t = torch.randn(37, 8)
+    torch.testing.assert_close(lora_dA(t, x, s, 0.3), lora_dA(t, x, 2**40 + 3, 0.3), rtol=0, atol=0)
+    with pytest.raises(ValueError, match="int64"):
+        lora_xa(x, a, torch.tensor([3], dtype=torch.int32), 0.3)
+    with pytest.raises(ValueError, match="seed"):
+        lora_xa(x, a, torch.tensor([3, 4]), 0.3)

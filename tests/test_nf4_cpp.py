@@ -255,3 +255,23 @@ def test_a_built_wheel_ships_the_sources_the_jit_build_looks_for(tmp_path):
     # the loaders look there first when fastft is installed from that wheel
     assert nf4_cpu.source_candidates()[0].replace(os.sep, "/").endswith("fastft/csrc/cpu/nf4.cpp")
     assert "fastft/default/model.safetensors" in names  # the embedded default ships too
+
+
+@pytest.mark.parametrize(("M", "blocksize"), [(3, 64), (16, 64), (20, 32), (16, 512)])
+@pytest.mark.parametrize("double_quant", [False, True])
+def test_matmul_long_k_in_chunks_and_row_groups(isa, M, blocksize, double_quant):
+    """K long enough that the fused kernel cuts it into chunks (x kept in L1 while a group of
+    16 weight rows goes by), N not a multiple of the group, bias, and the double-quantised
+    absmax decoded in-kernel: the same as dequantise-then-matmul."""
+    from fastft.ops.nf4 import nf4_matmul_reference, prepare_state, quantize_nf4
+
+    N, K = 37, 4096
+    g = torch.Generator().manual_seed(M)
+    packed, state = quantize_nf4(torch.randn(N, K, generator=g) * 0.05, blocksize=blocksize, double_quant=double_quant)
+    prep = prepare_state(state)
+    x = torch.randn(M, K, generator=g)
+    bias = torch.randn(N, generator=g)
+    y = nf4_cpu.nf4_matmul_cpp(x, packed, prep.absmax, prep.code, blocksize, N, K, bias, **prep.nested)
+    ref = nf4_matmul_reference(x, packed, state, bias)
+    err = (y - ref).abs().max().item() / ref.abs().max().item()
+    assert err <= TOL[torch.float32], f"{isa} M={M} bs={blocksize}: relative error {err:.2e}"

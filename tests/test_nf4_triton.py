@@ -225,7 +225,7 @@ def test_cpu_without_interpreter_is_unavailable(monkeypatch):
 # compiled for a GPU: ahead of time here (no GPU needed)
 # --------------------------------------------------------------------------------------
 _COMPILE_SCRIPT = r"""
-import os, subprocess, sys, tempfile
+import itertools, os, subprocess, sys, tempfile
 try:
     import triton
     from triton.backends.compiler import GPUTarget
@@ -238,7 +238,7 @@ from fastft.kernels import nf4 as k
 cuobjdump = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", "cuobjdump")
 
 
-def compile_(fn, ptrs, constexprs, num_warps, num_stages=3, what=()):
+def compile_(fn, ptrs, constexprs, num_warps, num_stages=3, what=(), **options):
     sig = {}
     for arg in fn.arg_names:
         if arg in constexprs:
@@ -251,7 +251,7 @@ def compile_(fn, ptrs, constexprs, num_warps, num_stages=3, what=()):
         # pointers 16-byte aligned, as torch allocates them (a launch specialises on it)
         attrs = {(i,): [["tt.divisibility", 16]] for i, arg in enumerate(fn.arg_names) if arg in ptrs}
         c = triton.compile(ASTSource(fn, sig, constexprs, attrs), target=GPUTarget("cuda", 90, 32),
-                           options={"num_warps": num_warps, "num_stages": num_stages})
+                           options={"num_warps": num_warps, "num_stages": num_stages, **options})
     except Exception as exc:
         if "ptxas" in str(exc).lower():
             print("SKIP: no ptxas to assemble with:", exc)
@@ -267,22 +267,36 @@ def compile_(fn, ptrs, constexprs, num_warps, num_stages=3, what=()):
         print(what, usage.split("Function")[-1].strip().split(":", 1)[-1].strip())
 
 
-for out in ("*fp32", "*bf16"):
-    compile_(k._dequant_kernel, dict(packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", out_ptr=out),
-             dict(BLOCKSIZE=64, BLOCK=k._DEQUANT_BLOCK), k._DEQUANT_WARPS, what=("dequant", out))
-for x_dt in ("*bf16", "*fp16", "*fp32"):
-    ptrs = dict(x_ptr=x_dt, packed_ptr="*u8", absmax_ptr="*fp32", code_ptr="*fp32", bias_ptr=x_dt, out_ptr=x_dt)
+def scales(dq):  # the scale pointers and constexprs: fp32 absmax, or the double quantisation decoded in-kernel
+    ptrs = dict(absmax_ptr="*u8" if dq else "*fp32", absmax2_ptr="*fp32", code2_ptr="*fp32", offset_ptr="*fp32")
+    return ptrs, dict(DQ=dq, BLOCKSIZE2=256)
+
+
+for out, dq in itertools.product(("*fp32", "*bf16"), (False, True)):
+    sp, sc = scales(dq)
+    compile_(k._dequant_kernel, dict(packed_ptr="*u8", code_ptr="*fp32", out_ptr=out, **sp),
+             dict(BLOCKSIZE=64, BLOCK=k._DEQUANT_BLOCK, **sc), k._DEQUANT_WARPS, what=("dequant", out, dq),
+             enable_fp_fusion=False)
+for x_dt, dq in itertools.product(("*bf16", "*fp16", "*fp32"), (False, True)):
+    sp, common = scales(dq)
+    ptrs = dict(x_ptr=x_dt, packed_ptr="*u8", code_ptr="*fp32", bias_ptr=x_dt, out_ptr=x_dt, **sp)
     for blocksize in (32, 64, 128):
-        bm, bn, bk, warps, stages = k._GEMM_CONFIG["fp32" if x_dt == "*fp32" else "16bit"]
-        compile_(k._nf4_gemm_kernel, ptrs, dict(
-            HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0,
-            INPUT_PRECISION="ieee" if x_dt == "*fp32" else None, UPCAST_DOT=False,
-            BLOCKSIZE=blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk), warps, stages, what=("gemm", x_dt, blocksize))
+        key = "fp32" if x_dt == "*fp32" else "16bit"
+        for bm, (bn, bk, warps, stages) in k._GEMM_SMALL_M_CONFIG[key].items():
+            for split in (1, 4):
+                compile_(k._nf4_gemm_kernel, ptrs, dict(
+                    HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0, SPLIT_K=split,
+                    INPUT_PRECISION="ieee" if x_dt == "*fp32" else None, UPCAST_DOT=False,
+                    BLOCKSIZE=blocksize, BLOCK_M=bm, BLOCK_N=bn, BLOCK_K=bk, **common), warps, stages,
+                    what=("gemm", x_dt, blocksize, dq, bm, split))
         for block_m, (bn, bk, warps) in k._GEMV_CONFIG.items():
             compile_(k._nf4_gemv_kernel, ptrs, dict(
                 HAS_BIAS=True, EVEN_K=True, ROW_SCALE=blocksize % bk == 0, ROUND_W=x_dt != "*fp32",
-                BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk), warps,
-                what=("gemv", x_dt, blocksize, block_m))
+                BLOCKSIZE=blocksize, BLOCK_M=block_m, BLOCK_N=bn, BLOCK_K=bk, **common), warps,
+                what=("gemv", x_dt, blocksize, block_m, dq))
+for out in ("*fp32", "*bf16"):
+    compile_(k._splitk_reduce_kernel, dict(ws_ptr="*fp32", bias_ptr=out, out_ptr=out),
+             dict(HAS_BIAS=True, SPLIT_K=4, BLOCK=1024), 4, what=("splitk reduce", out))
 print("OK")
 """
 

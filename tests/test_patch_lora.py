@@ -173,3 +173,140 @@ def test_unpatch_restores_peft_forwards():
 def test_plain_model_reports_no_lora_layers():
     report = fastft.patch(tiny_model("llama", vocab_size=VOCAB))
     assert {s.feature: s.reason for s in report.skipped}["lora"] == "the model has no PEFT LoRA layers"
+
+
+def _bf16_trio(family):
+    """(fp32 oracle, PEFT all-bf16, bf16 base + the oracle's fp32 adapters): same weights."""
+    import copy
+
+    oracle = _peft_model(family).train()
+    plain = copy.deepcopy(oracle).to(torch.bfloat16)
+    ours = copy.deepcopy(oracle).to(torch.bfloat16)
+    theirs = dict(oracle.named_parameters())
+    with torch.no_grad():
+        for n, p in ours.named_parameters():
+            if "lora_" in n:
+                p.data = theirs[n].detach().clone()  # fp32, as PEFT keeps adapters over a bf16 base
+    return oracle, plain, ours
+
+
+def _logits_and_grads(model, batch):
+    model.zero_grad(set_to_none=True)
+    out = model(**batch)
+    out.logits.float().square().mean().backward()
+    return out.logits.detach().float(), {k: v.float() for k, v in _lora_grads(model).items()}
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_activation_precision_default_meets_the_bf16_rule(family):
+    """fp32 adapters over a bf16 base, the default precision: logits and the LoRA gradients within
+    2x PEFT's own bf16 error against an fp32 oracle (the flash-attention rule). The gradients are
+    judged as one vector (max error) and per tensor by the norm of the error: a per-tensor max
+    over a few hundred bf16-noisy entries is a draw (up to 2.2x either way in these models)."""
+    oracle, plain, ours = _bf16_trio(family)
+    batch = tiny_batch(VOCAB, batch=2, seq=20)
+    want, want_g = _logits_and_grads(oracle, batch)
+    base, base_g = _logits_and_grads(plain, batch)
+    report = fastft.patch(ours, loss=False, norms=False, rope=False, mlp=False)
+    assert "fp32 adapters cast once per call" in str(report).replace("float32", "fp32")
+    got, got_g = _logits_and_grads(ours, batch)
+    assert (got - want).abs().max() <= 2 * (base - want).abs().max()
+    assert got_g.keys() == want_g.keys()
+
+    def flat(d):
+        return torch.cat([d[n].flatten() for n in sorted(d)])
+
+    g, w, b = flat(got_g), flat(want_g), flat(base_g)
+    assert (g - w).abs().max() <= 2 * (b - w).abs().max()
+    for name, g in got_g.items():
+        assert ours.get_parameter(name).grad.dtype == torch.float32
+        assert (g - want_g[name]).norm() <= 2 * (base_g[name] - want_g[name]).norm(), name
+
+
+def test_peft_precision_is_peft_promotion_in_bf16():
+    """lora_precision="peft": a bf16 base with fp32 adapters computes what PEFT computes."""
+    _, _, ours = _bf16_trio("llama")
+    batch = tiny_batch(VOCAB)
+    want, want_g = _logits_and_grads(ours, batch)
+    report = fastft.patch(ours, loss=False, norms=False, rope=False, mlp=False, lora_precision="peft")
+    assert "lora_precision='peft'" in str(report)
+    got, got_g = _logits_and_grads(ours, batch)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
+    for name, g in got_g.items():
+        torch.testing.assert_close(g, want_g[name], rtol=2e-2, atol=1e-4)
+    with pytest.raises(ValueError, match="lora_precision"):
+        fastft.patch(ours, lora_precision="fp8")
+
+
+def _groups(report):
+    return [p for p in report.patched if p.feature == "lora-group"]
+
+
+@pytest.mark.parametrize("family", sorted(FAMILIES))
+def test_grouped_projections_equal_peft_fp32(family):
+    model = _peft_model(family).train()
+    batch = tiny_batch(VOCAB, batch=2, seq=20)
+    ref_loss, ref_grads = _step(model, batch)
+    report = fastft.patch(model, loss=False, lora_group=True, lora_precision="peft")
+    groups = _groups(report)
+    if family != "phi3" and family != "gpt2":  # fused qkv / c_attn: nothing to group in attention
+        assert any("q_proj+k_proj+v_proj" in g.detail for g in groups), str(report)
+    assert report.fallbacks == {} or not any("lora" in str(k) for k in report.fallbacks)
+    got_loss, got_grads = _step(model, batch)
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-5, atol=1e-6)
+    for name, g in got_grads.items():
+        ref = ref_grads[name]
+        assert ((g - ref).abs().max() / ref.abs().max().clamp(min=1e-8)) <= 1e-5, name
+
+
+def test_grouped_with_dropout_equals_ungrouped_and_is_undone():
+    model = _peft_model("llama", dropout=0.2).train()
+    batch = tiny_batch(VOCAB)
+    fastft.patch(model, loss=False)
+    torch.manual_seed(9)
+    ref_loss, ref_grads = _step(model, batch)
+    report = fastft.patch(model, loss=False, lora_group=True)
+    assert len(_groups(report)) == 4  # per layer: q/k/v and gate/up
+    layer = _fused_layers(model)[0].__dict__["forward"]
+    calls = []
+    import fastft.patching.lora_group as lg
+
+    orig = lg.lora_linear_group
+    lg.lora_linear_group = lambda *a, **k: calls.append(1) or orig(*a, **k)
+    try:
+        torch.manual_seed(9)
+        got_loss, got_grads = _step(model, batch)
+    finally:
+        lg.lora_linear_group = orig
+    assert len(calls) == 4 and layer.group is not None
+    torch.testing.assert_close(got_loss, ref_loss, rtol=1e-6, atol=1e-6)
+    for name, g in got_grads.items():
+        torch.testing.assert_close(g, ref_grads[name], rtol=1e-5, atol=1e-7)
+    fastft.unpatch(model)
+    assert all("forward" not in m.__dict__ for m in model.modules())
+
+
+def test_adapters_trained_grouped_load_in_plain_peft(tmp_path):
+    model = _peft_model("qwen2", dropout=0.1).train()
+    fastft.patch(model, lora_group=True)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.1)
+    batch = tiny_batch(VOCAB)
+    for _ in range(3):
+        opt.zero_grad()
+        model(**batch).loss.backward()
+        opt.step()
+    model.eval()
+    want = model(**batch).logits
+    model.save_pretrained(tmp_path)
+    fresh = PeftModel.from_pretrained(tiny_model("qwen2", vocab_size=VOCAB, seed=0), tmp_path).eval()
+    torch.testing.assert_close(fresh(**batch).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_grouped_under_inference_mode_and_eval():
+    model = _peft_model("mistral").eval()
+    batch = tiny_batch(VOCAB)
+    want = model(**batch).logits
+    fastft.patch(model, lora_group=True)
+    with torch.inference_mode():
+        got = model(**batch).logits
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)

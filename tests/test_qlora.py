@@ -223,3 +223,29 @@ def test_bare_4bit_layers_with_blocks_across_rows_are_reported():
     ]
     with torch.no_grad():
         torch.testing.assert_close(model(**batch).logits, ref)
+
+
+@pytest.mark.parametrize("quantizer", ["fastft", "bnb"])
+def test_patch_can_cache_the_fp32_absmax_reported_and_undone(quantizer):
+    base = tiny_model("llama", vocab_size=VOCAB)
+    base = fastft.quantize(base) if quantizer == "fastft" else _bnb_quantize(base)
+    model = _lora(base).train()
+    batch = tiny_batch(VOCAB, seq=20)
+    ref = _step(model, batch)
+    report = fastft.patch(model, nf4_cache_absmax=True)
+    cached = [p for p in report.patched if p.feature == "quant" and "fp32 absmax cached" in p.detail]
+    assert len(cached) == 14 and all("+0.5 bit/weight" in p.detail for p in cached)  # blocksize 64
+    for name, module in model.named_modules():
+        if name.endswith("q_proj.base_layer"):
+            qs = module.quant_state if quantizer == "fastft" else module.weight.quant_state
+            state = fastft.ops.as_nf4_state(qs)
+            assert state.absmax_cache is not None
+            assert torch.equal(state.absmax_cache, state.with_absmax_cache().absmax_fp32())
+    # the same numbers as the 8-bit absmax decoded in-kernel (the cache is that decode, kept)
+    _assert_same(ref, _step(model, batch), rtol=1e-5)
+    fastft.unpatch(model)
+    for _name, module in model.named_modules():
+        if isinstance(module, Linear4bit):
+            assert not module.cache_absmax and module.quant_state.absmax_cache is None
+    with pytest.raises(TypeError, match="nf4_cache_absmax"):
+        fastft.patch(model, nf4_cache_absmax="yes")

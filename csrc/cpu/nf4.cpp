@@ -3,9 +3,13 @@
 // Contract (plain tensors, see fastft/kernels/nf4_cpu.py):
 //   packed  uint8 [ceil(numel / 2)]: byte i holds flat element 2i in the HIGH nibble and
 //           element 2i + 1 in the LOW nibble
-//   absmax  float32 [ceil(numel / blocksize)] (already dequantised)
+//   absmax  float32 [ceil(numel / blocksize)], or with double quantisation uint8 indices
+//           into code2 plus absmax2 fp32 [ceil(nblocks / blocksize2)], code2 fp32 [256] and
+//           offset fp32 [1]: the scale of block b is decoded here, per block, as bitsandbytes
+//           does it in two kernels: (code2[absmax[b]] * absmax2[b / blocksize2]) + offset, the
+//           product rounded on its own (never an FMA)
 //   code    float32 [16] (the NF4 table)
-//   W[j] = code[nibble(j)] * absmax[j / blocksize]
+//   W[j] = code[nibble(j)] * scale(j / blocksize)
 //
 // dequantize_nf4_out(packed, absmax, code, blocksize, numel, out)  out: 1-D fp32/bf16/fp16
 // nf4_matmul(x2d [M, K], packed, absmax, code, blocksize, N, K, bias?) -> [M, N] in x's dtype
@@ -21,6 +25,8 @@
 // contiguous vector of x with no shuffles in the inner loop.
 // Large M: weights are dequantised panel by panel (kPanelRows rows of W, fp32, reused by all
 // M rows) and each panel is multiplied by torch's GEMM; each weight is still decoded once.
+// bf16 x above kFusedMaxM16 rows: bf16 panels (L2-sized), one per thread at a time, each
+// multiplied by a single-threaded torch GEMM inside one OpenMP region.
 //
 // The instruction set is chosen at run time (__builtin_cpu_supports); FASTFT_NF4_ISA=
 // avx512|avx2|scalar forces a path (debugging and tests), "auto" or unset picks the best.
@@ -38,6 +44,7 @@
 #include <cstring>
 #include <string>
 #include <utility>
+#include <vector>
 
 namespace {
 
@@ -48,6 +55,10 @@ enum class Isa { Scalar = 0, Avx2 = 1, Avx512 = 2 };
 
 constexpr int64_t kFusedMaxM = 32;     // above this, dequantise panels + GEMM
 constexpr int64_t kPanelElems = 1 << 20;  // fp32 elements per dequantised panel (4 MiB)
+constexpr int64_t kFusedMaxM16 = 8;       // 16-bit x above this: bf16 panels + GEMM
+constexpr int64_t kPanelElems16 = 1 << 19;  // bf16 weights per panel (1 MiB, L2-resident)
+constexpr int64_t kGroupRows = 16;        // weight rows that share one pass over an x chunk
+constexpr int64_t kChunkBytes = 32 << 10; // x chunk (one row tile) kept in L1 while a row group goes by
 
 const char* isa_name(Isa isa) {
   switch (isa) {
@@ -90,6 +101,24 @@ Isa active_isa() {
 }
 
 int num_threads() { return omp_in_parallel() ? 1 : std::max(1, at::get_num_threads()); }
+
+// The per-block scales: fp32 as they are, or decoded from the 8-bit double quantisation.
+struct Scales {
+  const float* f32 = nullptr;  // fp32 scales, or nullptr when double-quantised
+  const uint8_t* q = nullptr;  // [nblocks] indices into c2
+  const float* a2 = nullptr;   // [ceil(nblocks / bs2)] second-level scales
+  const float* c2 = nullptr;   // [256] code of the second level
+  float off = 0.f;             // the mean subtracted before the second quantisation
+  int64_t bs2 = 256;
+
+  float operator()(int64_t b) const {
+    if (f32 != nullptr) return f32[b];
+    // volatile: the product is rounded to fp32 before the offset is added (GCC would contract
+    // the two into an FMA under -ffp-contract=fast), bit for bit as bitsandbytes' decode
+    volatile float prod = c2[q[b]] * a2[b / bs2];
+    return prod + off;
+  }
+};
 
 inline int nibble(const uint8_t* packed, int64_t j) {
   const uint8_t b = packed[j >> 1];
@@ -183,7 +212,7 @@ FASTFT_AVX2 void dq_avx2(const uint8_t* packed, const float* code, float scale, 
 
 // Dequantise blocks [b0, b1) of the flat weight (numel elements); dst points at element b0*bs.
 template <typename T>
-void dequant_blocks(Isa isa, const uint8_t* packed, const float* absmax, const float* code, int64_t bs,
+void dequant_blocks(Isa isa, const uint8_t* packed, const Scales& absmax, const float* code, int64_t bs,
                     int64_t numel, int64_t b0, int64_t b1, T* dst, int threads) {
   if (bs % 2 != 0) isa = Isa::Scalar;  // blocks may start mid-byte
   // enough blocks per task to amortise the loop even for tiny block sizes
@@ -196,7 +225,7 @@ void dequant_blocks(Isa isa, const uint8_t* packed, const float* absmax, const f
       const int64_t e0 = b * bs;
       const int64_t n = std::min(bs, numel - e0);
       T* d = dst + (e0 - b0 * bs);
-      const float s = absmax[b];
+      const float s = absmax(b);
       if (isa == Isa::Avx512)
         dq_avx512(packed, code, s, e0, n, d);
       else if (isa == Isa::Avx2)
@@ -239,6 +268,8 @@ struct RowArgs {
   float* y;              // y[m0, n], row stride ldy
   int64_t ldy;
   float bias;
+  int64_t blk0, blk1;    // the blocks of the row this call covers (a chunk of K)
+  bool first;            // the first chunk: y = bias + sum, else y += sum
 };
 
 template <int MT>
@@ -252,8 +283,7 @@ FASTFT_AVX512 void row_avx512(const RowArgs& a) {
     tail[m] = 0.f;
   }
   const __m512 code = _mm512_loadu_ps(a.code);
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const __m512 tbl = _mm512_mul_ps(code, _mm512_set1_ps(scale));
     const uint8_t* p = a.wrow + ((blk * a.bs) >> 1);
@@ -279,7 +309,8 @@ FASTFT_AVX512 void row_avx512(const RowArgs& a) {
     }
   }
   for (int m = 0; m < MT; ++m)
-    a.y[m * a.ldy] = _mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m] + a.bias;
+    a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) +
+                     (_mm512_reduce_add_ps(kTwo ? _mm512_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m]);
 }
 
 FASTFT_AVX2 inline float hsum8(__m256 v) {
@@ -300,8 +331,7 @@ FASTFT_AVX2 void row_avx2(const RowArgs& a) {
     tail[m] = 0.f;
   }
   const __m256 clo = _mm256_loadu_ps(a.code), chi = _mm256_loadu_ps(a.code + 8);
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const __m256 s = _mm256_set1_ps(scale);
     const __m256 tlo = _mm256_mul_ps(clo, s), thi = _mm256_mul_ps(chi, s);
@@ -327,14 +357,14 @@ FASTFT_AVX2 void row_avx2(const RowArgs& a) {
       for (int m = 0; m < MT; ++m) tail[m] += w * xb[m * a.K + g];
     }
   }
-  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = hsum8(kTwo ? _mm256_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m] + a.bias;
+  for (int m = 0; m < MT; ++m)
+    a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) + (hsum8(kTwo ? _mm256_add_ps(acc[m], acc2[m]) : acc[m]) + tail[m]);
 }
 
 template <int MT>
 void row_scalar(const RowArgs& a) {
   float acc[MT] = {};
-  const int64_t nblk = a.K / a.bs;
-  for (int64_t blk = 0; blk < nblk; ++blk) {
+  for (int64_t blk = a.blk0; blk < a.blk1; ++blk) {
     const float scale = a.absrow[blk];
     const float* xb = a.x + blk * a.bs;
     for (int64_t g = 0; g < a.bs; ++g) {
@@ -342,7 +372,7 @@ void row_scalar(const RowArgs& a) {
       for (int m = 0; m < MT; ++m) acc[m] += w * xb[m * a.K + g];
     }
   }
-  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = acc[m] + a.bias;
+  for (int m = 0; m < MT; ++m) a.y[m * a.ldy] = (a.first ? a.bias : a.y[m * a.ldy]) + acc[m];
 }
 
 using RowFn = void (*)(const RowArgs&);
@@ -355,7 +385,7 @@ std::array<RowFn, sizeof...(I)> table_avx2(std::index_sequence<I...>) { return {
 template <size_t... I>
 std::array<RowFn, sizeof...(I)> table_scalar(std::index_sequence<I...>) { return {{&row_scalar<I + 1>...}}; }
 
-void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const float* absmax, const float* code,
+void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const Scales& absmax, const float* code,
                   int64_t bs, int64_t M, int64_t N, int64_t K, const float* bias, float* y) {
   static const auto t512 = table_avx512(std::make_index_sequence<kTileAvx512>{});
   static const auto t2 = table_avx2(std::make_index_sequence<kTileAvx2>{});
@@ -363,22 +393,43 @@ void fused_matmul(Isa isa, const float* xp, const uint8_t* packed, const float* 
   const RowFn* fns = isa == Isa::Avx512 ? t512.data() : isa == Isa::Avx2 ? t2.data() : t1.data();
   const int64_t tile = isa == Isa::Avx512 ? kTileAvx512 : isa == Isa::Avx2 ? kTileAvx2 : kTileScalar;
   const int64_t bpr = K / bs;  // blocks per row
-  // contiguous ranges of n per thread: each weight row streams from memory once, and the
-  // packed row stays in L1 while the row tiles of x go by
-#pragma omp parallel for num_threads(num_threads()) schedule(static)
-  for (int64_t n = 0; n < N; ++n) {
-    RowArgs a{packed + n * (K / 2), absmax + n * bpr, code, nullptr, K, bs, nullptr, N, bias ? bias[n] : 0.f};
-    for (int64_t m0 = 0; m0 < M; m0 += tile) {
-      const int64_t mt = std::min(tile, M - m0);
-      a.x = xp + m0 * K;
-      a.y = y + m0 * N + n;
-      fns[mt - 1](a);
+  // Rows of W go in groups of kGroupRows, contiguous ranges of groups per thread: each weight
+  // row streams from memory once. Within a group K is cut into chunks whose x rows (up to one
+  // row tile: tile * chunk fp32 values) stay in L1 (kChunkBytes) while the group's rows go by,
+  // so that x is read from L2 once per group and chunk, not once per weight row (at M = 16,
+  // K = 4096 that is 256 KiB of x for every one of the N rows otherwise). A double-quantised
+  // group's scales are decoded once into the thread's `scales` buffer first.
+  const int64_t mt_max = std::min<int64_t>(tile, M);
+  const int64_t chunk = std::max<int64_t>(1, kChunkBytes / (mt_max * int64_t(sizeof(float)) * bs));  // blocks
+  const int64_t ngroups = (N + kGroupRows - 1) / kGroupRows;
+#pragma omp parallel num_threads(num_threads())
+  {
+    std::vector<float> scales(absmax.f32 == nullptr ? kGroupRows * bpr : 0);
+#pragma omp for schedule(static)
+    for (int64_t g = 0; g < ngroups; ++g) {
+      const int64_t n0 = g * kGroupRows, n1 = std::min(N, n0 + kGroupRows);
+      const float* gscale = absmax.f32 != nullptr ? absmax.f32 + n0 * bpr : scales.data();
+      if (absmax.f32 == nullptr)
+        for (int64_t b = 0; b < (n1 - n0) * bpr; ++b) scales[b] = absmax(n0 * bpr + b);
+      for (int64_t c0 = 0; c0 < bpr; c0 += chunk) {
+        const int64_t c1 = std::min(bpr, c0 + chunk);
+        for (int64_t m0 = 0; m0 < M; m0 += tile) {
+          const int64_t mt = std::min(tile, M - m0);
+          for (int64_t n = n0; n < n1; ++n) {
+            RowArgs a{packed + n * (K / 2), gscale + (n - n0) * bpr, code, xp + m0 * K, K, bs, y + m0 * N + n, N,
+                      bias ? bias[n] : 0.f, c0, c1, c0 == 0};
+            fns[mt - 1](a);
+          }
+        }
+      }
     }
   }
 }
 
-void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
-                  int64_t numel) {
+// Checks the weight tensors; returns the scales (fp32 absmax, or the double quantisation).
+Scales check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code, int64_t blocksize,
+                    int64_t numel, const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                    const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(blocksize > 0, "nf4: blocksize must be positive, got ", blocksize);
   TORCH_CHECK_VALUE(numel >= 0, "nf4: numel must be non-negative, got ", numel);
   for (const auto* t : {&packed, &absmax, &code}) {
@@ -386,7 +437,6 @@ void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::
     TORCH_CHECK(t->is_contiguous(), "nf4 (cpp): packed, absmax and code must be contiguous");
   }
   TORCH_CHECK(packed.scalar_type() == at::kByte, "nf4: packed must be uint8, got ", packed.scalar_type());
-  TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4: absmax must be float32, got ", absmax.scalar_type());
   TORCH_CHECK(code.scalar_type() == at::kFloat, "nf4: code must be float32, got ", code.scalar_type());
   TORCH_CHECK(code.numel() == 16, "nf4: code must have 16 entries, got ", code.numel());
   TORCH_CHECK(packed.numel() == (numel + 1) / 2, "nf4: packed has ", packed.numel(), " bytes, expected ceil(",
@@ -394,18 +444,48 @@ void check_common(const at::Tensor& packed, const at::Tensor& absmax, const at::
   const int64_t nblocks = (numel + blocksize - 1) / blocksize;
   TORCH_CHECK(absmax.numel() == nblocks, "nf4: absmax has ", absmax.numel(), " entries, expected ceil(", numel,
               " / ", blocksize, ") = ", nblocks);
+  Scales s;
+  const bool nested = absmax2.has_value() && absmax2->defined();
+  if (!nested) {
+    TORCH_CHECK(absmax.scalar_type() == at::kFloat, "nf4: absmax must be float32 (or uint8 with absmax2, code2 and ",
+                "offset), got ", absmax.scalar_type());
+    s.f32 = absmax.data_ptr<float>();
+    return s;
+  }
+  TORCH_CHECK(code2.has_value() && code2->defined() && offset.has_value() && offset->defined(),
+              "nf4: a double-quantised absmax needs absmax2, code2 and offset");
+  TORCH_CHECK(absmax.scalar_type() == at::kByte, "nf4: a double-quantised absmax must be uint8, got ",
+              absmax.scalar_type());
+  TORCH_CHECK_VALUE(blocksize2 > 0, "nf4: blocksize2 must be positive, got ", blocksize2);
+  for (const auto* t : {&*absmax2, &*code2, &*offset}) {
+    TORCH_CHECK(t->device().is_cpu(), "nf4 (cpp): all tensors must be on the CPU, got ", t->device());
+    TORCH_CHECK(t->is_contiguous() && t->scalar_type() == at::kFloat,
+                "nf4 (cpp): absmax2, code2 and offset must be contiguous float32");
+  }
+  TORCH_CHECK(code2->numel() == 256, "nf4: code2 must have 256 entries, got ", code2->numel());
+  TORCH_CHECK(offset->numel() == 1, "nf4: offset must have one element, got ", offset->numel());
+  const int64_t nb2 = (nblocks + blocksize2 - 1) / blocksize2;
+  TORCH_CHECK(absmax2->numel() == nb2, "nf4: absmax2 has ", absmax2->numel(), " entries, expected ceil(", nblocks,
+              " / ", blocksize2, ") = ", nb2);
+  s.q = absmax.data_ptr<uint8_t>();
+  s.a2 = absmax2->data_ptr<float>();
+  s.c2 = code2->data_ptr<float>();
+  s.off = offset->data_ptr<float>()[0];
+  s.bs2 = blocksize2;
+  return s;
 }
 
 }  // namespace
 
 at::Tensor dequantize_nf4_out(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                              int64_t blocksize, int64_t numel, at::Tensor out) {
-  check_common(packed, absmax, code, blocksize, numel);
+                              int64_t blocksize, int64_t numel, at::Tensor out,
+                              const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                              const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
+  const Scales am = check_common(packed, absmax, code, blocksize, numel, absmax2, code2, offset, blocksize2);
   TORCH_CHECK(out.device().is_cpu() && out.is_contiguous() && out.numel() == numel,
               "nf4: out must be a contiguous CPU tensor with ", numel, " elements");
   const Isa isa = active_isa();
   const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
   const auto* c = code.data_ptr<float>();
   const int64_t nblocks = absmax.numel();
   const int th = num_threads();
@@ -426,13 +506,15 @@ at::Tensor dequantize_nf4_out(const at::Tensor& packed, const at::Tensor& absmax
 }
 
 at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                      int64_t blocksize, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias) {
+                      int64_t blocksize, int64_t N, int64_t K, const c10::optional<at::Tensor>& bias,
+                      const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                      const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(N > 0 && K > 0, "nf4_matmul: N and K must be positive, got N=", N, " K=", K);
   TORCH_CHECK_VALUE(K % 2 == 0, "nf4_matmul: K must be even (each weight row starts on a byte), got ", K);
   TORCH_CHECK_VALUE(blocksize > 0 && K % blocksize == 0, "nf4_matmul: K (", K,
                     ") must be a multiple of blocksize (", blocksize, ")");
   TORCH_CHECK_VALUE(blocksize % 2 == 0, "nf4_matmul: blocksize must be even, got ", blocksize);
-  check_common(packed, absmax, code, blocksize, N * K);
+  const Scales am = check_common(packed, absmax, code, blocksize, N * K, absmax2, code2, offset, blocksize2);
   TORCH_CHECK(x.device().is_cpu(), "nf4_matmul (cpp): x must be on the CPU, got ", x.device());
   TORCH_CHECK(x.dim() == 2, "nf4_matmul: x must be 2-D [M, K], got ", x.dim(), " dims");
   TORCH_CHECK(x.size(1) == K, "nf4_matmul: x has ", x.size(1), " columns, expected K=", K);
@@ -453,8 +535,38 @@ at::Tensor nf4_matmul(const at::Tensor& x, const at::Tensor& packed, const at::T
   const auto f32 = x.options().dtype(at::kFloat);
   if (M == 0) return at::empty({0, N}, x.options());
   const auto* p = packed.data_ptr<uint8_t>();
-  const auto* am = absmax.data_ptr<float>();
   const auto* c = code.data_ptr<float>();
+  if (x.scalar_type() == at::kBFloat16 && M > kFusedMaxM16) {
+    // 16-bit x beyond a few rows: the fused kernel's fp32 FMAs lose to a bf16 GEMM, so each
+    // thread dequantises bf16 panels of kPanelElems16 weights (they stay in its L2: no
+    // full-size 16-bit copy of W is written to memory and read back) and multiplies each with
+    // torch's GEMM, which runs single-threaded inside this one parallel region (alternating
+    // OpenMP regions with torch's threaded GEMM per panel was 10-100x slower on a loaded CPU).
+    at::Tensor y = at::empty({M, N}, x.options());
+    const int64_t rows = std::max<int64_t>(1, std::min<int64_t>(N, kPanelElems16 / K));
+    const int64_t npanels = (N + rows - 1) / rows;
+    const int64_t bpr = K / blocksize;
+    at::Tensor b16 = bf.defined() ? bf.to(at::kBFloat16) : at::Tensor();
+#pragma omp parallel num_threads(std::min<int64_t>(num_threads(), npanels))
+    {
+      at::Tensor panel = at::empty({rows, K}, x.options());
+      at::Tensor part = at::empty({M, rows}, x.options());
+#pragma omp for schedule(static)
+      for (int64_t i = 0; i < npanels; ++i) {
+        const int64_t n0 = i * rows, r = std::min(rows, N - n0);
+        at::Tensor w = panel.narrow(0, 0, r);
+        dequant_blocks(isa, p, am, c, blocksize, N * K, n0 * bpr, (n0 + r) * bpr,
+                       reinterpret_cast<c10::BFloat16*>(w.data_ptr()), 1);
+        at::Tensor out = part.narrow(1, 0, r);
+        if (b16.defined())
+          at::addmm_out(out, b16.narrow(0, n0, r), x, w.t());
+        else
+          at::mm_out(out, x, w.t());
+        y.narrow(1, n0, r).copy_(out);
+      }
+    }
+    return y;
+  }
   at::Tensor xf = x.to(at::kFloat).contiguous();
   at::Tensor y;
   if (M <= kFusedMaxM) {
@@ -499,20 +611,31 @@ at::Tensor empty_1d(int64_t numel, at::ScalarType dt) {
 }
 
 at::Tensor dequantize_nf4(const at::Tensor& packed, const at::Tensor& absmax, const at::Tensor& code,
-                          int64_t blocksize, int64_t numel, at::ScalarType out_dtype) {
+                          int64_t blocksize, int64_t numel, at::ScalarType out_dtype,
+                          const c10::optional<at::Tensor>& absmax2, const c10::optional<at::Tensor>& code2,
+                          const c10::optional<at::Tensor>& offset, int64_t blocksize2) {
   TORCH_CHECK_VALUE(out_dtype == at::kFloat || out_dtype == at::kBFloat16 || out_dtype == at::kHalf,
                     "nf4: out_dtype must be float32, bfloat16 or float16, got ", out_dtype);
-  check_common(packed, absmax, code, blocksize, numel);
-  return dequantize_nf4_out(packed, absmax, code, blocksize, numel, empty_1d(numel, out_dtype));
+  check_common(packed, absmax, code, blocksize, numel, absmax2, code2, offset, blocksize2);
+  return dequantize_nf4_out(packed, absmax, code, blocksize, numel, empty_1d(numel, out_dtype), absmax2, code2,
+                            offset, blocksize2);
 }
 
 std::string nf4_isa() { return isa_name(active_isa()); }
 
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.def("dequantize_nf4_out", &dequantize_nf4_out, "NF4 dequantisation into a preallocated 1-D out tensor");
-  m.def("dequantize_nf4", &dequantize_nf4, "NF4 dequantisation to a new 1-D tensor of out_dtype");
+  // absmax2 / code2 / offset / blocksize2: the double quantisation of a uint8 absmax, decoded in-kernel
+  m.def("dequantize_nf4_out", &dequantize_nf4_out, "NF4 dequantisation into a preallocated 1-D out tensor",
+        py::arg("packed"), py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("numel"), py::arg("out"),
+        py::arg("absmax2") = py::none(), py::arg("code2") = py::none(), py::arg("offset") = py::none(),
+        py::arg("blocksize2") = 256);
+  m.def("dequantize_nf4", &dequantize_nf4, "NF4 dequantisation to a new 1-D tensor of out_dtype", py::arg("packed"),
+        py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("numel"), py::arg("out_dtype"),
+        py::arg("absmax2") = py::none(), py::arg("code2") = py::none(), py::arg("offset") = py::none(),
+        py::arg("blocksize2") = 256);
   m.def("nf4_matmul", &nf4_matmul, "fused NF4 matmul: x [M, K] @ W[N, K].T (+ bias)", py::arg("x"), py::arg("packed"),
         py::arg("absmax"), py::arg("code"), py::arg("blocksize"), py::arg("N"), py::arg("K"),
-        py::arg("bias") = py::none());
+        py::arg("bias") = py::none(), py::arg("absmax2") = py::none(), py::arg("code2") = py::none(),
+        py::arg("offset") = py::none(), py::arg("blocksize2") = 256);
   m.def("nf4_isa", &nf4_isa, "instruction set the NF4 kernels use now (honours FASTFT_NF4_ISA)");
 }

@@ -13,7 +13,7 @@ static_assert(fastft::nf4::kMaxGemvRows == fastft::nf4::kGemvMaxM, "nf4_launch.h
 namespace fastft {
 namespace nf4 {
 
-cudaError_t dequant(int dtype, const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
+cudaError_t dequant(int dtype, const uint8_t* packed, const Scales& absmax, const float* code, int64_t blocksize,
                     int64_t numel, void* out, cudaStream_t stream) {
   switch (dtype) {
     case kF32:
@@ -27,7 +27,7 @@ cudaError_t dequant(int dtype, const uint8_t* packed, const float* absmax, const
   }
 }
 
-cudaError_t gemv(int dtype, const void* x, const uint8_t* packed, const float* absmax, const float* code,
+cudaError_t gemv(int dtype, const void* x, const uint8_t* packed, const Scales& absmax, const float* code,
                  const float* bias, void* y, int64_t M, int64_t N, int64_t K, int64_t blocksize, cudaStream_t stream) {
   switch (dtype) {
     case kF32:

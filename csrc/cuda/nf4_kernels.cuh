@@ -6,9 +6,11 @@
 // Contract (see fastft/kernels/nf4_cuda.py):
 //   packed  uint8 [ceil(numel / 2)]: byte i holds flat element 2i in the HIGH nibble and
 //           element 2i + 1 in the LOW nibble
-//   absmax  float32 [ceil(numel / blocksize)] (already dequantised)
+//   absmax  float32 [ceil(numel / blocksize)], or double-quantised (Scales in nf4_launch.h):
+//           uint8 indices + absmax2 / code2 / offset, each block's scale decoded in-kernel as
+//           (code2[q[b]] * absmax2[b / blocksize2]) + offset, product and sum rounded apart
 //   code    float32 [16] (the NF4 table)
-//   W[j] = code[nibble(j)] * absmax[j / blocksize]      (fp32 product, then rounded once)
+//   W[j] = code[nibble(j)] * scale(j / blocksize)      (fp32 product, then rounded once)
 //
 // Dequantisation (memory bound). Each thread of the vector path reads 8 packed bytes with
 // one 64-bit load, decodes 16 elements through the 16-entry table in shared memory (entry i
@@ -44,6 +46,8 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "nf4_launch.h"
 
 namespace fastft {
 namespace nf4 {
@@ -137,6 +141,12 @@ __device__ __forceinline__ int64_t block_of(int64_t j, int64_t blocksize, int bs
   return bs_shift >= 0 ? (j >> bs_shift) : (j / blocksize);
 }
 
+// the fp32 scale of quantisation block b (decoded here when double-quantised)
+__device__ __forceinline__ float scale_of(const Scales& s, int64_t b) {
+  if (s.f32 != nullptr) return __ldg(s.f32 + b);
+  return __fadd_rn(__fmul_rn(__ldg(s.c2 + __ldg(s.q + b)), __ldg(s.a2 + (b >> s.bs2_shift))), __ldg(s.off));
+}
+
 __device__ __forceinline__ void load_code(const float* __restrict__ code, float* s_code) {
   if (threadIdx.x < 16) s_code[threadIdx.x] = __ldg(code + threadIdx.x);
   __syncthreads();
@@ -150,7 +160,7 @@ __device__ __forceinline__ void load_code(const float* __restrict__ code, float*
 // element each.
 template <typename T, bool kVec>
 __global__ void __launch_bounds__(kDequantThreads)
-    nf4_dequant_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+    nf4_dequant_kernel(const uint8_t* __restrict__ packed, const Scales absmax,
                        const float* __restrict__ code, int64_t blocksize, int bs_shift, int64_t numel, int64_t nvec,
                        T* __restrict__ out) {
   __shared__ float s_code[16];
@@ -159,7 +169,7 @@ __global__ void __launch_bounds__(kDequantThreads)
   if (kVec && t < nvec) {
     const uint2 v = __ldcs(reinterpret_cast<const uint2*>(packed) + t);  // read once: streaming
     const int64_t e0 = t * 16;
-    const float s = __ldg(absmax + block_of(e0, blocksize, bs_shift));
+    const float s = scale_of(absmax, block_of(e0, blocksize, bs_shift));
     float o[16];
     decode_word(v.x, s_code, o);
     decode_word(v.y, s_code, o + 8);
@@ -172,7 +182,7 @@ __global__ void __launch_bounds__(kDequantThreads)
   if (j >= numel) return;
   const uint8_t b = __ldg(packed + (j >> 1));
   const int q = (j & 1) ? (b & 0xF) : (b >> 4);
-  out[j] = Cvt<T>::from_float(__fmul_rn(s_code[q], __ldg(absmax + block_of(j, blocksize, bs_shift))));
+  out[j] = Cvt<T>::from_float(__fmul_rn(s_code[q], scale_of(absmax, block_of(j, blocksize, bs_shift))));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -181,7 +191,7 @@ __global__ void __launch_bounds__(kDequantThreads)
 // kVec needs K % 32 == 0, blocksize % 32 == 0, packed and x 16-byte aligned.
 template <typename T, int M, bool kVec>
 __global__ void __launch_bounds__(kGemvWarps * 32)
-    nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+    nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const Scales absmax,
                     const float* __restrict__ code, const float* __restrict__ bias, T* __restrict__ y, int64_t N,
                     int64_t K, int64_t blocksize, int bs_shift) {
   static_assert(M >= 1 && M <= kGemvMaxM, "GEMV handles 1..8 rows of x");
@@ -192,7 +202,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   if (n >= N) return;  // whole warps leave together (after the only __syncthreads)
   const int64_t row_bytes = K >> 1;
   const uint8_t* row = packed + n * row_bytes;
-  const float* scales = absmax + block_of(n * K, blocksize, bs_shift);  // K % blocksize == 0
+  const int64_t blk0 = block_of(n * K, blocksize, bs_shift);  // the row's first block (K % blocksize == 0)
   float acc[M];
 #pragma unroll
   for (int m = 0; m < M; ++m) acc[m] = 0.f;
@@ -207,7 +217,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
       const int64_t cn = c + 32;
       const uint4 vn = cn < nchunks ? __ldcs(rv + cn) : make_uint4(0, 0, 0, 0);  // prefetch
       const int64_t k0 = c * 32;
-      const float s = __ldg(scales + block_of(k0, blocksize, bs_shift));
+      const float s = scale_of(absmax, blk0 + block_of(k0, blocksize, bs_shift));
       float w[32];
       decode_word(v.x, s_code, w);
       decode_word(v.y, s_code, w + 8);
@@ -233,7 +243,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32)
   for (int64_t b = done + lane; b < row_bytes; b += 32) {  // byte path: tail / unaligned
     const uint8_t byte = __ldg(row + b);
     const int64_t k = 2 * b;
-    const float s = __ldg(scales + block_of(k, blocksize, bs_shift));  // blocksize even: k, k+1 share it
+    const float s = scale_of(absmax, blk0 + block_of(k, blocksize, bs_shift));  // blocksize even: k, k+1 share it
     const float w0 = __fmul_rn(s_code[byte >> 4], s), w1 = __fmul_rn(s_code[byte & 0xF], s);
 #pragma unroll
     for (int m = 0; m < M; ++m) {
@@ -267,7 +277,7 @@ inline bool aligned(const void* p, uintptr_t a) { return (reinterpret_cast<uintp
 
 // out[0, numel) = dequantised W. Returns the launch error (cudaSuccess if none).
 template <typename T>
-cudaError_t launch_dequant(const uint8_t* packed, const float* absmax, const float* code, int64_t blocksize,
+cudaError_t launch_dequant(const uint8_t* packed, const Scales& absmax, const float* code, int64_t blocksize,
                            int64_t numel, T* out, cudaStream_t stream) {
   if (numel <= 0) return cudaSuccess;
   const int bs_shift = pow2_shift(blocksize);
@@ -287,7 +297,7 @@ cudaError_t launch_dequant(const uint8_t* packed, const float* absmax, const flo
 
 template <typename T, int M>
 void launch_gemv_m(bool vec, unsigned grid, cudaStream_t stream, const T* x, const uint8_t* packed,
-                   const float* absmax, const float* code, const float* bias, T* y, int64_t N, int64_t K,
+                   const Scales& absmax, const float* code, const float* bias, T* y, int64_t N, int64_t K,
                    int64_t blocksize, int bs_shift) {
   if (vec)
     nf4_gemv_kernel<T, M, true><<<grid, kGemvWarps * 32, 0, stream>>>(x, packed, absmax, code, bias, y, N, K,
@@ -300,7 +310,7 @@ void launch_gemv_m(bool vec, unsigned grid, cudaStream_t stream, const T* x, con
 // y [M, N] = x [M, K] @ W[N, K]^T (+ bias, fp32 [N] or nullptr), 1 <= M <= 8, K even,
 // K % blocksize == 0, blocksize even. Returns the launch error (cudaSuccess if none).
 template <typename T>
-cudaError_t launch_gemv(const T* x, const uint8_t* packed, const float* absmax, const float* code, const float* bias,
+cudaError_t launch_gemv(const T* x, const uint8_t* packed, const Scales& absmax, const float* code, const float* bias,
                         T* y, int64_t M, int64_t N, int64_t K, int64_t blocksize, cudaStream_t stream) {
   if (M < 1 || M > kGemvMaxM || N <= 0 || K <= 0 || K % 2 != 0 || blocksize <= 0 || blocksize % 2 != 0 ||
       K % blocksize != 0)
@@ -335,18 +345,18 @@ cudaError_t launch_gemv(const T* x, const uint8_t* packed, const float* absmax, 
 // Instantiate every kernel for the compile check (nothing runs).
 namespace fastft {
 namespace nf4 {
-template cudaError_t launch_dequant<float>(const uint8_t*, const float*, const float*, int64_t, int64_t, float*,
+template cudaError_t launch_dequant<float>(const uint8_t*, const Scales&, const float*, int64_t, int64_t, float*,
                                            cudaStream_t);
-template cudaError_t launch_dequant<__nv_bfloat16>(const uint8_t*, const float*, const float*, int64_t, int64_t,
+template cudaError_t launch_dequant<__nv_bfloat16>(const uint8_t*, const Scales&, const float*, int64_t, int64_t,
                                                    __nv_bfloat16*, cudaStream_t);
-template cudaError_t launch_dequant<__half>(const uint8_t*, const float*, const float*, int64_t, int64_t, __half*,
+template cudaError_t launch_dequant<__half>(const uint8_t*, const Scales&, const float*, int64_t, int64_t, __half*,
                                             cudaStream_t);
-template cudaError_t launch_gemv<float>(const float*, const uint8_t*, const float*, const float*, const float*, float*,
+template cudaError_t launch_gemv<float>(const float*, const uint8_t*, const Scales&, const float*, const float*, float*,
                                         int64_t, int64_t, int64_t, int64_t, cudaStream_t);
-template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const uint8_t*, const float*, const float*,
+template cudaError_t launch_gemv<__nv_bfloat16>(const __nv_bfloat16*, const uint8_t*, const Scales&, const float*,
                                                 const float*, __nv_bfloat16*, int64_t, int64_t, int64_t, int64_t,
                                                 cudaStream_t);
-template cudaError_t launch_gemv<__half>(const __half*, const uint8_t*, const float*, const float*, const float*,
+template cudaError_t launch_gemv<__half>(const __half*, const uint8_t*, const Scales&, const float*, const float*,
                                          __half*, int64_t, int64_t, int64_t, int64_t, cudaStream_t);
 }  // namespace nf4
 }  // namespace fastft

@@ -4,12 +4,17 @@ With dropout ``p > 0`` the LoRA branch needs ``x * M`` (``M`` the scaled keep-ma
 times: in forward for ``x A^T`` and in backward for ``dX += (t A) * M`` and
 ``dA = t^T (x * M)``. PEFT materialises the dropped copy of ``x`` and its mask; these
 kernels never store either: every tile regenerates its part of the mask from the seed
-with Triton's Philox counter RNG, at the element's offset in the ``[N, in]`` input::
+with Triton's Philox counter RNG. One call gives four 32-bit words, used for four consecutive
+columns of the ``[N, in]`` input (a quarter of a call per element)::
 
-    u    = tl.rand(seed, row * in_features + col)       (int64 offset, fp32 in [0, 1))
-    M    = (u >= p) / (1 - p)
+    w0..w3 = tl.randint4x(seed, row * ceil(in / 4) + col // 4)     (int64 counter)
+    u      = uniform float of word (w0, w2, w1, w3)[col % 4]        (fp32 in [0, 1))
+    M      = (u >= p) / (1 - p)
 
-so the forward and every backward kernel see the same mask, whatever their tiling.
+so the forward and every backward kernel see the same mask, whatever their tiling. The seed
+is a ``(1,)`` int64 tensor read on the device (the op draws it with torch's generator on the
+device: no host synchronisation, and a CUDA-graph replay draws a new one); an int is accepted
+too (copied to the device).
 :func:`dropout_mask_triton` materialises that very mask (tests and the reference use it).
 
 * :func:`lora_xa` ``(x [N, in], A [r, in]) -> (x * M) A^T  [N, r]`` in ``A``'s dtype;
@@ -39,8 +44,8 @@ from ..ledger import record_kernel
 __all__ = ["lora_xa", "lora_dx_add_", "lora_dA", "dropout_mask_triton"]
 
 # Tiles, per kernel: (BLOCK_N rows, BLOCK_K in-features, largest BLOCK_R, num_warps). Every
-# element of an (N, in) tile runs 10 Philox rounds, so the tiles are kept to 8 elements per
-# thread; the rank tile is r rounded up to a power of two >= 16 (tl.dot's minimum), capped
+# four elements of an (N, in) tile share one 10-round Philox call; the tiles stay at 8 elements
+# per thread; the rank tile is r rounded up to a power of two >= 16 (tl.dot's minimum), capped
 # (a larger r loops, or adds programs along r). Picked so that ptxas reports no register
 # spills for sm_90 with fp32 and bf16 adapters (not tuned on a GPU yet). fp32 operands run
 # tl.dot on FMAs (IEEE, like torch.mm), whose operand tiles live in registers: dA's are smaller.
@@ -54,8 +59,8 @@ _CONFIG = {
 # multi-rank-block and split paths with small shapes. Tests may change these.
 _BLOCK_INTERPRET = 16
 _MAX_BLOCK_R_INTERPRET = 16
-_MASK_BLOCK = 1024
-_MASK_BLOCK_INTERPRET = 256
+_MASK_TILE = (16, 128)  # (rows, columns) per program of the mask kernel
+_MASK_TILE_INTERPRET = (8, 32)
 # dA: at most this many programs split the reduction over rows (each then covers >= 4 row tiles)
 _MAX_SPLIT_INTERPRET = 2
 
@@ -64,26 +69,43 @@ _MAX_SPLIT_INTERPRET = 2
 # kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
-def _scaled_keep(seed, offs, p, scale):
-    """The scaled keep-mask at int64 offsets ``offs``: ``scale`` where ``rand >= p``, else 0 (fp32)."""
-    return tl.where(tl.rand(seed, offs) >= p, scale, 0.0)
+def _scaled_keep(seed, rn, k_start, K, p, scale, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The scaled keep-mask of rows ``rn`` (int64, ``(BLOCK_N,)``) and columns
+    ``k_start + arange(BLOCK_K)`` (``k_start`` a multiple of 4): ``scale`` where ``u >= p``, else 0.
+
+    One Philox call gives four 32-bit words, used for four consecutive columns: element
+    ``(row, col)`` takes word ``col % 4`` of the call at counter ``row * ceil(K / 4) + col // 4``.
+    So the RNG work is a quarter of one call per element, and every kernel, whatever its
+    tiling, regenerates the same mask."""
+    kq = k_start // 4 + tl.arange(0, BLOCK_K // 4)
+    counter = rn[:, None] * ((K + 3) // 4) + kq[None, :]  # (BLOCK_N, BLOCK_K // 4) int64
+    w0, w1, w2, w3 = tl.randint4x(seed, counter)
+    # (BLOCK_N, BLOCK_K // 4, 2, 2) -> (BLOCK_N, BLOCK_K): columns 4q..4q+3 take w0, w2, w1, w3
+    words = tl.reshape(tl.join(tl.join(w0, w1), tl.join(w2, w3)), (BLOCK_N, BLOCK_K))
+    u = tl.random.uint_to_uniform_float(words)
+    return tl.where(u >= p, scale, 0.0)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _dropout_mask_kernel(
-    out_ptr,  # (numel,) out: the scaled keep-mask, contiguous, any float dtype
-    numel,  # number of elements
-    seed,  # Philox seed (int, < 2**63)
+    out_ptr,  # (N, K) out: the scaled keep-mask, contiguous, any float dtype
+    N,  # rows
+    K,  # columns (the mask's row length: in_features)
+    seed_ptr,  # (1,) int64 Philox seed, read on the device (a CUDA-graph replay sees a fresh one)
     p,  # dropout probability in [0, 1)
     scale,  # 1 / (1 - p)
-    BLOCK: tl.constexpr,  # elements per program
+    BLOCK_N: tl.constexpr,  # rows per program
+    BLOCK_K: tl.constexpr,  # columns per program (a multiple of 4)
 ):
-    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-    m = _scaled_keep(seed, offs, p, scale)
-    tl.store(out_ptr + offs, m.to(out_ptr.dtype.element_ty), mask=offs < numel)
+    rn = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
+    k_start = tl.program_id(1) * BLOCK_K
+    rk = k_start + tl.arange(0, BLOCK_K)
+    m = _scaled_keep(tl.load(seed_ptr), rn, k_start, K, p, scale, BLOCK_N, BLOCK_K)
+    ok = (rn[:, None] < N) & (rk[None, :] < K)
+    tl.store(out_ptr + rn[:, None] * K + rk[None, :], m.to(out_ptr.dtype.element_ty), mask=ok)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_xa_kernel(
     x_ptr,  # (N, K) input x, any float dtype
     stride_xn,  # elements between rows of x
@@ -97,7 +119,7 @@ def _lora_xa_kernel(
     N,  # rows of x
     K,  # in_features (columns of x; the mask's row length)
     R,  # rank
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply x by the regenerated mask
@@ -123,7 +145,7 @@ def _lora_xa_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn, k0, K, p, scale, BLOCK_N, BLOCK_K)
         a = tl.load(  # (BLOCK_K, BLOCK_R) = A^T tile
             a_ptr + rr[None, :] * stride_ar + rk[:, None] * stride_ak,
             mask=k_ok[:, None] & r_ok[None, :],
@@ -140,7 +162,7 @@ def _lora_xa_kernel(
     )
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_dx_add_kernel(
     dx_ptr,  # (N, K) in/out: dx += (t A) * M, any float dtype
     stride_dn,  # elements between rows of dx
@@ -154,7 +176,7 @@ def _lora_dx_add_kernel(
     N,  # rows of dx
     K,  # in_features (columns of dx; the mask's row length)
     R,  # rank (the reduction dimension)
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply t A by the regenerated mask
@@ -189,14 +211,14 @@ def _lora_dx_add_kernel(
             t, a = t.to(tl.float32), a.to(tl.float32)
         acc = tl.dot(t, a, acc, input_precision=INPUT_PRECISION)
     if HAS_DROPOUT:
-        acc = acc * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+        acc = acc * _scaled_keep(tl.load(seed_ptr), rn, pid_k * BLOCK_K, K, p, scale, BLOCK_N, BLOCK_K)
     io_mask = row_ok[:, None] & k_ok[None, :]
     d_ptrs = dx_ptr + rn[:, None] * stride_dn + rk[None, :] * stride_dk
     d = tl.load(d_ptrs, mask=io_mask, other=0.0).to(tl.float32)
     tl.store(d_ptrs, (d + acc).to(dx_ptr.dtype.element_ty), mask=io_mask)
 
 
-@triton.jit(do_not_specialize=["seed"])
+@triton.jit
 def _lora_dA_kernel(
     t_ptr,  # (N, R) t = s * dY B; its dtype is the tl.dot operand dtype
     stride_tn,  # elements between rows of t
@@ -212,7 +234,7 @@ def _lora_dA_kernel(
     K,  # in_features (the mask's row length)
     R,  # rank
     rows_per_split,  # rows each split reduces over (a multiple of BLOCK_N)
-    seed,  # Philox seed (read only when HAS_DROPOUT)
+    seed_ptr,  # (1,) int64 Philox seed on the device (read only when HAS_DROPOUT)
     p,  # dropout probability (read only when HAS_DROPOUT)
     scale,  # 1 / (1 - p) (read only when HAS_DROPOUT)
     HAS_DROPOUT: tl.constexpr,  # p > 0: multiply x by the regenerated mask
@@ -246,7 +268,7 @@ def _lora_dA_kernel(
             other=0.0,
         ).to(tl.float32)
         if HAS_DROPOUT:
-            x = x * _scaled_keep(seed, rn[:, None] * K + rk[None, :], p, scale)
+            x = x * _scaled_keep(tl.load(seed_ptr), rn, pid_k * BLOCK_K, K, p, scale, BLOCK_N, BLOCK_K)
         xo = x.to(t.dtype)
         if UPCAST_DOT:
             t, xo = t.to(tl.float32), xo.to(tl.float32)
@@ -277,12 +299,24 @@ def _check_float(name: str, t: torch.Tensor, dim: int) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16, got dtype {t.dtype}")
 
 
-def _check_dropout(seed, p) -> tuple[int, float, float]:
-    if isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
-        raise ValueError(f"seed must be an int in [0, 2**63), got {seed!r}")
+def _check_dropout(seed, p, device=None) -> tuple[torch.Tensor, float, float]:
+    """(seed as a (1,) int64 tensor on ``device``, p, 1 / (1 - p)). A seed drawn on the device
+    (``torch.randint(0, 2**62, (1,), device=...)``, what the op passes) is used as it is: no host
+    round trip, and a CUDA-graph replay draws a new one; an int seed is copied there."""
+    if torch.is_tensor(seed):
+        if seed.numel() != 1 or seed.dtype != torch.int64:
+            raise ValueError(
+                f"seed must be a (1,) int64 tensor or an int, got {seed.dtype} of shape {tuple(seed.shape)}"
+            )
+        if device is not None and seed.device.type != torch.device(device).type:
+            raise ValueError(f"seed is on {seed.device} but the input is on {device}")
+    elif isinstance(seed, bool) or not isinstance(seed, int) or not (0 <= seed < 2**63):
+        raise ValueError(f"seed must be an int in [0, 2**63) or a (1,) int64 tensor, got {seed!r}")
+    else:
+        seed = torch.tensor([seed], dtype=torch.int64, device=device)
     if isinstance(p, bool) or not isinstance(p, (int, float)) or not (0.0 <= p < 1.0):
         raise ValueError(f"p must be a number in [0, 1), got {p!r}")
-    return int(seed), float(p), 1.0 / (1.0 - float(p))
+    return seed.reshape(1), float(p), 1.0 / (1.0 - float(p))
 
 
 def _same_device(ref: torch.Tensor, **tensors) -> None:
@@ -331,28 +365,30 @@ def _splits(row_tiles: int, other_programs: int, device: torch.device) -> int:
 def dropout_mask_triton(seed: int, shape, p: float, device, dtype=torch.float32) -> torch.Tensor:
     """The scaled keep-mask (``0`` or ``1/(1-p)``, contiguous ``shape``) the kernels use for ``seed``.
 
-    Element ``i`` of the flattened mask is drawn at Philox offset ``i``: for an ``[N, in]``
-    input that is ``row * in + col``, for ``[..., in]`` the same as its ``[N, in]`` view.
+    Element ``(row, col)`` of the ``[N, in]`` view (``[..., in]`` is flattened to it) takes
+    word ``col % 4`` of the Philox call at counter ``row * ceil(in / 4) + col // 4``.
     """
     # check
-    seed, p, scale = _check_dropout(seed, p)
+    device = torch.device(device)
+    seed, p, scale = _check_dropout(seed, p, device)
     shape = tuple(int(s) for s in (shape if isinstance(shape, (tuple, list, torch.Size)) else (shape,)))
     if dtype not in (torch.float32, torch.bfloat16, torch.float16):
         raise TypeError(f"dtype must be float32, bfloat16 or float16, got {dtype}")
-    device = torch.device(device)
     _check_runnable(device, "dropout_mask_triton")
 
     # allocate
     out = torch.empty(shape, device=device, dtype=dtype)
-    numel = out.numel()
-    if numel == 0:
+    if out.numel() == 0:
         return out
+    K = shape[-1] if shape else 1
+    N = out.numel() // K
 
     # launch
-    block = _MASK_BLOCK_INTERPRET if interpreting() else _MASK_BLOCK
+    bn, bk = _MASK_TILE_INTERPRET if interpreting() else _MASK_TILE
+    grid = (triton.cdiv(N, bn), triton.cdiv(K, bk))
     with record_kernel("dropout_mask", (), (out,)) as launch:
         if launch:
-            _dropout_mask_kernel[(triton.cdiv(numel, block),)](out, numel, seed, p, scale, BLOCK=block, num_warps=4)
+            _dropout_mask_kernel[grid](out, N, K, seed, p, scale, BLOCK_N=bn, BLOCK_K=bk, num_warps=4)
     return out
 
 
@@ -369,7 +405,7 @@ def lora_xa(x2d: torch.Tensor, A: torch.Tensor, seed: int, p: float) -> torch.Te
     if A.shape[1] != K:
         raise ValueError(f"A shape {tuple(A.shape)} must be [r, in] with in = {K} (x2d shape {tuple(x2d.shape)})")
     _same_device(x2d, A=A)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, x2d.device)
     _check_runnable(x2d.device, "lora_xa")
 
     # allocate
@@ -428,7 +464,7 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     if tuple(t.shape) != (N, R):
         raise ValueError(f"t shape {tuple(t.shape)} must be [N, r] = [{N}, {R}]")
     _same_device(dx, t=t, A=A)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, dx.device)
     _check_runnable(dx.device, "lora_dx_add_")
 
     # allocate (nothing: in place)
@@ -467,11 +503,12 @@ def lora_dx_add_(dx: torch.Tensor, t: torch.Tensor, A: torch.Tensor, seed: int, 
     return dx
 
 
-def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Tensor:
-    """``t.T @ (x2d * M)`` ``[r, in]`` in ``t``'s dtype (the adapter's), accumulated in fp32.
+def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float, *, out_dtype=None) -> torch.Tensor:
+    """``t.T @ (x2d * M)`` ``[r, in]`` in ``out_dtype`` (default ``t``'s: the branch's), accumulated in fp32.
 
     ``t`` ``[N, r]``, ``x2d`` ``[N, in]``; ``M`` the mask of :func:`dropout_mask_triton`;
-    ``p == 0`` means no mask.
+    ``p == 0`` means no mask. ``out_dtype=torch.float32`` gives fp32 gradients of fp32 adapters
+    from a 16-bit branch without rounding them to 16 bits first.
     """
     # check
     _check_float("t", t, 2)
@@ -481,19 +518,22 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
     if t.shape[0] != N:
         raise ValueError(f"t shape {tuple(t.shape)} must be [N, r] with N = {N} (x2d shape {tuple(x2d.shape)})")
     _same_device(x2d, t=t)
-    seed, p, scale = _check_dropout(seed, p)
+    seed, p, scale = _check_dropout(seed, p, x2d.device)
     _check_runnable(x2d.device, "lora_dA")
+    out_dtype = t.dtype if out_dtype is None else out_dtype
+    if out_dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
 
     # allocate
     if N == 0 or K == 0 or R == 0:
-        return torch.zeros((R, K), device=x2d.device, dtype=t.dtype)
+        return torch.zeros((R, K), device=x2d.device, dtype=out_dtype)
     block_n, block_k, block_r, num_warps = _config("dA_fp32" if t.dtype == torch.float32 else "dA", R)
     k_tiles, r_tiles, row_tiles = triton.cdiv(K, block_k), triton.cdiv(R, block_r), triton.cdiv(N, block_n)
     split = _splits(row_tiles, k_tiles * r_tiles, x2d.device)
     rows_per_split = triton.cdiv(row_tiles, split) * block_n
     split = triton.cdiv(N, rows_per_split)  # no empty split
     if split == 1:
-        out = torch.empty((1, R, K), device=x2d.device, dtype=t.dtype)
+        out = torch.empty((1, R, K), device=x2d.device, dtype=out_dtype)
     else:  # fp32 partials, summed below
         out = torch.empty((split, R, K), device=x2d.device, dtype=torch.float32)
 
@@ -526,4 +566,4 @@ def lora_dA(t: torch.Tensor, x2d: torch.Tensor, seed: int, p: float) -> torch.Te
                 BLOCK_R=block_r,
                 num_warps=num_warps,
             )
-    return out[0] if split == 1 else out.sum(0).to(t.dtype)
+    return out[0] if split == 1 else out.sum(0).to(out_dtype)

@@ -6,13 +6,21 @@ The low-level contract, on plain tensors, for a weight ``W`` of ``numel`` elemen
 * ``packed`` uint8, ``ceil(numel / 2)`` bytes, contiguous: byte ``i`` holds flat element
   ``2i`` in its HIGH nibble and ``2i + 1`` in its LOW nibble (an odd ``numel`` leaves the
   last low nibble unused);
-* ``absmax`` float32, ``ceil(numel / blocksize)`` scales, contiguous (already dequantised
-  from any double quantisation);
+* ``absmax`` float32, ``ceil(numel / blocksize)`` scales, contiguous; or, double-quantised,
+  uint8 indices with the keywords ``absmax2`` (fp32 ``[ceil(nblocks / blocksize2)]``),
+  ``code2`` (fp32 ``[256]``), ``offset`` (fp32 ``[1]``) and ``blocksize2``: every kernel
+  decodes the scale of a block it touches itself, ``code2[absmax[b]] * absmax2[b // blocksize2]
+  + offset`` (a gather from a 1 KiB table that stays in L1), so a call is one launch whatever
+  the double quantisation (no PyTorch kernels decode the absmax first);
 * ``code`` float32 ``[16]``, the NF4 table.
 
 ::
 
-    W[j] = code[nib(j)] * absmax[j // blocksize]
+    W[j] = code[nib(j)] * scale(j // blocksize)
+
+The dequantisation kernel is compiled without FP contraction so that the decoded scale
+(product, then offset) is bit-identical to bitsandbytes' two-kernel decode; the GEMV / GEMM
+kernels allow it (their results are judged by tolerance against dequantise-then-matmul).
 
 * :func:`dequantize_nf4_triton` writes ``W`` (1-D, fp32/bf16/fp16). Memory-bound: each
   program reads a contiguous run of bytes, decodes both nibbles of each (a gather from the
@@ -53,23 +61,27 @@ from ..backends import BackendUnavailable, interpreting
 
 __all__ = ["dequantize_nf4_triton", "nf4_matmul_triton"]
 
+
+def _launch(fn, *args, **kwargs):
+    """Every kernel launch (and torch GEMM) of this module goes through here, so that tests can
+    count the launches of one op: ``fn`` is ``kernel[grid]`` or a torch function."""
+    return fn(*args, **kwargs)
+
+
 # Dequantisation: bytes per program (2 outputs each). On a GPU 1024 bytes at 4 warps is 8
 # contiguous bytes in and 16 outputs (32 B in bf16) out per thread: wide vector accesses,
 # and enough programs (a 4096 x 4096 weight is 8192 of them) to fill every SM.
 _DEQUANT_BLOCK = 1024
 _DEQUANT_WARPS = 4
-# GEMM (M > 8): (BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) by x's dtype. 16-bit x
-# runs wgmma with a 128 x 128 fp32 accumulator (64 registers per thread at 8 warps). The
+# GEMM (8 < M <= 64) tiles, see _GEMM_SMALL_M_CONFIG below. 16-bit x runs wgmma with an fp32
+# accumulator (a 128 x 128 one is 64 registers per thread at 8 warps). The
 # weight tile is decoded in registers before it goes to shared memory, which is what limits
 # BLOCK_K: at 64, ptxas needs all 255 registers and spills for blocksize 32 (scales gathered
 # per byte); at 32 it uses 199 and never spills. BLOCK_K 32 (16 for fp32) divides every
 # bitsandbytes blocksize (32 ... 4096), so one absmax per row covers a tile. fp32 x (IEEE)
 # runs tl.dot on FMAs from registers: 64 x 64 x 16 at 8 warps (150 registers; 64 x 64 x 32
 # spills). Checked with ptxas for sm_90, not tuned on a GPU yet.
-_GEMM_CONFIG = {
-    "16bit": (128, 128, 32, 8, 3),
-    "fp32": (64, 64, 16, 8, 2),
-}
+
 # GEMV (M <= 8): BLOCK_M (M rounded up to a power of two) -> (BLOCK_N, BLOCK_K, num_warps).
 # The un-reduced accumulator holds BLOCK_M * BLOCK_N * BLOCK_K / 2 fp32 values (8-16 per
 # thread at 8 warps); each step reads BLOCK_N * BLOCK_K / 2 weight bytes (2 KiB for M <= 2).
@@ -80,6 +92,18 @@ _GEMV_CONFIG = {
     4: (16, 128, 8),
     8: (16, 64, 8),
 }
+# 8 < M <= 64: BLOCK_M (M rounded up, 16..64) -> (BLOCK_N, BLOCK_K, num_warps, num_stages). The
+# tile is cut to M and split-K fills the GPU. Checked with ptxas for sm_90 (no spills), not
+# timed on a GPU yet.
+_GEMM_SMALL_M_CONFIG = {
+    "16bit": {16: (64, 32, 4, 3), 32: (64, 32, 4, 3), 64: (128, 32, 8, 3)},
+    "fp32": {16: (64, 16, 4, 2), 32: (64, 16, 4, 2), 64: (64, 16, 8, 2)},
+}
+# Split-K: programs wanted in all (None: two per SM), at most SPLIT_K_MAX splits, and each split
+# at least SPLIT_K_MIN_STEPS steps of BLOCK_K. Tests may change these.
+SPLIT_K_PROGRAMS: int | None = None
+SPLIT_K_MAX = 16
+SPLIT_K_MIN_STEPS = 4
 # Largest M the GEMV handles; above it the GEMM runs.
 GEMV_MAX_M = 8
 # Largest M the fused dequant-GEMM handles; above it: dequantise, then torch's GEMM. The fused
@@ -99,13 +123,39 @@ _GEMV_INTERPRET = (16, 32)  # BLOCK_N, BLOCK_K
 # kernels
 # --------------------------------------------------------------------------------------
 @triton.jit
+def _load_scale(
+    absmax_ptr,  # fp32 scales, or (DQ) uint8 indices into code2
+    absmax2_ptr,  # (DQ) fp32 second-level scales, one per BLOCKSIZE2 blocks
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] mean subtracted before the second quantisation
+    idx,  # int64 block indices, any shape
+    mask,  # which idx are real (the rest give 0)
+    DQ: tl.constexpr,  # the absmax is double-quantised: decode it here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
+):
+    """The fp32 scale of quantisation block ``idx``: ``absmax[idx]``, or decoded in-kernel
+    ``code2[absmax[idx]] * absmax2[idx // BLOCKSIZE2] + offset`` (0 where masked)."""
+    if DQ:
+        q = tl.load(absmax_ptr + idx, mask=mask, other=0).to(tl.int32)
+        prod = tl.load(code2_ptr + q) * tl.load(absmax2_ptr + idx // BLOCKSIZE2, mask=mask, other=0.0)
+        return tl.where(mask, prod + tl.load(offset_ptr), 0.0)
+    else:
+        return tl.load(absmax_ptr + idx, mask=mask, other=0.0)
+
+
+@triton.jit
 def _dequant_kernel(
     packed_ptr,  # (ceil(numel / 2),) uint8: element 2i in the high nibble of byte i, 2i + 1 in the low
-    absmax_ptr,  # (ceil(numel / BLOCKSIZE),) fp32 scale per quantisation block
+    absmax_ptr,  # (ceil(numel / BLOCKSIZE),) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     out_ptr,  # (numel,) out: code[nib] * absmax, fp32/bf16/fp16
     numel,  # number of weight elements
     nbytes,  # ceil(numel / 2)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (even: both nibbles of a byte share it)
     BLOCK: tl.constexpr,  # bytes per program (power of two)
 ):
@@ -114,7 +164,9 @@ def _dequant_kernel(
     b = tl.load(packed_ptr + byte, mask=byte_ok, other=0)
     hi = (b >> 4).to(tl.int32)
     lo = (b & 0xF).to(tl.int32)
-    scale = tl.load(absmax_ptr + (2 * byte) // BLOCKSIZE, mask=byte_ok, other=0.0)
+    scale = _load_scale(
+        absmax_ptr, absmax2_ptr, code2_ptr, offset_ptr, (2 * byte) // BLOCKSIZE, byte_ok, DQ, BLOCKSIZE2
+    )
     w_hi = tl.load(code_ptr + hi) * scale
     w_lo = tl.load(code_ptr + lo) * scale
     w = tl.interleave(w_hi, w_lo)  # (2 * BLOCK,): element 2i then 2i + 1
@@ -125,7 +177,10 @@ def _dequant_kernel(
 @triton.jit
 def _decode_tile(
     packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
-    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE) (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     rn,  # (BLOCK_N,) int64 output columns (rows of W)
     n_ok,  # (BLOCK_N,) rn < N
@@ -133,6 +188,8 @@ def _decode_tile(
     K,  # in_features (even)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
     BLOCK_K: tl.constexpr,  # weights per row of the tile
 ):
@@ -149,10 +206,26 @@ def _decode_tile(
     hi = (b >> 4).to(tl.int32)
     lo = (b & 0xF).to(tl.int32)
     if ROW_SCALE:
-        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+            n_ok,
+            DQ,
+            BLOCKSIZE2,
+        )[:, None]
     else:
-        scale = tl.load(
-            absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + (2 * kb[None, :]) // BLOCKSIZE, mask=mask, other=0.0
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn[:, None] * (K // BLOCKSIZE) + (2 * kb[None, :]) // BLOCKSIZE,
+            mask,
+            DQ,
+            BLOCKSIZE2,
         )
     w_hi = tl.load(code_ptr + hi) * scale
     w_lo = tl.load(code_ptr + lo) * scale
@@ -162,7 +235,10 @@ def _decode_tile(
 @triton.jit
 def _decode_tile_interleaved(
     packed_ptr,  # uint8 bytes of W viewed as (N, K / 2)
-    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE)
+    absmax_ptr,  # fp32 scales viewed as (N, K / BLOCKSIZE) (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     rn,  # (BLOCK_N,) int64 output columns (rows of W)
     n_ok,  # (BLOCK_N,) rn < N
@@ -170,6 +246,8 @@ def _decode_tile_interleaved(
     K,  # in_features (even)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row covers the tile
+    DQ: tl.constexpr,  # double-quantised absmax, decoded here
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block (divides K)
     BLOCK_K: tl.constexpr,  # weights per row of the tile
 ):
@@ -187,14 +265,32 @@ def _decode_tile_interleaved(
     b = tl.load(packed_ptr + rn[:, None] * (K // 2) + kb[None, :], mask=mask, other=0)
     nib = tl.interleave(b >> 4, b & 0xF).to(tl.int32)  # (BLOCK_N, BLOCK_K): column k0 + 2j high, k0 + 2j + 1 low
     if ROW_SCALE:
-        scale = tl.load(absmax_ptr + rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE, mask=n_ok, other=0.0)[:, None]
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn * (K // BLOCKSIZE) + k0 // BLOCKSIZE,
+            n_ok,
+            DQ,
+            BLOCKSIZE2,
+        )[:, None]
     else:
         rk = k0 + tl.arange(0, BLOCK_K)
         if EVEN_K:
             kmask = n_ok[:, None]
         else:
             kmask = n_ok[:, None] & (rk < K)[None, :]
-        scale = tl.load(absmax_ptr + rn[:, None] * (K // BLOCKSIZE) + rk[None, :] // BLOCKSIZE, mask=kmask, other=0.0)
+        scale = _load_scale(
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            rn[:, None] * (K // BLOCKSIZE) + rk[None, :] // BLOCKSIZE,
+            kmask,
+            DQ,
+            BLOCKSIZE2,
+        )
     return tl.load(code_ptr + nib) * scale
 
 
@@ -204,20 +300,27 @@ def _nf4_gemm_kernel(
     stride_xm,  # elements between rows of x
     stride_xk,  # elements between columns of x
     packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
-    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
-    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
+    out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype; SPLIT_K > 1: (SPLIT_K, M, N) fp32 partial sums
     stride_om,  # elements between rows of out
     stride_on,  # elements between columns of out
     M,  # rows of x
     N,  # out_features (rows of W)
     K,  # in_features (columns of x and W; a multiple of BLOCKSIZE)
-    HAS_BIAS: tl.constexpr,  # add bias
+    K_PER,  # in_features per split (a multiple of BLOCK_K; K when SPLIT_K == 1)
+    HAS_BIAS: tl.constexpr,  # add bias (SPLIT_K == 1 only: the reduction adds it otherwise)
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
+    SPLIT_K: tl.constexpr,  # programs along K (grid axis 2); > 1 writes fp32 partials for _splitk_reduce_kernel
     INPUT_PRECISION: tl.constexpr,  # tl.dot input precision: "ieee"/"tf32" for fp32 operands, else None
     UPCAST_DOT: tl.constexpr,  # run tl.dot on fp32 copies of the (rounded) operands (interpreter + bf16)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded in-kernel per block
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block
     BLOCK_M: tl.constexpr,  # rows of x per program
     BLOCK_N: tl.constexpr,  # output columns per program
@@ -225,32 +328,79 @@ def _nf4_gemm_kernel(
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
+    pid_k = tl.program_id(2)
     rm = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)  # int64: row * stride overflows int32
     rn = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)  # int64: n * K overflows int32
     m_ok = rm < M
     n_ok = rn < N
     rk = tl.arange(0, BLOCK_K)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
-    for k0 in range(0, K, BLOCK_K):
+    k_lo = pid_k * K_PER
+    k_hi = tl.minimum(k_lo + K_PER, K)
+    for k0 in range(k_lo, k_hi, BLOCK_K):
         if EVEN_K:
             x_mask = m_ok[:, None]
         else:
             x_mask = m_ok[:, None] & (k0 + rk < K)[None, :]
         x = tl.load(x_ptr + rm[:, None] * stride_xm + (k0 + rk)[None, :] * stride_xk, mask=x_mask, other=0.0)
         w = _decode_tile_interleaved(
-            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+            packed_ptr,
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            code_ptr,
+            rn,
+            n_ok,
+            k0,
+            K,
+            EVEN_K,
+            ROW_SCALE,
+            DQ,
+            BLOCKSIZE2,
+            BLOCKSIZE,
+            BLOCK_K,
         ).to(x.dtype)  # (BLOCK_N, BLOCK_K), rounded once
         wt = tl.trans(w)
         if UPCAST_DOT:
             x, wt = x.to(tl.float32), wt.to(tl.float32)
         acc = tl.dot(x, wt, acc, input_precision=INPUT_PRECISION)
+    if SPLIT_K == 1:
+        if HAS_BIAS:
+            acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        tl.store(
+            out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
+            acc.to(out_ptr.dtype.element_ty),
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+    else:  # fp32 partial sum of this K range: workspace (SPLIT_K, M, N), contiguous
+        tl.store(
+            out_ptr + pid_k.to(tl.int64) * M * N + rm[:, None] * N + rn[None, :],
+            acc,
+            mask=m_ok[:, None] & n_ok[None, :],
+        )
+
+
+@triton.jit
+def _splitk_reduce_kernel(
+    ws_ptr,  # (SPLIT_K, M * N) fp32 partial sums
+    bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
+    out_ptr,  # (M, N) out, contiguous, in x's dtype
+    MN,  # M * N
+    N,  # out_features
+    HAS_BIAS: tl.constexpr,  # add bias
+    SPLIT_K: tl.constexpr,  # partial sums per output
+    BLOCK: tl.constexpr,  # outputs per program
+):
+    """``out = sum_s ws[s] (+ bias)``, summed in fp32 in a fixed order (deterministic), rounded once."""
+    offs = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    ok = offs < MN
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in tl.static_range(SPLIT_K):
+        acc += tl.load(ws_ptr + s * MN + offs, mask=ok, other=0.0)
     if HAS_BIAS:
-        acc += tl.load(bias_ptr + rn, mask=n_ok, other=0.0).to(tl.float32)[None, :]
-    tl.store(
-        out_ptr + rm[:, None] * stride_om + rn[None, :] * stride_on,
-        acc.to(out_ptr.dtype.element_ty),
-        mask=m_ok[:, None] & n_ok[None, :],
-    )
+        acc += tl.load(bias_ptr + offs % N, mask=ok, other=0.0).to(tl.float32)
+    tl.store(out_ptr + offs, acc.to(out_ptr.dtype.element_ty), mask=ok)
 
 
 @triton.jit
@@ -259,7 +409,10 @@ def _nf4_gemv_kernel(
     stride_xm,  # elements between rows of x
     stride_xk,  # elements between columns of x
     packed_ptr,  # (N * K / 2,) uint8 NF4 nibbles of W (N, K), row-major, high nibble first
-    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block
+    absmax_ptr,  # (N * K / BLOCKSIZE,) fp32 scale per quantisation block (DQ: uint8 indices)
+    absmax2_ptr,  # (DQ) fp32 second-level scales
+    code2_ptr,  # (DQ) fp32 [256] second-level code
+    offset_ptr,  # (DQ) fp32 [1] offset
     code_ptr,  # (16,) fp32 NF4 table
     bias_ptr,  # (N,) bias, any float dtype (read only when HAS_BIAS)
     out_ptr,  # (M, N) out: x @ W^T (+ bias), in x's dtype
@@ -272,6 +425,8 @@ def _nf4_gemv_kernel(
     EVEN_K: tl.constexpr,  # K % BLOCK_K == 0: no mask along K
     ROW_SCALE: tl.constexpr,  # BLOCKSIZE % BLOCK_K == 0: one scale per row and tile
     ROUND_W: tl.constexpr,  # round decoded weights to x's dtype first (as dequantise-then-matmul does)
+    DQ: tl.constexpr,  # double-quantised absmax, decoded in-kernel per block
+    BLOCKSIZE2: tl.constexpr,  # blocks per second-level scale
     BLOCKSIZE: tl.constexpr,  # elements per quantisation block
     BLOCK_M: tl.constexpr,  # M rounded up to a power of two (<= 8): all rows in one program
     BLOCK_N: tl.constexpr,  # output columns per program
@@ -294,7 +449,22 @@ def _nf4_gemv_kernel(
         x_hi = tl.load(x_rows + k_even[None, :] * stride_xk, mask=x_mask, other=0.0)
         x_lo = tl.load(x_rows + (k_even + 1)[None, :] * stride_xk, mask=x_mask, other=0.0)
         w_hi, w_lo = _decode_tile(
-            packed_ptr, absmax_ptr, code_ptr, rn, n_ok, k0, K, EVEN_K, ROW_SCALE, BLOCKSIZE, BLOCK_K
+            packed_ptr,
+            absmax_ptr,
+            absmax2_ptr,
+            code2_ptr,
+            offset_ptr,
+            code_ptr,
+            rn,
+            n_ok,
+            k0,
+            K,
+            EVEN_K,
+            ROW_SCALE,
+            DQ,
+            BLOCKSIZE2,
+            BLOCKSIZE,
+            BLOCK_K,
         )
         if ROUND_W:
             w_hi = w_hi.to(x_ptr.dtype.element_ty).to(tl.float32)
@@ -330,17 +500,27 @@ def _check_count(name: str, value, *, positive: bool = False) -> int:
     return int(value)
 
 
-def _check_quant_state(packed, absmax, code, blocksize, numel) -> tuple[int, int]:
-    """Validate the NF4 tensors for a weight of ``numel`` elements; returns (blocksize, numel)."""
+def _check_quant_state(packed, absmax, code, blocksize, numel, nested: dict | None = None) -> tuple[int, int]:
+    """Validate the NF4 tensors for a weight of ``numel`` elements; returns (blocksize, numel).
+    ``nested``: the double quantisation (absmax2, code2, offset, blocksize2) of a uint8 absmax."""
     blocksize = _check_count("blocksize", blocksize, positive=True)
     if blocksize % 2:
         raise ValueError(f"blocksize must be even (both nibbles of a byte share a scale), got {blocksize}")
     numel = _check_count("numel", numel)
-    for name, t, dtype, want in (
+    nblocks = -(-numel // blocksize)
+    checks = [
         ("packed", packed, torch.uint8, (numel + 1) // 2),
-        ("absmax", absmax, torch.float32, -(-numel // blocksize)),
+        ("absmax", absmax, torch.uint8 if nested else torch.float32, nblocks),
         ("code", code, torch.float32, 16),
-    ):
+    ]
+    if nested:
+        bs2 = _check_count("blocksize2", nested["blocksize2"], positive=True)
+        checks += [
+            ("absmax2", nested["absmax2"], torch.float32, -(-nblocks // bs2)),
+            ("code2", nested["code2"], torch.float32, 256),
+            ("offset", nested["offset"], torch.float32, 1),
+        ]
+    for name, t, dtype, want in checks:
         if not torch.is_tensor(t):
             raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
         if t.dtype != dtype:
@@ -356,6 +536,27 @@ def _check_quant_state(packed, absmax, code, blocksize, numel) -> tuple[int, int
     return blocksize, numel
 
 
+def _nested(absmax2, code2, offset, blocksize2) -> dict | None:
+    if absmax2 is None and code2 is None and offset is None:
+        return None
+    return dict(absmax2=absmax2, code2=code2, offset=offset, blocksize2=blocksize2)
+
+
+def _scale_args(absmax, nested) -> tuple[tuple, dict]:
+    """(pointer args, constexprs) of the scales for a kernel: the nested tensors, or placeholders."""
+    if nested:
+        return (absmax, nested["absmax2"], nested["code2"], nested["offset"]), dict(
+            DQ=True, BLOCKSIZE2=int(nested["blocksize2"])
+        )
+    return (absmax, absmax, absmax, absmax), dict(DQ=False, BLOCKSIZE2=256)  # placeholders, never read
+
+
+def _no_fp_fusion() -> dict:
+    """Launch option keeping products and sums separately rounded (bit-exact decodes); the
+    interpreter (numpy) never fuses and takes no such option."""
+    return {} if interpreting() else dict(enable_fp_fusion=False)
+
+
 def dequantize_nf4_triton(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -363,15 +564,22 @@ def dequantize_nf4_triton(
     blocksize: int,
     numel: int,
     out_dtype: torch.dtype = torch.float32,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
-    """The NF4 weight ``W[j] = code[nib(j)] * absmax[j // blocksize]``, 1-D ``[numel]`` in ``out_dtype``.
+    """The NF4 weight ``W[j] = code[nib(j)] * scale(j // blocksize)``, 1-D ``[numel]`` in ``out_dtype``.
 
     ``packed`` uint8 ``ceil(numel / 2)`` bytes (element ``2i`` in the high nibble of byte ``i``),
-    ``absmax`` fp32 ``ceil(numel / blocksize)``, ``code`` fp32 ``[16]``, all contiguous on one
-    device; ``blocksize`` even; ``out_dtype`` fp32/bf16/fp16. The product is formed in fp32.
+    ``absmax`` fp32 ``ceil(numel / blocksize)`` (or uint8 with ``absmax2``/``code2``/``offset``,
+    decoded in-kernel), ``code`` fp32 ``[16]``, all contiguous on one device; ``blocksize`` even;
+    ``out_dtype`` fp32/bf16/fp16. The product is formed in fp32. One launch.
     """
     # check
-    blocksize, numel = _check_quant_state(packed, absmax, code, blocksize, numel)
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    blocksize, numel = _check_quant_state(packed, absmax, code, blocksize, numel, nested)
     if out_dtype not in _FLOATS:
         raise TypeError(f"out_dtype must be float32, bfloat16 or float16, got {out_dtype}")
     _check_runnable(packed.device, "dequantize_nf4_triton")
@@ -384,18 +592,99 @@ def dequantize_nf4_triton(
     # launch
     nbytes = (numel + 1) // 2
     block = _DEQUANT_BLOCK_INTERPRET if interpreting() else _DEQUANT_BLOCK
-    _dequant_kernel[(triton.cdiv(nbytes, block),)](
+    scale_ptrs, scale_meta = _scale_args(absmax, nested)
+    _launch(
+        _dequant_kernel[(triton.cdiv(nbytes, block),)],
         packed,
-        absmax,
+        *scale_ptrs,
         code,
         out,
         numel,
         nbytes,
+        **scale_meta,
         BLOCKSIZE=blocksize,
         BLOCK=block,
         num_warps=_DEQUANT_WARPS,
+        **_no_fp_fusion(),
     )
     return out
+
+
+def _split_k(tiles: int, K: int, block_k: int, device: torch.device) -> int:
+    """Programs along K for the 8 < M <= 64 GEMM: enough (output tiles x splits) to fill the GPU
+    (SPLIT_K_PROGRAMS, default two per SM), at least SPLIT_K_MIN_STEPS loop steps per split."""
+    target = SPLIT_K_PROGRAMS
+    if target is None:
+        target = 2 * _sm_count(device) if device.type == "cuda" else 1
+    split = max(1, min(target // max(1, tiles), K // (block_k * SPLIT_K_MIN_STEPS), SPLIT_K_MAX))
+    return split
+
+
+def _sm_count(device: torch.device) -> int:
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    n = _SM_COUNT.get(idx)
+    if n is None:
+        n = _SM_COUNT[idx] = torch.cuda.get_device_properties(idx).multi_processor_count
+    return n
+
+
+_SM_COUNT: dict[int, int] = {}
+
+
+def _gemm_tiles(M: int, dtype: torch.dtype) -> tuple[int, int, int, int, int]:
+    """(BLOCK_M, BLOCK_N, BLOCK_K, num_warps, num_stages) for 8 < M <= 64 rows: the tile is cut
+    to M (16, 32 or 64 rows) so that no program multiplies padding rows; split-K then gives
+    the GPU enough programs (N / BLOCK_N tiles alone are 32 for N = 4096)."""
+    if interpreting():
+        (bm, bn, bk), warps, stages = _GEMM_INTERPRET, 4, 1
+        return bm, bn, bk, warps, stages
+    key = "fp32" if dtype == torch.float32 else "16bit"
+    block_m = min(64, max(16, triton.next_power_of_2(M)))
+    return (block_m,) + _GEMM_SMALL_M_CONFIG[key][block_m]
+
+
+def _launch_gemm(args, common, x2d, bias, out, M, N, K, blocksize) -> None:
+    """The fused dequant-GEMM for 8 < M <= FUSED_GEMM_MAX_M: one launch, or two with split-K
+    (fp32 partial sums in a (SPLIT_K, M, N) workspace, then a deterministic reduction)."""
+    block_m, block_n, block_k, num_warps, num_stages = _gemm_tiles(M, x2d.dtype)
+    tiles = triton.cdiv(M, block_m) * triton.cdiv(N, block_n)
+    split = _split_k(tiles, K, block_k, x2d.device)
+    k_per = triton.cdiv(triton.cdiv(K, split), block_k) * block_k
+    split = triton.cdiv(K, k_per)  # no empty split
+    meta = dict(
+        common,
+        EVEN_K=K % block_k == 0,
+        ROW_SCALE=blocksize % block_k == 0,
+        SPLIT_K=split,
+        INPUT_PRECISION=_input_precision(x2d.dtype),
+        UPCAST_DOT=_upcast_dot(x2d.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=block_n,
+        BLOCK_K=block_k,
+        num_warps=num_warps,
+        num_stages=num_stages,
+    )
+    grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n), split)
+    if split == 1:
+        _launch(_nf4_gemm_kernel[grid], *args, K_PER=k_per, **meta)
+        return
+    ws = torch.empty((split, M, N), device=x2d.device, dtype=torch.float32)
+    a = list(args)
+    a[-6:-3] = [ws, N, 1]  # (out_ptr, stride_om, stride_on) -> the workspace
+    _launch(_nf4_gemm_kernel[grid], *a, K_PER=k_per, **meta)
+    block = 1024 if not interpreting() else 64
+    _launch(
+        _splitk_reduce_kernel[(triton.cdiv(M * N, block),)],
+        ws,
+        bias if bias is not None else ws,  # placeholder, never read
+        out,
+        M * N,
+        N,
+        HAS_BIAS=bias is not None,
+        SPLIT_K=split,
+        BLOCK=block,
+        num_warps=4,
+    )
 
 
 def _input_precision(dtype: torch.dtype) -> str | None:
@@ -421,6 +710,11 @@ def nf4_matmul_triton(
     N: int,
     K: int,
     bias: torch.Tensor | None = None,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
     """``x2d @ W.T (+ bias)`` ``[M, N]`` in ``x2d``'s dtype, ``W`` the ``[N, K]`` NF4 weight, fp32 accumulation.
 
@@ -441,7 +735,8 @@ def nf4_matmul_triton(
     K = _check_count("K", K)
     if x2d.shape[1] != K:
         raise ValueError(f"x2d shape {tuple(x2d.shape)} must be [M, K] with K = {K}")
-    blocksize, _ = _check_quant_state(packed, absmax, code, blocksize, N * K)
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    blocksize, _ = _check_quant_state(packed, absmax, code, blocksize, N * K, nested)
     if K % blocksize:
         raise ValueError(f"K = {K} must be a multiple of blocksize = {blocksize}")
     if packed.device != x2d.device:
@@ -464,19 +759,20 @@ def nf4_matmul_triton(
         return out if bias is None else out.add_(bias.to(out.dtype))
 
     if M > FUSED_GEMM_MAX_M:  # training shapes: dequantise, then cuBLAS (see the module docstring)
-        w = dequantize_nf4_triton(packed, absmax, code, blocksize, N * K, x2d.dtype).view(N, K)
+        w = dequantize_nf4_triton(packed, absmax, code, blocksize, N * K, x2d.dtype, **(nested or {})).view(N, K)
         if bias is None:
-            return torch.mm(x2d, w.t(), out=out)
-        return torch.addmm(bias.to(out.dtype), x2d, w.t(), out=out)
+            return _launch(torch.mm, x2d, w.t(), out=out)
+        return _launch(torch.addmm, bias.to(out.dtype), x2d, w.t(), out=out)
 
     # launch
-    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize)
+    scale_ptrs, scale_meta = _scale_args(absmax, nested)
+    common = dict(HAS_BIAS=bias is not None, BLOCKSIZE=blocksize, **scale_meta)
     args = (
         x2d,
         x2d.stride(0),
         x2d.stride(1),
         packed,
-        absmax,
+        *scale_ptrs,
         code,
         bias if bias is not None else absmax,  # placeholder, never read
         out,
@@ -492,7 +788,8 @@ def nf4_matmul_triton(
             (block_n, block_k), num_warps = _GEMV_INTERPRET, 4
         else:
             block_n, block_k, num_warps = _GEMV_CONFIG[block_m]
-        _nf4_gemv_kernel[(triton.cdiv(N, block_n),)](
+        _launch(
+            _nf4_gemv_kernel[(triton.cdiv(N, block_n),)],
             *args,
             **common,
             EVEN_K=K % block_k == 0,
@@ -504,24 +801,5 @@ def nf4_matmul_triton(
             num_warps=num_warps,
         )
     else:
-        if interpreting():
-            (block_m, block_n, block_k), num_warps, num_stages = _GEMM_INTERPRET, 4, 1
-        else:
-            block_m, block_n, block_k, num_warps, num_stages = _GEMM_CONFIG[
-                "fp32" if x2d.dtype == torch.float32 else "16bit"
-            ]
-        grid = (triton.cdiv(M, block_m), triton.cdiv(N, block_n))
-        _nf4_gemm_kernel[grid](
-            *args,
-            **common,
-            EVEN_K=K % block_k == 0,
-            ROW_SCALE=blocksize % block_k == 0,
-            INPUT_PRECISION=_input_precision(x2d.dtype),
-            UPCAST_DOT=_upcast_dot(x2d.dtype),
-            BLOCK_M=block_m,
-            BLOCK_N=block_n,
-            BLOCK_K=block_k,
-            num_warps=num_warps,
-            num_stages=num_stages,
-        )
+        _launch_gemm(args, common, x2d, bias, out, M, N, K, blocksize)
     return out

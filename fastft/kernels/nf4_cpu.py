@@ -4,8 +4,10 @@ Low-level contract (plain tensors, all on the CPU):
 
 * ``packed``: uint8, ``ceil(numel / 2)`` bytes; byte ``i`` holds flat element ``2i`` in the
   HIGH nibble and ``2i + 1`` in the LOW nibble;
-* ``absmax``: float32 ``[ceil(numel / blocksize)]`` (already dequantised from any double
-  quantisation);
+* ``absmax``: float32 ``[ceil(numel / blocksize)]``; or, double-quantised, uint8 indices with
+  the keywords ``absmax2`` (fp32 ``[ceil(nblocks / blocksize2)]``), ``code2`` (fp32 ``[256]``),
+  ``offset`` (fp32 ``[1]``) and ``blocksize2``: the kernels decode each block's scale
+  ``code2[absmax[b]] * absmax2[b // blocksize2] + offset`` themselves (no PyTorch ops);
 * ``code``: float32 ``[16]``, the NF4 table;
 * ``W[j] = code[nibble(j)] * absmax[j // blocksize]``.
 
@@ -47,6 +49,13 @@ from . import _jit
 
 __all__ = ["OPS", "available", "dequantize_nf4_cpp", "isa", "nf4_matmul_cpp", "source_candidates"]
 
+
+def _launch(fn, *args, **kwargs):
+    """Every call into the compiled kernels (and torch GEMM) of this module goes through here,
+    so that tests can count the launches of one op."""
+    return fn(*args, **kwargs)
+
+
 OPS = frozenset({"dequantize_nf4", "nf4_matmul"})
 JIT_NAME = "fastft_cpu_nf4"
 _SYMBOLS = ("dequantize_nf4", "dequantize_nf4_out", "nf4_matmul", "nf4_isa")
@@ -87,6 +96,12 @@ def _module():
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
+def _nested(absmax2, code2, offset, blocksize2) -> dict:
+    if absmax2 is None:
+        return {}
+    return dict(absmax2=absmax2, code2=code2, offset=offset, blocksize2=int(blocksize2))
+
+
 def dequantize_nf4_cpp(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -94,11 +109,18 @@ def dequantize_nf4_cpp(
     blocksize: int,
     numel: int,
     out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
-    """Flat ``[numel]`` weight ``code[nibble(j)] * absmax[j // blocksize]`` in ``out_dtype``."""
+    """Flat ``[numel]`` weight ``code[nibble(j)] * scale(j // blocksize)`` in ``out_dtype``; one call."""
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize_nf4_cpp: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
-    return _module().dequantize_nf4(packed, absmax, code, int(blocksize), int(numel), out_dtype)
+    mod = _module()
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    return _launch(mod.dequantize_nf4, packed, absmax, code, int(blocksize), int(numel), out_dtype, **nested)
 
 
 def nf4_matmul_cpp(
@@ -110,24 +132,34 @@ def nf4_matmul_cpp(
     N: int,
     K: int,
     bias: torch.Tensor | None = None,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
     """``x2d [M, K] @ W.view(N, K).T (+ bias)`` in ``x2d.dtype`` (fp32 or bf16), fp32 accumulation.
 
-    Small batches (generation) run the fused kernel that reads each 4-bit weight once
-    (fp32 x up to M=32, 16-bit x up to M=8). Otherwise W is decoded once into x's dtype by
-    the C++ dequant and the product goes to torch's GEMM (oneDNN uses the CPU's bf16
-    units): about 2x faster than the fused kernel's fp32 panels at M=2048, 1024x1024.
+    One call into the C++ for fp32 and bf16 ``x``: small batches (generation; fp32 x up to
+    M=32, bf16 x up to M=8) run the fused kernel that reads each 4-bit weight once; larger fp32
+    batches dequantise fp32 panels for torch's GEMM; larger bf16 batches dequantise bf16
+    panels that stay in L2, one parallel region with a single-threaded GEMM per panel (at
+    M=16, 4096x4096 on a loaded 2-core Xeon: 14 ms against 23 ms for dequantising the whole
+    weight to bf16 then one GEMM, and 42 ms for bitsandbytes' matmul_4bit). fp16 ``x``: the
+    weight dequantised to fp16, then torch's GEMM (two calls).
     """
     mod = _module()
+    nested = _nested(absmax2, code2, offset, blocksize2)
     if x2d.dim() == 2 and not x2d.is_contiguous():
         x2d = x2d.contiguous()
-    # 16-bit x: the fused kernel converts x to fp32 and wins only for the smallest batches
-    # (K=N=4096 bf16 on this CPU: fused 3.0 ms at M=8 vs 5.0 decoded; 10.8 ms at M=16 vs 6.0)
-    if x2d.dim() == 2 and x2d.shape[0] > 8 and x2d.dtype != torch.float32:
-        w = dequantize_nf4_cpp(packed, absmax, code, blocksize, int(N) * int(K), x2d.dtype)
+    # fp16 x (the C++ matmul takes fp32 and bf16): dequantise to fp16 and run torch's GEMM
+    if x2d.dim() == 2 and x2d.dtype == torch.float16:
+        w = dequantize_nf4_cpp(packed, absmax, code, blocksize, int(N) * int(K), x2d.dtype, **nested)
         w = w.view(int(N), int(K))
-        return torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
-    return mod.nf4_matmul(x2d, packed, absmax, code, int(blocksize), int(N), int(K), bias)
+        if bias is not None:
+            return _launch(torch.addmm, bias.to(x2d.dtype), x2d, w.t())
+        return _launch(torch.mm, x2d, w.t())
+    return _launch(mod.nf4_matmul, x2d, packed, absmax, code, int(blocksize), int(N), int(K), bias, **nested)
 
 
 def isa() -> str:

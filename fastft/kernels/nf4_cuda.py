@@ -4,8 +4,11 @@ Low-level contract (plain tensors, all on one CUDA device, contiguous):
 
 * ``packed``: uint8, ``ceil(numel / 2)`` bytes; byte ``i`` holds flat element ``2i`` in the
   HIGH nibble and ``2i + 1`` in the LOW nibble;
-* ``absmax``: float32 ``[ceil(numel / blocksize)]`` (already dequantised from any double
-  quantisation);
+* ``absmax``: float32 ``[ceil(numel / blocksize)]``; or, double-quantised, uint8 indices with
+  the keywords ``absmax2`` (fp32), ``code2`` (fp32 ``[256]``), ``offset`` (fp32 ``[1]``, read on
+  the device: no host synchronisation) and ``blocksize2`` (a power of two): the kernels decode
+  each block's scale ``(code2[absmax[b]] * absmax2[b // blocksize2]) + offset`` themselves,
+  product and sum rounded apart as bitsandbytes' decode is, so a call is one launch;
 * ``code``: float32 ``[16]``, the NF4 table;
 * ``W[j] = code[nibble(j)] * absmax[j // blocksize]`` (fp32 product, rounded once).
 
@@ -61,6 +64,13 @@ from . import _jit
 
 __all__ = ["GEMV_MAX_M", "OPS", "available", "dequantize_nf4_cuda", "nf4_matmul_cuda", "source_candidates"]
 
+
+def _launch(fn, *args, **kwargs):
+    """Every call into the compiled kernels (and torch GEMM) of this module goes through here,
+    so that tests can count the launches of one op."""
+    return fn(*args, **kwargs)
+
+
 OPS = frozenset({"dequantize_nf4", "nf4_matmul"})
 JIT_NAME = "fastft_cuda_nf4"
 GEMV_MAX_M = 8  # kGemvMaxM in csrc/cuda/nf4_kernels.cuh; above it: CUDA dequant + torch GEMM
@@ -106,8 +116,11 @@ class _Loader(_jit.ExtensionLoader):
 
         if cpp_extension.CUDA_HOME is None and shutil.which("nvcc") is None:
             return None, "nvcc not found (set CUDA_HOME or put nvcc on PATH)"
-        with open(header, "rb") as f:  # torch hashes the sources and flags only, not included headers
-            tag = hashlib.sha1(f.read()).hexdigest()[:12]
+        h = hashlib.sha1()
+        for f in (header, os.path.join(os.path.dirname(src), "nf4_launch.h")):
+            with open(f, "rb") as fh:  # torch hashes the sources and flags only, not included headers
+                h.update(fh.read())
+        tag = h.hexdigest()[:12]
         return {
             "extra_sources": [binding],
             "extra_cflags": ["-O3"],
@@ -130,9 +143,12 @@ def _module():
 _OUT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def _check_weight(where: str, packed, absmax, code, blocksize: int, numel: int) -> None:
+def _check_weight(where: str, packed, absmax, code, blocksize: int, numel: int, nested: dict | None = None) -> None:
     """ValueError/TypeError naming the bad input, before the extension is called."""
-    for name, t in (("packed", packed), ("absmax", absmax), ("code", code)):
+    tensors = [("packed", packed), ("absmax", absmax), ("code", code)]
+    if nested:
+        tensors += [(k, nested[k]) for k in ("absmax2", "code2", "offset")]
+    for name, t in tensors:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{where}: {name} must be a tensor, got {type(t).__name__}")
         if t.device.type != "cuda":
@@ -143,8 +159,16 @@ def _check_weight(where: str, packed, absmax, code, blocksize: int, numel: int) 
             )
     if packed.dtype != torch.uint8:
         raise TypeError(f"{where}: packed must be uint8, got {packed.dtype}")
-    if absmax.dtype != torch.float32 or code.dtype != torch.float32:
-        raise TypeError(f"{where}: absmax and code must be float32, got {absmax.dtype} and {code.dtype}")
+    if absmax.dtype != (torch.uint8 if nested else torch.float32) or code.dtype != torch.float32:
+        want = "uint8 (double-quantised)" if nested else "float32"
+        raise TypeError(f"{where}: absmax must be {want} and code float32, got {absmax.dtype} and {code.dtype}")
+    if nested:
+        for k in ("absmax2", "code2", "offset"):
+            if nested[k].dtype != torch.float32:
+                raise TypeError(f"{where}: {k} must be float32, got {nested[k].dtype}")
+        bs2 = int(nested["blocksize2"])
+        if bs2 <= 0 or bs2 & (bs2 - 1):
+            raise ValueError(f"{where}: blocksize2 must be a power of two, got {bs2}")
     if code.numel() != 16:
         raise ValueError(f"{where}: code must have 16 entries, got {code.numel()}")
     if int(blocksize) <= 0:
@@ -162,6 +186,14 @@ def _check_weight(where: str, packed, absmax, code, blocksize: int, numel: int) 
         )
 
 
+def _nested(absmax2, code2, offset, blocksize2) -> dict:
+    if absmax2 is None:
+        return {}
+    return dict(
+        absmax2=absmax2.contiguous(), code2=code2.contiguous(), offset=offset.contiguous(), blocksize2=int(blocksize2)
+    )
+
+
 def dequantize_nf4_cuda(
     packed: torch.Tensor,
     absmax: torch.Tensor,
@@ -169,14 +201,27 @@ def dequantize_nf4_cuda(
     blocksize: int,
     numel: int,
     out_dtype: torch.dtype = torch.bfloat16,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
-    """Flat ``[numel]`` weight ``code[nibble(j)] * absmax[j // blocksize]`` in ``out_dtype``."""
+    """Flat ``[numel]`` weight ``code[nibble(j)] * scale(j // blocksize)`` in ``out_dtype``; one launch."""
     if out_dtype not in _OUT_DTYPES:
         raise ValueError(f"dequantize_nf4_cuda: out_dtype must be one of {_OUT_DTYPES}, got {out_dtype}")
     mod = _module()
-    _check_weight("dequantize_nf4_cuda", packed, absmax, code, blocksize, numel)
-    return mod.nf4_dequantize(
-        packed.contiguous(), absmax.contiguous(), code.contiguous(), int(blocksize), int(numel), out_dtype
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    _check_weight("dequantize_nf4_cuda", packed, absmax, code, blocksize, numel, nested)
+    return _launch(
+        mod.nf4_dequantize,
+        packed.contiguous(),
+        absmax.contiguous(),
+        code.contiguous(),
+        int(blocksize),
+        int(numel),
+        out_dtype,
+        **nested,
     )
 
 
@@ -189,6 +234,11 @@ def nf4_matmul_cuda(
     N: int,
     K: int,
     bias: torch.Tensor | None = None,
+    *,
+    absmax2: torch.Tensor | None = None,
+    code2: torch.Tensor | None = None,
+    offset: torch.Tensor | None = None,
+    blocksize2: int = 256,
 ) -> torch.Tensor:
     """``x2d [M, K] @ W.view(N, K).T (+ bias)`` in ``x2d.dtype`` (fp32, bf16 or fp16).
 
@@ -200,7 +250,8 @@ def nf4_matmul_cuda(
     N, K = int(N), int(K)
     if N <= 0 or K <= 0:
         raise ValueError(f"{where}: N and K must be positive, got N={N} K={K}")
-    _check_weight(where, packed, absmax, code, blocksize, N * K)
+    nested = _nested(absmax2, code2, offset, blocksize2)
+    _check_weight(where, packed, absmax, code, blocksize, N * K, nested)
     if not isinstance(x2d, torch.Tensor) or x2d.dim() != 2:
         raise ValueError(f"{where}: x must be a 2-D tensor [M, K], got {getattr(x2d, 'shape', type(x2d).__name__)}")
     if x2d.device != packed.device:
@@ -219,8 +270,9 @@ def nf4_matmul_cuda(
         x2d = x2d.contiguous()
     packed, absmax, code = packed.contiguous(), absmax.contiguous(), code.contiguous()
     if x2d.shape[0] > GEMV_MAX_M:
-        w = mod.nf4_dequantize(packed, absmax, code, int(blocksize), int(N) * int(K), x2d.dtype).view(int(N), int(K))
+        w = _launch(mod.nf4_dequantize, packed, absmax, code, int(blocksize), int(N) * int(K), x2d.dtype, **nested)
+        w = w.view(int(N), int(K))
         if bias is None:
-            return torch.mm(x2d, w.t())
-        return torch.addmm(bias.to(x2d.dtype), x2d, w.t())
-    return mod.nf4_gemv(x2d, packed, absmax, code, int(blocksize), int(N), int(K), bias)
+            return _launch(torch.mm, x2d, w.t())
+        return _launch(torch.addmm, bias.to(x2d.dtype), x2d, w.t())
+    return _launch(mod.nf4_gemv, x2d, packed, absmax, code, int(blocksize), int(N), int(K), bias, **nested)

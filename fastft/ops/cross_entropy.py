@@ -678,6 +678,7 @@ def _flce_setup(ctx, inputs, output):
     weight, bias = inputs[1], inputs[2]
     ctx.save_for_backward(*output[1:])
     ctx.mark_non_differentiable(*output[1:])  # the saved gradients are not results to differentiate
+    ctx.set_materialize_grads(False)  # no zero "gradients" of them (2 GiB for an fp32 grad_weight)
     ctx.weight_dtype = weight.dtype
     ctx.bias_dtype = bias.dtype if bias is not None else None
     ctx.computed = inputs[5:8]  # need_h, need_w, need_b: the gradients forward produced
@@ -685,6 +686,8 @@ def _flce_setup(ctx, inputs, output):
 
 
 def _flce_grad(ctx, grad_loss, *_):
+    if grad_loss is None:
+        return (None,) * 13
     if ctx.consumed:
         raise RuntimeError(
             "fused_linear_cross_entropy computes its gradients during forward and can be "

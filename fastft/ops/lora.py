@@ -28,9 +28,26 @@ tile by tile from ``(seed, offset)`` with Philox (:mod:`fastft.kernels.lora`;
 The two backends draw different masks for the same seed; each is identical between its
 forward and backward.
 
-GEMM count: forward 3 (base, ``xd A^T``, ``xa B^T`` accumulated into ``y`` in place),
-backward 4 (``dY W``, ``dY B``, ``t A`` accumulated into ``dX``, ``t^T xd``, ``dY^T xa``)
-plus ``dY^T x`` only for a trainable base. Everything rank-``r`` is tiny next to the base GEMMs.
+GEMM count: forward 3 (``xd A^T``, ``s xa B^T`` into ``y``, the base GEMM accumulated onto it
+in place), backward 4 (``dY B``, ``t A`` into ``dX`` with ``dY W`` accumulated onto it in place,
+``t^T xd``, ``dY^T xa``) plus ``dY^T x`` only for a trainable base. Everything rank-``r`` is
+tiny next to the base GEMMs.
+
+Precision (``precision=``), when the adapters' dtype differs from ``x``'s (PEFT keeps fp32
+adapters over a bf16 base):
+
+* ``"activation"`` (default): the branch runs in ``x``'s dtype. The adapters are cast to it
+  once per parameter version (:func:`cast_adapter`: once per optimizer step, however many
+  forwards and recomputations), ``x`` and ``dY`` are never converted, every GEMM accumulates
+  in fp32 (cuBLAS; Triton's ``tl.dot``) and ``dA``/``dB`` come out in the adapters' dtype
+  (fp32 results straight from the GEMM where torch has ``out_dtype``: CUDA; on a CPU the
+  rank-sized result is cast). Judged by the flash-attention rule: its error against an fp32
+  oracle is at most twice that of PEFT's own computation in ``x``'s dtype.
+* ``"peft"``: PEFT's promotion exactly: ``x`` cast to the adapters' dtype, the branch computed
+  there and added to the base result in that dtype, then cast back (full-size conversions of
+  ``x``, ``dY`` and ``[N, out]``; what the fp32 parity tests hold to 1e-5).
+
+With equal dtypes the two are the same computation.
 """
 
 from __future__ import annotations
@@ -42,19 +59,26 @@ from torch import nn
 
 from .. import backends
 
-__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask"]
+__all__ = ["lora_linear", "lora_linear_reference", "dropout_mask", "cast_adapter", "PRECISIONS"]
 
 OP_LORA = "lora_linear"
 backends.register(OP_LORA, ("triton", "torch"))
+PRECISIONS = ("activation", "peft")
 
 
 # --------------------------------------------------------------------------------------
 # reference (pure PyTorch, autograd): the oracle
 # --------------------------------------------------------------------------------------
 def lora_linear_reference(
-    x, weight, lora_A, lora_B, scaling, *, bias=None, lora_bias=None, mask=None, fan_in_fan_out=False
+    x, weight, lora_A, lora_B, scaling, *, bias=None, lora_bias=None, mask=None, fan_in_fan_out=False, precision="peft"
 ):
-    """The formula with autograd, as PEFT computes it. ``mask`` is the scaled dropout mask (or None)."""
+    """The formula with autograd, as PEFT computes it. ``mask`` is the scaled dropout mask (or None).
+
+    ``precision="activation"``: the adapters (and ``lora_bias``) cast to ``x``'s dtype first, so
+    the branch runs there (what PEFT computes with adapters in the activation dtype)."""
+    if precision == "activation":
+        lora_A, lora_B = lora_A.to(x.dtype), lora_B.to(x.dtype)
+        lora_bias = lora_bias.to(x.dtype) if lora_bias is not None else None
     w = weight.t() if fan_in_fan_out else weight
     result = nn.functional.linear(x, w, bias)
     xl = x.to(lora_A.dtype)
@@ -82,6 +106,32 @@ def dropout_mask(seed: int, shape, p: float, device, dtype=torch.float32) -> tor
     threshold = min(round(p * 65536), 65535)
     keep = u16 >= threshold - 32768
     return keep.view(shape).to(dtype) * (65536.0 / (65536 - threshold))
+
+
+def cast_adapter(t: torch.Tensor, dtype: torch.dtype, scale: float = 1.0) -> torch.Tensor:
+    """``scale * t`` in ``dtype`` (detached): the scale is applied in ``t``'s dtype before the one
+    rounding to ``dtype``. Formed on every call (an adapter is rank-sized: r x in or out x r, one
+    small launch). It is deliberately not cached across calls: FSDP2 refills its unsharded
+    parameters in place without bumping their version counters, so no stamp of a parameter
+    (pointer, version) can tell a stale copy from a fresh one; a cache keyed on them trained
+    on stale adapters under FSDP2."""
+    if t.dtype == dtype and scale == 1.0:
+        return t
+    with torch.no_grad():
+        return (t.detach() * scale if scale != 1.0 else t.detach()).to(dtype)
+
+
+def mm_to(a: torch.Tensor, b: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``a @ b`` as ``dtype``: accumulated in fp32 and written as ``dtype`` by the GEMM itself where
+    torch offers it (``out_dtype``, CUDA and meta tensors); elsewhere the (rank-sized) result is cast."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if a.device.type in ("cuda", "meta") and dtype == torch.float32:
+        try:
+            return torch.mm(a, b, out_dtype=dtype)
+        except RuntimeError:  # an older build without mm.dtype for this pair
+            pass
+    return torch.mm(a, b).to(dtype)
 
 
 # --------------------------------------------------------------------------------------
@@ -120,11 +170,11 @@ class _TorchLoraKernels:
         return dx.add_(lo.to(dx.dtype)) if lo.dtype != dx.dtype else dx.add_(lo)
 
     @staticmethod
-    def dA(t, x2d, lora_A, drop):
-        """``t^T (x * M)`` ``[r, in]`` in ``A``'s dtype."""
+    def dA(t, x2d, lora_A, drop, out_dtype=None):
+        """``t^T (x * M)`` ``[r, in]`` in ``out_dtype`` (default ``A``'s dtype), computed in ``A``'s."""
         xd = x2d.to(lora_A.dtype)
         xd = xd * drop if drop is not None else xd
-        return torch.mm(t.t(), xd)
+        return mm_to(t.t(), xd, out_dtype or lora_A.dtype)
 
 
 class _TritonLoraKernels(_TorchLoraKernels):
@@ -155,15 +205,25 @@ class _TritonLoraKernels(_TorchLoraKernels):
         return lora_dx_add_(dx, t, lora_A, *drop)
 
     @staticmethod
-    def dA(t, x2d, lora_A, drop):
+    def dA(t, x2d, lora_A, drop, out_dtype=None):
         if drop is None:
-            return _TorchLoraKernels.dA(t, x2d, lora_A, drop)
+            return _TorchLoraKernels.dA(t, x2d, lora_A, drop, out_dtype)
         from ..kernels.lora import lora_dA
 
-        return lora_dA(t.to(lora_A.dtype), x2d, *drop)
+        return lora_dA(t.to(lora_A.dtype), x2d, *drop, out_dtype=out_dtype)
 
 
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+
+
+def draw_seed(kernels, device):
+    """A dropout seed for one call. The Triton kernels read it from a (1,) int64 tensor drawn on
+    the device by torch's generator (no host sync; a CUDA-graph or ``reduce-overhead`` replay
+    draws a fresh one, so no mask repeats); the torch backend takes an int from the CPU generator
+    (no device sync either). On a CPU both give the same value for the same generator state."""
+    if kernels is _TritonLoraKernels:
+        return torch.randint(0, 2**62, (1,), device=device)
+    return int(torch.randint(0, 2**62, (1,)).item())
 
 
 def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
@@ -179,48 +239,68 @@ def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
 # --------------------------------------------------------------------------------------
 class _LoraLinear(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels, quant):
+    def forward(
+        ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels, quant, precision
+    ):
         out_dtype = x2d.dtype
-        if quant is not None:
-            # 4-bit base: the fused dequant-matmul reads the packed weight, no 16-bit copy kept
-            from .nf4 import nf4_matmul
-
-            state, nf4_backend = quant
-            y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+        act = precision == "activation"
+        if act or lora_B.dtype == out_dtype:
+            # the branch in x's dtype: s * B and A cast once per call (rank-sized), x never converted
+            A, B = cast_adapter(lora_A, out_dtype), cast_adapter(lora_B, out_dtype, scaling)  # B holds s * B
+            lb = lora_bias.to(out_dtype) if lora_bias is not None else None
         else:
-            w = weight.t() if fan_in_fan_out else weight  # (out, in) view
-            # base: y = x W^T + b, straight into the output
-            y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
-        drop = kernels.dropout(seed, p, x2d.shape, x2d.device, lora_A.dtype)
-        xa = kernels.xa(x2d, lora_A, drop)  # (N, r)
+            A, B, lb = lora_A, lora_B, lora_bias
+        b_scaled = B.dtype == out_dtype
+        drop = kernels.dropout(seed, p, x2d.shape, x2d.device, A.dtype)
+        xa = kernels.xa(x2d, A, drop)  # (N, r)
         del drop
-        if lora_B.dtype == y.dtype:
-            y.addmm_(xa, lora_B.t(), alpha=scaling)
-            if lora_bias is not None:
-                y.add_(lora_bias, alpha=scaling)
-        else:  # adapters in another dtype: add in the promoted dtype, as PEFT does, then cast back
-            lo = torch.mm(xa, lora_B.t())
-            if lora_bias is not None:
-                lo.add_(lora_bias)
+        w = None if quant is not None else (weight.t() if fan_in_fan_out else weight)  # (out, in) view
+        if b_scaled:
+            if quant is not None:
+                # 4-bit base: the fused dequant-matmul reads the packed weight, no 16-bit copy kept
+                from .nf4 import nf4_matmul
+
+                state, nf4_backend = quant
+                y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+                y.addmm_(xa, B.t())
+                if lb is not None:
+                    y.add_(lb, alpha=scaling)
+            else:
+                # small product first, then the base GEMM accumulating onto it in place
+                b = bias if lb is None else (lb * scaling if bias is None else torch.add(bias, lb, alpha=scaling))
+                y = torch.addmm(b, xa, B.t()) if b is not None else torch.mm(xa, B.t())
+                y.addmm_(x2d, w.t())
+        else:  # PEFT's promotion: the branch and the sum in the adapters' dtype, then cast back
+            if quant is not None:
+                from .nf4 import nf4_matmul
+
+                state, nf4_backend = quant
+                y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+            else:
+                y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
+            lo = torch.mm(xa, B.t())
+            if lb is not None:
+                lo.add_(lb)
             y = (y + lo * scaling).to(out_dtype)
-        ctx.save_for_backward(x2d, weight, lora_A, lora_B, xa)
+        ctx.save_for_backward(x2d, weight, A, B, xa)
         ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, seed, fan_in_fan_out
         ctx.has_bias, ctx.has_lora_bias = bias is not None, lora_bias is not None
         ctx.kernels = kernels
         ctx.quant = quant
+        ctx.grad_dtype, ctx.b_scaled = lora_A.dtype, b_scaled
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x2d, weight, lora_A, lora_B, xa = ctx.saved_tensors
+        x2d, weight, A, B, xa = ctx.saved_tensors  # A, B in the branch's dtype (B as s * B if b_scaled)
         s, p, K = ctx.scaling, ctx.p, ctx.kernels
+        gdt = ctx.grad_dtype  # the adapters' own dtype: dA, dB, d lora_bias come out in it
         need_x, need_w, need_b, need_A, need_B, need_lb = ctx.needs_input_grad[:6]
-        w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
-        dyl = dy.to(lora_B.dtype)
-        t = torch.mm(dyl, lora_B).mul_(s)  # (N, r)
+        dyl = dy.to(B.dtype)  # no-op in the activation dtype; PEFT's promotion otherwise
+        t = torch.mm(dyl, B) if ctx.b_scaled else torch.mm(dyl, B).mul_(s)  # t = s dY B (N, r)
         drop = None
         if p > 0.0 and (need_x or need_A):
-            drop = K.dropout(ctx.seed, p, x2d.shape, x2d.device, lora_A.dtype)
+            drop = K.dropout(ctx.seed, p, x2d.shape, x2d.device, A.dtype)
         dx = dw = db = dA = dB = dlb = None
         if need_x and ctx.quant is not None:
             from .nf4 import dequantize_nf4
@@ -228,24 +308,32 @@ class _LoraLinear(torch.autograd.Function):
             # dY W with W dequantised for this product only (freed right after)
             state, nf4_backend = ctx.quant
             dx = torch.mm(dy, dequantize_nf4(weight, state, dtype=dy.dtype, backend=nf4_backend))
-            dx = K.dx_add_(dx, t, lora_A, drop)
+            dx = K.dx_add_(dx, t, A, drop)
         elif need_x:
-            dx = torch.mm(dy, w.to(dy.dtype) if w.dtype != dy.dtype else w)  # (N, in)
-            dx = K.dx_add_(dx, t, lora_A, drop)
+            w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
+            w = w.to(dy.dtype) if w.dtype != dy.dtype else w
+            if A.dtype == dy.dtype and (drop is None or torch.is_tensor(drop)):
+                # small product first (the torch mask applied to it), dY W accumulated onto it in place
+                dx = torch.mm(t, A)
+                if drop is not None:
+                    dx.mul_(drop)
+                dx.addmm_(dy, w)
+            else:  # PEFT's promotion, or the Triton kernel applying the mask it regenerates
+                dx = K.dx_add_(torch.mm(dy, w), t, A, drop)  # (N, in)
         if need_A:
-            dA = K.dA(t, x2d, lora_A, drop)  # (r, in)
+            dA = K.dA(t, x2d, A, drop, gdt)  # (r, in)
         del drop
         if need_B:
-            dB = torch.mm(dyl.t(), xa).mul_(s)  # (out, r)
+            dB = mm_to(dyl.t(), xa, gdt).mul_(s)  # (out, r)
         if need_lb:
-            dlb = dyl.sum(0).mul_(s)
+            dlb = dyl.sum(0, dtype=gdt).mul_(s)
         if need_w:
             dw = torch.mm(dy.t(), x2d)  # (out, in)
             if ctx.fan_in_fan_out:
                 dw = dw.t()
         if need_b:
             db = dy.sum(0)
-        return dx, dw, db, dA, dB, dlb, None, None, None, None, None, None
+        return dx, dw, db, dA, dB, dlb, None, None, None, None, None, None, None
 
 
 # --------------------------------------------------------------------------------------
@@ -329,25 +417,31 @@ def lora_linear(
     fan_in_fan_out: bool = False,
     quant_state=None,
     backend: str = "auto",
+    precision: str = "activation",
 ) -> torch.Tensor:
     """``x @ W.T + bias + scaling * dropout(x) @ A.T @ B.T (+ scaling * lora_bias)`` in one autograd node.
 
-    See the module docstring for shapes, dtypes, dropout and the backward. ``dropout_p``
-    is applied whenever it is > 0: pass 0.0 in eval mode (the PEFT patch does).
+    See the module docstring for shapes, dtypes, dropout, ``precision`` and the backward.
+    ``dropout_p`` is applied whenever it is > 0: pass 0.0 in eval mode (the PEFT patch does).
     """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
     dev = x.device.type
     if dev in ("cuda", "cpu") and torch.is_autocast_enabled(dev):
-        # what nn.Linear does under autocast: every floating operand in the autocast dtype
+        # what nn.Linear does under autocast: every floating operand in the autocast dtype (the
+        # activation precision leaves the adapters to the op, which casts them once per call)
         dt = torch.get_autocast_dtype(dev)
 
         def cast(t):
             return t.to(dt) if t is not None and t.dtype.is_floating_point else t
 
-        x, weight, lora_A, lora_B, bias, lora_bias = map(cast, (x, weight, lora_A, lora_B, bias, lora_bias))
+        x, weight, bias = map(cast, (x, weight, bias))
+        if precision == "peft":
+            lora_A, lora_B, lora_bias = map(cast, (lora_A, lora_B, lora_bias))
         with torch.autocast(dev, enabled=False):
             return lora_linear(
                 x, weight, lora_A, lora_B, scaling, bias=bias, lora_bias=lora_bias, dropout_p=dropout_p,
-                fan_in_fan_out=fan_in_fan_out, quant_state=quant_state, backend=backend,
+                fan_in_fan_out=fan_in_fan_out, quant_state=quant_state, backend=backend, precision=precision,
             )  # fmt: skip
     state = _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
     choice = backends.select(OP_LORA, x.device, backend)
@@ -357,7 +451,8 @@ def lora_linear(
         quant = (state, backend if backend not in (None, "auto") else "auto")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    seed = int(torch.randint(0, 2**62, (1,)).item()) if dropout_p > 0.0 else 0  # CPU generator: no device sync
+    kernels = _kernels(choice.backend, x2d, lora_A)
+    seed = draw_seed(kernels, x.device) if dropout_p > 0.0 else 0
     y = _LoraLinear.apply(
         x2d,
         weight,
@@ -369,7 +464,8 @@ def lora_linear(
         float(dropout_p),
         seed,
         bool(fan_in_fan_out),
-        _kernels(choice.backend, x2d, lora_A),
+        kernels,
         quant,
+        precision,
     )
     return y.reshape(*lead, y.shape[-1])

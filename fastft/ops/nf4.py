@@ -31,11 +31,20 @@ Ops: :func:`quantize_nf4` (pure PyTorch, any device), :func:`dequantize_nf4` and
 :func:`nf4_matmul` (``y = x W~^T + bias``, ``W~`` of shape ``[N, K]``, computed in
 ``x``'s dtype like bnb's ``matmul_4bit``; differentiable in ``x`` and ``bias``:
 ``dX = dY W~``). The latter two dispatch through :mod:`fastft.backends` to ``triton``
-(:mod:`fastft.kernels.nf4`), ``cpp`` (:mod:`fastft.kernels.nf4_cpu`) or ``torch`` (the
-reference below), all with one low-level contract on plain tensors with fp32 absmax:
+(:mod:`fastft.kernels.nf4`), ``cuda`` (:mod:`fastft.kernels.nf4_cuda`), ``cpp``
+(:mod:`fastft.kernels.nf4_cpu`) or ``torch`` (the reference below), all with one low-level
+contract on plain tensors:
 
-    dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype) -> 1-D [numel]
-    nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias)      -> [M, N] in x2d.dtype
+    dequantize_nf4_*(packed, absmax, code, blocksize, numel, out_dtype, **nested) -> 1-D [numel]
+    nf4_matmul_*(x2d, packed, absmax, code, blocksize, N, K, bias, **nested)      -> [M, N] in x2d.dtype
+
+``absmax`` is fp32, or (fused backends) the uint8 double-quantised absmax with ``nested =
+dict(absmax2=, code2=, offset=, blocksize2=)``, decoded per block inside the kernels; the torch
+reference always takes fp32 scales (:meth:`NF4State.absmax_fp32`). An :class:`NF4State` is
+validated once, when first used (:func:`prepare_state` keeps the kernels' flat views on it), so
+a call does only cheap checks of ``x``, ``bias`` and the packed bytes. Launch counts per call
+(tests hold them): dequantise 1; matmul ``M <= 8`` 1, ``8 < M <= 64`` 1 (Triton: 2 with split-K),
+above that dequantise + GEMM 2 (the C++ CPU kernel 1 for fp32 ``x``).
 
 The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``);
 :func:`nf4_matmul` dequantises other layouts and calls the framework's GEMM.
@@ -44,7 +53,7 @@ The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -63,6 +72,9 @@ __all__ = [
     "dynamic_code",
     "OP_DEQUANT",
     "OP_NF4_MATMUL",
+    "GEMV_POLICY",
+    "NF4Kernels",
+    "prepare_state",
 ]
 
 OP_DEQUANT = "dequantize_nf4"
@@ -74,6 +86,16 @@ OP_NF4_MATMUL = "nf4_matmul"
 # only nominally: cuda runs on CUDA tensors, cpp on CPU tensors.
 backends.register(OP_DEQUANT, ("triton", "cuda", "cpp", "torch"))
 backends.register(OP_NF4_MATMUL, ("triton", "cuda", "cpp", "torch"))
+
+# The small-batch GEMV (x with at most GEMV_MAX_M rows): which backend "auto" runs it on, by
+# device type. To be decided from the GPU bench (bench/bench_nf4.py times the Triton and the
+# CUDA C++ GEMV side by side on CUDA); until a GPU run has measured both with the in-kernel
+# absmax decoding, Triton stays the default. Switching is this one line: {"cuda": "cuda"} makes
+# the CUDA C++ GEMV the default for M <= 8; the other stays available as a forced backend.
+# A policy backend that cannot run here (e.g. the extension is not built) falls back to the
+# order above.
+GEMV_MAX_M = 8
+GEMV_POLICY: dict[str, str] = {"cuda": "triton"}
 
 # bitsandbytes' get_4bit_type("nf4") (already normalised: max |code| == 1)
 _NF4_VALUES = (
@@ -148,6 +170,12 @@ class NF4State:
     absmax2: torch.Tensor | None = None
     code2: torch.Tensor | None = None
     blocksize2: int = _DQ_BLOCKSIZE
+    # optional fp32 per-block scales kept beside a double-quantised absmax (``cache_absmax=True``
+    # at quantise / patch time: +32 / blocksize bits per weight, 0.5 at blocksize 64); the kernels
+    # then read it instead of decoding the 8-bit absmax
+    absmax_cache: torch.Tensor | None = None
+    # what the kernels need, validated once (see prepare_state); rebuilt when a tensor is replaced
+    _prepared: NF4Kernels | None = field(default=None, init=False, repr=False, compare=False)
 
     def __post_init__(self):
         self.shape = torch.Size(self.shape)
@@ -170,6 +198,8 @@ class NF4State:
 
     def absmax_fp32(self) -> torch.Tensor:
         """Per-block scales, fp32 ``[nblocks]`` (the double quantisation undone as bnb does it)."""
+        if self.absmax_cache is not None:
+            return self.absmax_cache
         if not self.double_quant:
             return self.absmax if self.absmax.dtype == torch.float32 else self.absmax.float()
         q = self.absmax.reshape(-1).long()
@@ -197,7 +227,31 @@ class NF4State:
             absmax2=mv(self.absmax2),
             code2=mv(self.code2),
             blocksize2=self.blocksize2,
+            absmax_cache=mv(self.absmax_cache),
         )
+
+    def with_absmax_cache(self) -> NF4State:
+        """This state with the fp32 absmax decoded once and kept (``absmax_cache``); a state
+        without double quantisation already has fp32 scales and is returned as is."""
+        if not self.double_quant or self.absmax_cache is not None:
+            return self
+        return NF4State(
+            shape=self.shape,
+            dtype=self.dtype,
+            blocksize=self.blocksize,
+            absmax=self.absmax,
+            code=self.code,
+            offset=self.offset,
+            absmax2=self.absmax2,
+            code2=self.code2,
+            blocksize2=self.blocksize2,
+            absmax_cache=self.absmax_fp32().contiguous(),
+        )
+
+    @property
+    def extra_bits_per_weight(self) -> float:
+        """Bits per weight the fp32 absmax cache adds (0 without one)."""
+        return 32.0 / self.blocksize if self.absmax_cache is not None and self.double_quant else 0.0
 
     @classmethod
     def from_bnb(cls, quant_state) -> NF4State:
@@ -250,9 +304,26 @@ def as_nf4_state(obj) -> NF4State:
     if isinstance(obj, NF4State):
         return obj
     # a bitsandbytes QuantState (duck-typed: bitsandbytes is optional; state2 is absent on
-    # some states that were never double-quantised)
+    # some states that were never double-quantised). The NF4State is kept on the QuantState
+    # (so it is validated once) while the QuantState's tensors stay the same objects; moving
+    # the QuantState (bnb replaces its tensors) builds a new one.
     if all(hasattr(obj, a) for a in ("absmax", "shape", "code", "blocksize", "dtype")):
-        return NF4State.from_bnb(obj)
+        cached = getattr(obj, "_fastft_nf4", None)
+        state2 = getattr(obj, "state2", None)
+        if (
+            cached is not None
+            and cached.absmax is obj.absmax
+            and cached.code is obj.code
+            and cached.absmax2 is (None if state2 is None else state2.absmax)
+            and cached.offset is (None if state2 is None else obj.offset)
+        ):
+            return cached
+        state = NF4State.from_bnb(obj)
+        try:
+            obj._fastft_nf4 = state
+        except AttributeError:  # a QuantState with __slots__: no cache, validated per call
+            pass
+        return state
     raise TypeError(f"expected an NF4State or a bitsandbytes QuantState, got {type(obj).__name__}")
 
 
@@ -272,22 +343,18 @@ def _plain(t: torch.Tensor) -> torch.Tensor:
     return t.data if isinstance(t, torch.nn.Parameter) or type(t) is not torch.Tensor else t
 
 
-def _check_state(packed, state) -> tuple[torch.Tensor, NF4State]:
-    state = as_nf4_state(state)
-    if not torch.is_tensor(packed):
-        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
-    if packed.dtype != torch.uint8:
-        raise TypeError(f"packed must be uint8 (two NF4 codes per byte), got dtype {packed.dtype}")
+def _validate_state(state: NF4State) -> None:
+    """Every check of an :class:`NF4State` on its own (not the packed bytes): ValueError /
+    TypeError naming the bad field. Runs once per state (:func:`prepare_state` caches the
+    result); tests count its calls."""
     _check_blocksize(state.blocksize, "state.blocksize")
     n = state.numel
     if n <= 0:
         raise ValueError(f"state.shape {tuple(state.shape)} has no elements")
-    want = -(-n // 2)
-    if packed.numel() != want:
-        raise ValueError(
-            f"packed has {packed.numel()} bytes (shape {tuple(packed.shape)}) but state.shape "
-            f"{tuple(state.shape)} needs ceil({n}/2) = {want}"
-        )
+    tensors = [("state.absmax", state.absmax), ("state.code", state.code)]
+    for name, t in tensors:
+        if not torch.is_tensor(t):
+            raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
     if state.absmax.numel() != state.nblocks:
         raise ValueError(
             f"state.absmax has {state.absmax.numel()} entries, expected ceil({n}/{state.blocksize}) = {state.nblocks}"
@@ -299,17 +366,125 @@ def _check_state(packed, state) -> tuple[torch.Tensor, NF4State]:
             raise TypeError(f"double-quantised state.absmax must be uint8, got {state.absmax.dtype}")
         if state.offset is None or state.code2 is None:
             raise ValueError("double-quantised state needs offset, absmax2 and code2")
+        tensors += [("state.offset", state.offset), ("state.absmax2", state.absmax2), ("state.code2", state.code2)]
+        for name, t in tensors[2:]:
+            if not torch.is_tensor(t):
+                raise TypeError(f"{name} must be a tensor, got {type(t).__name__}")
+        if state.offset.numel() != 1:
+            raise ValueError(f"state.offset must have one element, got shape {tuple(state.offset.shape)}")
         if state.code2.numel() != 256:
             raise ValueError(f"state.code2 must have 256 entries, got {state.code2.numel()}")
+        _check_blocksize(int(state.blocksize2), "state.blocksize2")
         nb2 = -(-state.nblocks // int(state.blocksize2))
         if state.absmax2.numel() != nb2:
             raise ValueError(f"state.absmax2 has {state.absmax2.numel()} entries, expected {nb2}")
+        for name in ("state.offset", "state.absmax2", "state.code2"):
+            t = dict(tensors)[name]
+            if not t.dtype.is_floating_point:
+                raise TypeError(f"{name} must be floating point, got {t.dtype}")
     elif not state.absmax.dtype.is_floating_point:
         raise TypeError(f"state.absmax must be floating point without double quantisation, got {state.absmax.dtype}")
-    for name, t in (("state.absmax", state.absmax), ("state.code", state.code)):
-        if t.device != packed.device:
-            raise ValueError(f"{name} is on {t.device} but packed is on {packed.device}")
-    return _plain(packed), state
+    if state.absmax_cache is not None:
+        tensors.append(("state.absmax_cache", state.absmax_cache))
+        if not torch.is_tensor(state.absmax_cache) or state.absmax_cache.dtype != torch.float32:
+            raise TypeError("state.absmax_cache must be a float32 tensor")
+        if state.absmax_cache.numel() != state.nblocks:
+            raise ValueError(f"state.absmax_cache has {state.absmax_cache.numel()} entries, expected {state.nblocks}")
+    if not state.code.dtype.is_floating_point:
+        raise TypeError(f"state.code must be floating point, got {state.code.dtype}")
+    dev = state.absmax.device
+    for name, t in tensors:
+        if t.device != dev:
+            raise ValueError(f"{name} is on {t.device} but state.absmax is on {dev}")
+
+
+class NF4Kernels:
+    """What the kernels need from one validated :class:`NF4State`, built once by
+    :func:`prepare_state`: flat contiguous views (copies only where a dtype differs), and the
+    double quantisation handed over undecoded (``nested``: the kernels decode the 8-bit
+    absmax per block, in-kernel), unless the state keeps an fp32 ``absmax_cache``."""
+
+    __slots__ = ("source", "shape", "blocksize", "numel", "nbytes", "device", "absmax", "code", "nested")
+
+    def __init__(self, state: NF4State):
+        self.source = _source(state)
+        self.shape = state.shape
+        self.blocksize = int(state.blocksize)
+        self.numel = state.numel
+        self.nbytes = -(-self.numel // 2)
+        self.device = state.absmax.device
+        self.code = state.code.reshape(-1).to(torch.float32).contiguous()
+        if state.absmax_cache is not None or not state.double_quant:
+            am = state.absmax_cache if state.absmax_cache is not None else state.absmax
+            self.absmax = am.reshape(-1).to(torch.float32).contiguous()
+            self.nested: dict = {}
+        else:
+            self.absmax = state.absmax.reshape(-1).contiguous()
+            self.nested = dict(
+                absmax2=state.absmax2.reshape(-1).to(torch.float32).contiguous(),
+                code2=state.code2.reshape(-1).to(torch.float32).contiguous(),
+                offset=state.offset.reshape(1).to(torch.float32).contiguous(),
+                blocksize2=int(state.blocksize2),
+            )
+
+    def matches(self, state: NF4State) -> bool:
+        s = self.source
+        return (
+            s[0] is state.absmax
+            and s[1] is state.code
+            and s[2] is state.offset
+            and s[3] is state.absmax2
+            and s[4] is state.code2
+            and s[5] is state.absmax_cache
+            and s[6] == state.blocksize
+            and s[7] == state.blocksize2
+            and self.shape == state.shape
+        )
+
+
+def _source(state: NF4State) -> tuple:
+    return (
+        state.absmax,
+        state.code,
+        state.offset,
+        state.absmax2,
+        state.code2,
+        state.absmax_cache,
+        state.blocksize,
+        state.blocksize2,
+    )
+
+
+def prepare_state(state) -> NF4Kernels:
+    """The validated kernel arguments of ``state`` (an :class:`NF4State` or bnb ``QuantState``),
+    cached on the state: validation runs the first time a state is seen, and again only when
+    one of its tensors or sizes is replaced."""
+    state = as_nf4_state(state)
+    prep = state._prepared
+    if prep is not None and prep.matches(state):
+        return prep
+    _validate_state(state)
+    prep = NF4Kernels(state)
+    state._prepared = prep
+    return prep
+
+
+def _check_state(packed, state) -> tuple[torch.Tensor, NF4State, NF4Kernels]:
+    """Per call: the state validated once (cached), the packed bytes checked (cheap)."""
+    state = as_nf4_state(state)
+    prep = prepare_state(state)
+    if not torch.is_tensor(packed):
+        raise TypeError(f"packed must be a tensor, got {type(packed).__name__}")
+    if packed.dtype != torch.uint8:
+        raise TypeError(f"packed must be uint8 (two NF4 codes per byte), got dtype {packed.dtype}")
+    if packed.numel() != prep.nbytes:
+        raise ValueError(
+            f"packed has {packed.numel()} bytes (shape {tuple(packed.shape)}) but state.shape "
+            f"{tuple(state.shape)} needs ceil({prep.numel}/2) = {prep.nbytes}"
+        )
+    if packed.device != prep.device:
+        raise ValueError(f"state.absmax is on {prep.device} but packed is on {packed.device}")
+    return _plain(packed), state, prep
 
 
 # --------------------------------------------------------------------------------------
@@ -336,12 +511,14 @@ def _quantize_8bit_dynamic(A: torch.Tensor, code2: torch.Tensor, blocksize: int)
 
 @torch.no_grad()
 def quantize_nf4(
-    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True
+    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True, cache_absmax: bool = False
 ) -> tuple[torch.Tensor, NF4State]:
     """Quantise ``weight`` to NF4: ``(packed uint8 [ceil(numel/2), 1], NF4State)``.
 
     Same bytes and absmax as ``bitsandbytes.functional.quantize_4bit(weight, blocksize=...,
-    compress_statistics=double_quant, quant_type="nf4")``.
+    compress_statistics=double_quant, quant_type="nf4")``. ``cache_absmax=True`` (with
+    ``double_quant``) also keeps the decoded fp32 absmax on the state (``absmax_cache``, +32 /
+    blocksize bits per weight) for the kernels to read instead of decoding the 8-bit one.
     """
     if not torch.is_tensor(weight):
         raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
@@ -386,6 +563,8 @@ def quantize_nf4(
             code2=code2,
             blocksize2=_DQ_BLOCKSIZE,
         )
+        if cache_absmax:
+            state = state.with_absmax_cache()
     return packed, state
 
 
@@ -471,43 +650,72 @@ def _matmul_impl(backend: str, dtype: torch.dtype):
     return nf4_matmul_torch
 
 
+def _scales(prep: NF4Kernels, state: NF4State, fused: bool) -> tuple[torch.Tensor, dict]:
+    """(absmax, nested) for an implementation: the fused kernels take the cached tensors as
+    they are (8-bit absmax + ``nested`` decoded in-kernel, or fp32); the torch reference takes
+    fp32 scales decoded by PyTorch (its own, reference, way)."""
+    if fused:
+        return prep.absmax, prep.nested
+    return state.absmax_fp32(), {}
+
+
 def dequantize_nf4(packed: torch.Tensor, state, *, dtype: torch.dtype | None = None, backend: str = "auto"):
     """The weight back, of ``state.shape`` in ``dtype`` (default ``state.dtype``).
 
     ``state`` is an :class:`NF4State` or a bitsandbytes ``QuantState``. Equals
     bitsandbytes' ``dequantize_4bit`` bit for bit (see the module docstring for the format).
+    One kernel launch on the fused backends, double quantisation included.
     """
-    packed, state = _check_state(packed, state)
+    packed, state, prep = _check_state(packed, state)
     out_dtype = state.dtype if dtype is None else dtype
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {out_dtype!r}")
     choice = backends.select(OP_DEQUANT, packed.device, backend)
-    absmax = state.absmax_fp32()
-    code = state.code.to(torch.float32)
     fn = _dequant_impl(choice.backend, out_dtype)
-    out = fn(packed, absmax, code, state.blocksize, state.numel, out_dtype)
+    absmax, nested = _scales(prep, state, fn is not dequantize_nf4_torch)
+    out = fn(packed, absmax, prep.code, prep.blocksize, prep.numel, out_dtype, **nested)
     return out.view(state.shape)
 
 
 class _NF4Matmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x2d, bias, packed, absmax, code, blocksize, N, K, backend):
-        y = _matmul_impl(backend, x2d.dtype)(x2d, packed, absmax, code, blocksize, N, K, bias)
-        ctx.save_for_backward(packed, absmax, code)
-        ctx.meta = (blocksize, N, K, backend, bias is not None)
+    def forward(ctx, x2d, bias, packed, state, prep, backend):
+        fn = _matmul_impl(backend, x2d.dtype)
+        absmax, nested = _scales(prep, state, fn is not nf4_matmul_torch)
+        N, K = prep.shape
+        y = fn(x2d, packed, absmax, prep.code, prep.blocksize, N, K, bias, **nested)
+        ctx.save_for_backward(packed)
+        ctx.meta = (state, prep, backend, bias is not None)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        packed, absmax, code = ctx.saved_tensors
-        blocksize, N, K, backend, has_bias = ctx.meta
+        (packed,) = ctx.saved_tensors
+        state, prep, backend, has_bias = ctx.meta
         dx = dbias = None
         if ctx.needs_input_grad[0]:
-            w = _dequant_impl(backend, dy.dtype)(packed, absmax, code, blocksize, N * K, dy.dtype).view(N, K)
+            fn = _dequant_impl(backend, dy.dtype)
+            absmax, nested = _scales(prep, state, fn is not dequantize_nf4_torch)
+            N, K = prep.shape
+            w = fn(packed, absmax, prep.code, prep.blocksize, N * K, dy.dtype, **nested).view(N, K)
             dx = torch.mm(dy, w)
         if has_bias and ctx.needs_input_grad[1]:
             dbias = dy.sum(0)
-        return dx, dbias, None, None, None, None, None, None, None
+        return dx, dbias, None, None, None, None
+
+
+def _select_matmul(x2d: torch.Tensor, backend: str) -> str:
+    """The backend for this call: :func:`fastft.backends.select`, then :data:`GEMV_POLICY` for
+    ``M <= GEMV_MAX_M`` rows under ``"auto"``."""
+    choice = backends.select(OP_NF4_MATMUL, x2d.device, backend).backend
+    if x2d.shape[0] <= GEMV_MAX_M:
+        want = GEMV_POLICY.get(x2d.device.type)
+        if want is not None and want != choice and backends.requested(backend) == "auto":
+            try:
+                return backends.select(OP_NF4_MATMUL, x2d.device, want).backend
+            except backends.BackendUnavailable:
+                return choice
+    return choice
 
 
 def nf4_matmul(
@@ -526,17 +734,21 @@ def nf4_matmul(
     other layouts (valid NF4: bitsandbytes quantises the flat weight) are dequantised and run
     through ``torch.nn.functional.linear`` under ``"auto"``, and refused by an explicit fused backend.
 
+    The state is validated once (:func:`prepare_state`, cached on it); a call on a fused backend
+    is a fixed number of kernel launches whatever the double quantisation (the 8-bit absmax is
+    decoded inside the kernels): one for ``M <= 64`` rows (two with split-K), dequantise + GEMM above.
+
     Backends for CUDA tensors under ``"auto"``: ``triton``, then ``cuda`` (the CUDA C++ GEMV
-    for ``M <= 8`` rows, CUDA dequant + torch GEMM above; used when forced or without Triton).
+    for ``M <= 8`` rows, CUDA dequant + torch GEMM above); :data:`GEMV_POLICY` picks the GEMV.
     """
-    packed, state = _check_state(packed, state)
+    packed, state, prep = _check_state(packed, state)
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if len(state.shape) != 2:
+    if len(prep.shape) != 2:
         raise ValueError(f"nf4_matmul needs a 2-D weight [N, K], got state.shape {tuple(state.shape)}")
-    N, K = state.shape
+    N, K = prep.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x shape {tuple(x.shape)} does not match the weight [N, K] = [{N}, {K}]: need x[..., {K}]")
     if bias is not None:
@@ -548,22 +760,20 @@ def nf4_matmul(
             raise ValueError(f"bias is on {bias.device} but x is on {x.device}")
     if packed.device != x.device:
         raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
-    choice = backends.select(OP_NF4_MATMUL, x.device, backend)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, K)
+    chosen = _select_matmul(x2d, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if K % state.blocksize and choice.backend != "torch":
+    if K % prep.blocksize and chosen != "torch":
         # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the fused
         # kernels cannot read them, so dequantise (any layout) and run the framework's GEMM instead.
         if backends.requested(backend) != "auto":
             raise ValueError(
-                f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {choice.backend} kernels "
+                f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {chosen} kernels "
                 "need blocks within rows; use backend='auto' (dequantise + GEMM) or 'torch'"
             )
         w = dequantize_nf4(packed, state, dtype=x.dtype)
         return torch.nn.functional.linear(x, w, bias)
-    lead = x.shape[:-1]
-    x2d = x.reshape(-1, K)
-    absmax = state.absmax_fp32()
-    code = state.code.to(torch.float32)
-    y = _NF4Matmul.apply(x2d, bias, packed, absmax, code, state.blocksize, N, K, choice.backend)
+    y = _NF4Matmul.apply(x2d, bias, packed, state, prep, chosen)
     return y.reshape(*lead, N)

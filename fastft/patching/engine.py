@@ -105,8 +105,12 @@ def patch(
     norms: bool = True,
     rope: bool = True,
     mlp: bool = True,
+    experts: bool = True,
     checkpointing: str | None = None,
     backend: str = "auto",
+    nf4_cache_absmax: bool = False,
+    lora_precision: str = "activation",
+    lora_group: bool = False,
 ) -> PatchReport:
     """Accelerate ``model`` in place and return a :class:`PatchReport`.
 
@@ -120,13 +124,32 @@ def patch(
     call raises instead. Patching again first undoes the previous patch;
     :func:`unpatch` restores the original behaviour exactly.
 
+    ``experts=True`` runs transformers 5 MoE experts modules with :func:`fastft.ops.experts`
+    through transformers' ``ExpertsInterface`` (see :mod:`fastft.patching.experts`).
+
     ``backend`` applies to every patched op: ``"auto"`` picks per call (Triton on CUDA,
     the PyTorch reference elsewhere); a forced backend that cannot run on the model's
     device raises :class:`fastft.BackendUnavailable` here, before anything is changed.
+
+    ``nf4_cache_absmax=True`` (with ``quant``) keeps every double-quantised 4-bit layer's absmax
+    also decoded in fp32 (+32 / blocksize bits per weight, 0.5 at blocksize 64; each layer's cost
+    is in the report), so the NF4 kernels read it instead of decoding the 8-bit absmax per block.
+    ``lora_precision``: ``"activation"`` (default) runs each LoRA branch in the activation
+    dtype (fp32 adapters over a bf16 base are cast once per call, never ``x``); ``"peft"``
+    keeps PEFT's promotion of the input to the adapters' dtype exactly
+    (:func:`fastft.ops.lora_linear`'s ``precision``). ``lora_group=True`` runs LoRA layers
+    fed the same input by one module (q/k/v, gate/up; found by a probe forward) as one
+    autograd node (:mod:`fastft.patching.lora_group`).
     """
     hf_model, wrapper = resolve(model)
     if checkpointing not in _CHECKPOINTING:
         raise ValueError(f"checkpointing must be one of {_CHECKPOINTING}, got {checkpointing!r}")
+    from ..ops.lora import PRECISIONS
+
+    if lora_precision not in PRECISIONS:
+        raise ValueError(f"lora_precision must be one of {PRECISIONS}, got {lora_precision!r}")
+    if not isinstance(lora_group, bool):
+        raise TypeError(f"lora_group must be True or False, got {lora_group!r}")
     for name, flag in (
         ("lora", lora),
         ("loss", loss),
@@ -134,6 +157,8 @@ def patch(
         ("norms", norms),
         ("rope", rope),
         ("mlp", mlp),
+        ("experts", experts),
+        ("nf4_cache_absmax", nf4_cache_absmax),
     ):
         if not isinstance(flag, bool):
             raise TypeError(f"{name} must be True or False, got {flag!r}")
@@ -159,8 +184,18 @@ def patch(
 
     _unpatch_resolved(hf_model)
     options = dict(
-        lora=lora, loss=loss, quant=quant, norms=norms, rope=rope, mlp=mlp, checkpointing=checkpointing, backend=backend
+        lora=lora,
+        loss=loss,
+        quant=quant,
+        norms=norms,
+        rope=rope,
+        mlp=mlp,
+        experts=experts,
+        checkpointing=checkpointing,
+        backend=backend,
+        nf4_cache_absmax=nf4_cache_absmax,
     )
+    options.update(lora_precision=lora_precision, lora_group=lora_group)
     report = PatchReport(
         model=type(wrapper or hf_model).__name__ + (f" > {type(hf_model).__name__}" if wrapper else "")
     )
@@ -168,6 +203,7 @@ def patch(
     ctx = PatchContext(model=hf_model, wrapper=wrapper, options=options, report=report, state=state)
 
     from . import checkpointing as checkpointing_feature
+    from . import experts as experts_feature
     from . import fused_ops
     from . import lora as lora_feature
     from . import loss as loss_feature
@@ -178,6 +214,7 @@ def patch(
         ("quant", quant, quant_feature.apply),
         ("norms", norms, fused_ops.apply_norms),
         ("mlp", mlp, fused_ops.apply_mlp),
+        ("experts", experts, experts_feature.apply),
         ("rope", rope, fused_ops.apply_rope),
         ("loss", loss, loss_feature.apply),
         ("checkpointing", checkpointing is not None, checkpointing_feature.apply),

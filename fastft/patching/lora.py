@@ -103,11 +103,15 @@ class FusedLoraForward(GuardedForward):
 
     feature = FEATURE
 
-    def __init__(self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear", **where):
+    def __init__(
+        self, layer, original, backend: str, fan_in_fan_out: bool, kind: str = "linear", precision="activation", **where
+    ):
         super().__init__(original, backend, **where)
         self.layer = layer
         self.fan_in_fan_out = fan_in_fan_out
         self.kind = kind
+        self.precision = precision
+        self.group, self.group_index = None, None  # set by patching.lora_group
 
     def unfused_reason(self, args, kwargs) -> str | None:
         """Why this call cannot take the fused path (None when it can)."""
@@ -144,6 +148,10 @@ class FusedLoraForward(GuardedForward):
         why = None if self.forced else self.misfit(x, layer.lora_A[adapter])
         if why is not None:
             return self.fall_back(why, x, *args, **kwargs)
+        if self.group is not None:
+            y = self.group.output(self, x, adapter)
+            if y is not None:
+                return y
         return self.fused_or_fall_back(lambda: self._fused(x, adapter), (x, *args), kwargs)
 
     def _fused(self, x, adapter):
@@ -171,6 +179,7 @@ class FusedLoraForward(GuardedForward):
             fan_in_fan_out=self.fan_in_fan_out,
             quant_state=quant_state,
             backend=self.backend,
+            precision=self.precision,
         )
         return y.to(in_dtype) if y.dtype != in_dtype else y
 
@@ -180,10 +189,24 @@ def _dropout_text(layer) -> str:
     return f"dropout {max(ps):g} fused (mask regenerated from a seed)" if ps and max(ps) > 0 else "no dropout"
 
 
+def _precision_text(layer, precision: str) -> str:
+    dts = {p.dtype for a in layer.lora_A.values() for p in a.parameters()}
+    base = getattr(layer.base_layer, "compute_dtype", None) or layer.base_layer.weight.dtype
+    if not base.is_floating_point:  # packed 4-bit: the activations' dtype is known per call only
+        return f"{precision} precision"
+    if dts <= {base}:
+        return f"branch in {str(base).replace('torch.', '')}"
+    ad = "/".join(sorted(str(d).replace("torch.", "") for d in dts))
+    if precision == "peft":
+        return f"{ad} adapters, PEFT's promotion of x to {ad} (lora_precision='peft')"
+    return f"{ad} adapters cast once per call, branch in the activation dtype"
+
+
 def apply(ctx) -> None:
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
     backend = ctx.options["backend"]
     found = 0
+    fused = {}
     for name, module in root.named_modules():
         if not _is_lora_layer(module):
             continue
@@ -211,8 +234,10 @@ def apply(ctx) -> None:
         if kind == "linear" and getattr(module, "fan_in_fan_out", False):
             ctx.report.skip(FEATURE, name, "fan_in_fan_out=True on an nn.Linear base is not a layout fastft fuses")
             continue
-        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, target=name, report=ctx.report)
+        precision = ctx.options.get("lora_precision", "activation")
+        fwd = FusedLoraForward(module, module.forward, backend, fifo, kind, precision, target=name, report=ctx.report)
         ctx.swap(module, "forward", fwd)
+        fused[name] = (module, fwd)
         device = base.weight.device
         how = backends.select(OP_LORA, device, backend).backend
         layout = {
@@ -222,7 +247,15 @@ def apply(ctx) -> None:
             "bnb-nf4": "bitsandbytes 4-bit NF4 base (QLoRA, dequantised inside the fused op)",
         }[kind]
         note = nf4_rows_note(base) if kind in ("nf4", "bnb-nf4") else ""
-        ctx.report.add(FEATURE, name, f"lora_linear [{how}], {layout}, {_dropout_text(module)}{note}")
+        ctx.report.add(
+            FEATURE,
+            name,
+            f"lora_linear [{how}], {layout}, {_dropout_text(module)}, {_precision_text(module, precision)}{note}",
+        )
+    if fused and ctx.options.get("lora_group", False):
+        from . import lora_group
+
+        lora_group.apply(ctx, fused)
     if found == 0:
         where = "the model has no PEFT LoRA layers" if ctx.wrapper is None else "the PEFT model has no LoRA layers"
         ctx.report.skip(FEATURE, "model", where)

@@ -53,10 +53,44 @@ class BnbNF4Forward(GuardedForward):
         return y.to(in_dtype) if y.dtype != in_dtype else y
 
 
+def _cache_absmax(ctx, root) -> None:
+    """``nf4_cache_absmax``: every double-quantised 4-bit layer (LoRA bases included) keeps its
+    absmax decoded in fp32 beside the 8-bit one; reported per layer with its memory cost."""
+    from ..nn import Linear4bit
+    from ..ops.nf4 import as_nf4_state
+
+    for name, module in root.named_modules():
+        if isinstance(module, Linear4bit):
+            if not module.double_quant or module.cache_absmax:
+                continue
+            state = module.quant_state.with_absmax_cache()
+            ctx.swap(module, "_nf4_state", state)
+            ctx.swap(module, "cache_absmax", True)
+        elif _is_bnb_4bit(module):
+            qs = module.weight.quant_state
+            if qs is None or getattr(qs, "quant_type", "nf4") != "nf4" or getattr(qs, "state2", None) is None:
+                continue
+            bnb_standard_layout(module)
+            qs = module.weight.quant_state
+            state = as_nf4_state(qs).with_absmax_cache()
+            ctx.swap(qs, "_fastft_nf4", state)
+        else:
+            continue
+        kib = state.absmax_cache.numel() * 4 / 1024
+        ctx.report.add(
+            FEATURE,
+            name,
+            f"fp32 absmax cached: +{state.extra_bits_per_weight:g} bit/weight (+{kib:.1f} KiB); "
+            "the kernels skip the 8-bit absmax decode",
+        )
+
+
 def apply(ctx) -> None:
     from ..nn import Linear4bit
 
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    if ctx.options.get("nf4_cache_absmax"):
+        _cache_absmax(ctx, root)
     inside_lora = set()
     for module in root.modules():
         if _is_lora_layer(module):

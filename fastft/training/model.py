@@ -90,6 +90,7 @@ class ModelMixin:
         load_dtype = self.amp_dtype if (self.amp_dtype is not None and cfg.method != "full") else torch.float32
         if model is None:
             model = _load_model(cfg, load_dtype)
+        experts_note = None  # what LoRA does with MoE expert weights (reported)
         if PeftModel and isinstance(model, PeftModel):
             if cfg.method == "full":
                 raise ValueError("method 'full' was asked for, but the model passed is a PEFT model")
@@ -102,13 +103,33 @@ class ModelMixin:
             if cfg.method in ("lora", "qlora"):
                 from peft import LoraConfig, get_peft_model
 
+                from ..patching.experts import expert_target_parameters
+
                 tm = cfg.target_modules
+                # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters);
+                # PEFT's parameter LoRA has no dropout, so with dropout the experts stay frozen (reported)
+                experts = expert_target_parameters(hf) if tm == "all-linear" else []
+                if experts and cfg.dropout:
+                    # PEFT 0.21 expands "all-linear" on MoE models to expert parameters itself and then
+                    # rejects the dropout: name the nn.Linear layers instead (the experts stay frozen)
+                    experts_note = ("skip", f"dropout {cfg.dropout} > 0: PEFT target_parameters LoRA has no dropout")
+                    experts = []
+                    out_emb = hf.get_output_embeddings()
+                    linears = {
+                        n.rsplit(".", 1)[-1]
+                        for n, m in hf.named_modules()
+                        if isinstance(m, torch.nn.Linear) and m is not out_emb
+                    }
+                    tm = sorted(linears)
+                elif experts:
+                    experts_note = ("add", f"LoRA on expert weights (target_parameters={experts})")
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
                     lora_dropout=cfg.dropout,
                     use_rslora=cfg.rslora,
                     target_modules=tm if isinstance(tm, str) else list(tm),
+                    target_parameters=experts or None,
                     task_type="CAUSAL_LM",
                 )
                 try:
@@ -121,6 +142,9 @@ class ModelMixin:
                 for p in model.parameters():
                     p.requires_grad_(True)
         report = patch(model, backend=cfg.backend, checkpointing=cfg.checkpointing)
+        if experts_note is not None:  # the trainer's LoRA target choice for MoE experts, in the report
+            kind, text = experts_note
+            (report.add if kind == "add" else report.skip)("lora", "experts (trainer default)", text)
         self.report = report
         if self.dist.main and not cfg.quiet:
             print(report, flush=True)

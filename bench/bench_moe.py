@@ -1,0 +1,156 @@
+#!/usr/bin/env python
+"""Benchmark: a MoE expert block, forward + backward, fastft vs transformers' experts implementations.
+
+One Mixtral-like experts module (``MixtralExperts``: ``gate_up_proj [E, 2I, H]``, ``down_proj
+[E, H, I]``, SiLU) is run through transformers' ``ExpertsInterface`` with each implementation,
+on the same tokens and the same random top-k routing (weights and input require grad):
+
+* ``eager`` (the per-expert loop), ``grouped_mm``, ``batched_mm`` (transformers 5)
+* ``fastft`` (:func:`fastft.ops.experts`, what ``fastft.patch`` registers as ``"fastft"``)
+* ``gemm``: the bare GEMM time - the six grouped GEMMs of a forward + backward
+  (``torch._grouped_mm`` on pre-sorted rows), nothing else: the floor.
+
+Reports median / p20 / p80 ms, each provider's time / fastft's, fastft's time / the bare GEMMs,
+and the max relative error of fastft's output and gradients against ``eager``.
+Targets (reported, never asserted): CPU fastft >= 1.2x the fastest transformers implementation
+and <= 1.15x the bare GEMM time.
+
+    python bench/bench_moe.py --quick      # seconds, any machine
+    python bench/bench_moe.py              # CPU: E 8, top-2, H 1024, I 2816, 2048 tokens, fp32
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import _harness as H
+
+DEFAULTS = {
+    "cpu": dict(experts=8, top_k=2, hidden=1024, intermediate=2816, tokens=2048, dtype="fp32", reps=3),
+    "cuda": dict(experts=8, top_k=2, hidden=4096, intermediate=14336, tokens=8192, dtype="bf16", reps=10),
+    "quick": dict(experts=4, top_k=2, hidden=64, intermediate=96, tokens=128, dtype="fp32", reps=3),
+}
+PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm")
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--device", default="auto")
+    p.add_argument("--quick", action="store_true")
+    p.add_argument("--providers", default=",".join(PROVIDERS))
+    H.add_common_args(p, "moe")
+    args = p.parse_args(argv)
+    t_start = time.perf_counter()
+    sys.path.insert(0, H.REPO_ROOT)
+    import torch
+    from transformers import MixtralConfig
+    from transformers.models.mixtral.modeling_mixtral import MixtralExperts
+
+    import fastft.patching.experts as fx
+    from fastft.ops.experts import experts as fastft_experts
+
+    device = H.resolve_device(args.device)
+    cfg_d = DEFAULTS["quick" if args.quick else ("cuda" if device.startswith("cuda") else "cpu")]
+    dtype = H.torch_dtype(cfg_d["dtype"])
+    E, K, Hd, In, T = (cfg_d[k] for k in ("experts", "top_k", "hidden", "intermediate", "tokens"))
+    torch.manual_seed(args.seed)
+    cfg = MixtralConfig(hidden_size=Hd, intermediate_size=In, num_local_experts=E, num_experts_per_tok=K)
+    mod = MixtralExperts(cfg).to(device=device, dtype=dtype)
+    with torch.no_grad():
+        mod.gate_up_proj.normal_(0, Hd**-0.5)
+        mod.down_proj.normal_(0, In**-0.5)
+    fx.register()
+    x = torch.randn(T, Hd, device=device, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+    w = torch.rand(T, K, device=device, dtype=dtype).softmax(-1).requires_grad_()
+    dout = torch.randn(T, Hd, device=device, dtype=dtype)
+    params = [x, w, mod.gate_up_proj, mod.down_proj]
+
+    def step(impl):
+        def run():
+            for t in params:
+                t.grad = None
+            if impl == "fastft":
+                out = fastft_experts(x, idx, w, mod.gate_up_proj, mod.down_proj)
+            else:
+                mod.config._experts_implementation = impl
+                out = mod(x, idx, w)
+            out.backward(dout)
+            return out
+
+        return run
+
+    # the floor: the six grouped GEMMs of fwd + bwd on rows already sorted by expert
+    S = T * K
+    ids, _ = idx.reshape(-1).sort()
+    offs = torch.searchsorted(ids, torch.arange(E, device=device), right=True).to(torch.int32)
+    xs, hs = torch.randn(S, Hd, device=device, dtype=dtype), torch.randn(S, 2 * In, device=device, dtype=dtype)
+    a_s, g = torch.randn(S, In, device=device, dtype=dtype), torch.randn(S, Hd, device=device, dtype=dtype)
+    w1t, w2t = mod.gate_up_proj.detach().transpose(-2, -1), mod.down_proj.detach().transpose(-2, -1)
+
+    def gemm():
+        gm = torch._grouped_mm
+        gm(xs, w1t, offs=offs), gm(a_s, w2t, offs=offs)  # forward
+        gm(g, w2t.transpose(-2, -1), offs=offs), gm(g.T, a_s, offs=offs)  # d(a), d(down)
+        gm(hs.T, xs, offs=offs), gm(hs, w1t.transpose(-2, -1), offs=offs)  # d(gate_up), d(x)
+
+    wanted = args.providers.split(",")
+    results, grads, failed = {}, {}, {}
+    for prov in wanted:
+        fn = gemm if prov == "gemm" else step(prov)
+        try:
+            if prov != "gemm":
+                out = fn()
+                grads[prov] = [out.detach().clone()] + [t.grad.detach().clone() for t in params]
+                del out
+            results[prov] = H.time_fn(fn, warmup=0 if prov == "eager" else 1, reps=cfg_d["reps"], device=device)
+        except RuntimeError as exc:  # e.g. batched_mm gathers one weight copy per (token, slot): out of memory
+            failed[prov] = " ".join(str(exc).split())[:160]
+            print(f"  {prov}: cannot run ({failed[prov]})", flush=True)
+            continue
+        print(f"  {prov}: {results[prov]['median_ms']:.1f} ms", flush=True)
+    base = [p for p in ("grouped_mm", "batched_mm", "eager") if p in results]
+    fastest = min(base, key=lambda p: results[p]["median_ms"]) if base else None
+    rows = []
+    for prov, r in results.items():
+        err = None
+        if prov in grads and "eager" in grads:
+            err = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["eager"]))
+        rows.append(
+            dict(
+                provider=prov,
+                median_ms=r["median_ms"],
+                p20_ms=r["p20_ms"],
+                p80_ms=r["p80_ms"],
+                vs_fastft=H.ratio(r["median_ms"], results["fastft"]["median_ms"]) if "fastft" in results else None,
+                max_rel_err_vs_eager=err,
+            )
+        )
+    rows += [dict(provider=p, status="cannot run", reason=why) for p, why in failed.items()]
+    summary = {}
+    if "fastft" in results:
+        f = results["fastft"]["median_ms"]
+        if fastest:
+            summary["speedup_vs_fastest_transformers"] = H.ratio(results[fastest]["median_ms"], f)
+            summary["fastest_transformers"] = fastest
+        if "gemm" in results:
+            summary["fastft_over_bare_gemm"] = H.ratio(f, results["gemm"]["median_ms"])
+    print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms", "vs_fastft", "max_rel_err_vs_eager"]))
+    print(summary)
+    payload = dict(
+        env=H.env_info(device),
+        config=dict(
+            cfg_d, device=device, cpu_threads=torch.get_num_threads(), loaded_note=os.environ.get("BENCH_NOTE")
+        ),
+        rows=rows,
+        summary=summary,
+    )
+    H.finish(args, "moe", payload, device=device, quick=args.quick, t_start=t_start)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,294 @@
+"""Mixture-of-experts expert block: route, gate/up GEMM, gated activation, down GEMM, weighted scatter.
+
+What a transformers 5 experts module (``gate_up_proj [E, 2I, H]``, ``down_proj [E, H, I]``,
+or transposed ``[E, H, 2I]`` / ``[E, I, H]`` with optional biases, as in gpt-oss) computes
+for tokens ``x (T, H)`` routed to ``top_k_index (T, K)`` with ``top_k_weights (T, K)``::
+
+    out[t] = sum_k w[t, k] * (act(x[t] W1_e + b1_e) W2_e + b2_e),   e = top_k_index[t, k]
+
+``act`` is a gated activation of the ``2I`` gate/up row (:class:`ExpertsActivation`):
+``silu`` / ``gelu`` / ``gelu_tanh`` of the first half times the second half (Mixtral,
+Qwen3-MoE, OLMoE, DeepSeek-V3, ...), or gpt-oss' clamped ``(clamp(up) + 1) * g sigmoid(alpha g)``
+on interleaved columns.
+
+The fast path routes once: the ``S = T K`` (token, slot) pairs are sorted by expert on the
+device, per-expert end offsets come from ``searchsorted`` (no host sync, no ``bincount``),
+and each GEMM is one ``torch._grouped_mm`` over the sorted rows. Backward, with
+``g = dout[tok] W2_e^T`` (one GEMM)::
+
+    dw    = sum(g * a) (+ dout[tok] . b2_e)      no need to keep the expert outputs
+    da    = w g,   dy = w dout[tok]
+    dW2_e = dy_e^T a_e,   db2_e = sum dy_e
+    dh    = act'(h) da    (a = act(h) recomputed from the saved pre-activation h)
+    dW1_e = dh_e^T x_e,   db1_e = sum dh_e,   dx = scatter_add(dh W1_e^T)
+
+Saved between passes: the pre-activation ``h (S, 2I)`` and the routing (ints); the gathered
+input, the activation and the expert outputs are recomputed or never needed.
+``torch._grouped_mm`` wants 16-byte aligned strides; a GEMM whose operands are not aligned
+(odd sizes) runs a per-expert loop over the same sorted rows instead (one host read of the
+offsets). Measured on a 2-core CPU at E 8, H 1024, I 2816, 4096 rows: grouped_mm 0.39 s vs
+loop 0.41 s forward, 0.69 s vs 1.5 s for a weight gradient, hence grouped_mm everywhere.
+
+:func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
+the oracle of the tests and the baseline of the benchmark.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from .. import backends
+
+__all__ = ["ExpertsActivation", "experts", "experts_reference"]
+
+OP_EXPERTS = "experts"
+backends.register(OP_EXPERTS, ("torch",))
+
+_GATED = ("silu", "gelu", "gelu_tanh")
+
+
+@dataclass(frozen=True)
+class ExpertsActivation:
+    """The gated activation between the two expert GEMMs.
+
+    ``kind``: ``"silu"`` / ``"gelu"`` / ``"gelu_tanh"`` (``act(gate) * up``, gate = first half
+    of the ``2I`` columns) or ``"gpt_oss"`` (interleaved columns, ``gate <= limit``,
+    ``|up| <= limit``, ``(up + 1) * gate * sigmoid(alpha * gate)``)."""
+
+    kind: str = "silu"
+    alpha: float = 1.702
+    limit: float = 7.0
+
+    def __post_init__(self):
+        if self.kind not in _GATED + ("gpt_oss",):
+            raise ValueError(f"activation kind must be one of {_GATED + ('gpt_oss',)}, got {self.kind!r}")
+
+
+def _split(h: torch.Tensor, act: ExpertsActivation):
+    if act.kind == "gpt_oss":
+        return h[..., ::2], h[..., 1::2]
+    return h.chunk(2, dim=-1)
+
+
+def act_forward(h: torch.Tensor, act: ExpertsActivation) -> torch.Tensor:
+    """``(S, 2I) -> (S, I)``, op for op what the model's own experts compute (same dtype)."""
+    gate, up = _split(h, act)
+    if act.kind == "gpt_oss":
+        gate = gate.clamp(max=act.limit)
+        up = up.clamp(min=-act.limit, max=act.limit)
+        return (up + 1) * (gate * torch.sigmoid(gate * act.alpha))
+    if act.kind == "silu":
+        return F.silu(gate) * up
+    return F.gelu(gate, approximate="tanh" if act.kind == "gelu_tanh" else "none") * up
+
+
+def act_backward(da: torch.Tensor, h: torch.Tensor, act: ExpertsActivation) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(dh (S, 2I), a (S, I))``: the gradient of :func:`act_forward` for upstream ``da`` and the
+    activation itself, both from one recomputation of the activation off the saved ``h``."""
+    gate, up = _split(h, act)
+    if act.kind == "gpt_oss":
+        gc = gate.clamp(max=act.limit)
+        uc = up.clamp(min=-act.limit, max=act.limit)
+        s = torch.sigmoid(gc * act.alpha)
+        glu = gc * s
+        du = (da * glu) * ((up >= -act.limit) & (up <= act.limit))
+        dg = (da * (uc + 1)) * (s + act.alpha * glu * (1 - s)) * (gate <= act.limit)
+        return torch.stack((dg, du), dim=-1).reshape(h.shape), (uc + 1) * glu
+    n = gate.shape[-1]
+    dh = torch.empty_like(h)
+    if act.kind == "silu":
+        sg = F.silu(gate)
+        torch.ops.aten.silu_backward.grad_input(da * up, gate, grad_input=dh[:, :n])
+    else:
+        approx = "tanh" if act.kind == "gelu_tanh" else "none"
+        sg = F.gelu(gate, approximate=approx)
+        dh[:, :n] = torch.ops.aten.gelu_backward(da * up, gate, approximate=approx)
+    torch.mul(sg, da, out=dh[:, n:])
+    return dh, sg.mul_(up)
+
+
+# --------------------------------------------------------------------------------------
+# reference (pure PyTorch, autograd): the oracle for tests and benchmarks
+# --------------------------------------------------------------------------------------
+def experts_reference(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    *,
+    act: ExpertsActivation = ExpertsActivation(),
+    transposed: bool = False,
+) -> torch.Tensor:
+    """The expert block as a loop over experts (what transformers' ``eager`` computes)."""
+    _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    out = torch.zeros_like(x)
+    for e in range(gate_up_proj.shape[0]):
+        tok, slot = torch.where(top_k_index == e)
+        if tok.numel() == 0:
+            continue
+        w1 = gate_up_proj[e] if transposed else gate_up_proj[e].T
+        w2 = down_proj[e] if transposed else down_proj[e].T
+        h = x[tok] @ w1
+        if gate_up_bias is not None:
+            h = h + gate_up_bias[e]
+        y = act_forward(h, act) @ w2
+        if down_bias is not None:
+            y = y + down_bias[e]
+        out = out.index_add(0, tok, (y * top_k_weights[tok, slot, None]).to(x.dtype))
+    return out
+
+
+# --------------------------------------------------------------------------------------
+# grouped GEMM over expert-sorted rows
+# --------------------------------------------------------------------------------------
+def _aligned(t: torch.Tensor) -> bool:
+    es = t.element_size()
+    return t.data_ptr() % 16 == 0 and all(s == 1 or (s * es) % 16 == 0 for s in t.stride())
+
+
+def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
+    """``torch._grouped_mm(a, b, offs)``: 2-D x 3-D (rows grouped) or 2-D x 2-D (inner dim grouped)."""
+    if _aligned(a) and _aligned(b):
+        return torch._grouped_mm(a, b, offs=offs)
+    ends = offs.tolist()  # odd sizes only: one host read of the offsets
+    starts = [0] + ends[:-1]
+    if b.dim() == 3:
+        out = a.new_empty(a.shape[0], b.shape[2])
+        for e, (s, t) in enumerate(zip(starts, ends)):
+            if t > s:
+                torch.mm(a[s:t], b[e], out=out[s:t])
+        return out
+    out = a.new_zeros(len(ends), a.shape[0], b.shape[1])
+    for e, (s, t) in enumerate(zip(starts, ends)):
+        if t > s:
+            torch.mm(a[:, s:t], b[s:t], out=out[e])
+    return out
+
+
+class _Experts(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed):
+        T, K = top_k_index.shape
+        E = w1.shape[0]
+        dtype = w1.dtype
+        flat = top_k_index.reshape(-1)
+        sorted_ids, perm = torch.sort(flat, stable=True)  # (S,)
+        offs = torch.searchsorted(sorted_ids, torch.arange(E, device=x.device, dtype=sorted_ids.dtype), right=True)
+        offs = offs.to(torch.int32)  # (E,) end row of each expert
+        tok = perm // K  # (S,) token of each sorted row
+        ws = top_k_weights.reshape(-1)[perm]  # (S,)
+        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
+        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
+        xs = x[tok].to(dtype)  # (S, H)
+        h = _gmm(xs, w1t, offs)  # (S, 2I)
+        if b1 is not None:
+            h += b1[sorted_ids]
+        y = _gmm(act_forward(h, act), w2t, offs)  # (S, H)
+        if b2 is not None:
+            y += b2[sorted_ids]
+        acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+        out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
+        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2)
+        ctx.act, ctx.transposed, ctx.K = act, transposed, K
+        ctx.has_b1 = b1 is not None
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, dout):
+        x, perm, sorted_ids, offs, ws, h, w1, w2, b2 = ctx.saved_tensors
+        act, transposed, K = ctx.act, ctx.transposed, ctx.K
+        E, dtype = w1.shape[0], w1.dtype
+        need = ctx.needs_input_grad
+        tok = perm // K
+        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
+        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
+        dout_s = dout[tok].to(dtype)  # (S, H)
+        g = _gmm(dout_s, w2t.transpose(-2, -1), offs)  # (S, I) = dout W2^T
+        wcol = ws[:, None].to(dtype)
+        dh, a = act_backward(g * wcol, h, act)  # (S, 2I), and a (S, I) recomputed
+        dw = None
+        if need[2]:
+            dws = (g.float() * a.float()).sum(-1)
+            if b2 is not None:
+                dws += (dout_s.float() * b2[sorted_ids].float()).sum(-1)
+            dw = torch.empty_like(dws)
+            dw[perm] = dws
+            dw = dw.view(-1, K).to(ws.dtype)
+        dy = dout_s * wcol  # (S, H)
+        dw2 = db2 = dw1 = db1 = dx = None
+        if need[4]:
+            dw2 = _gmm(a.T, dy, offs) if transposed else _gmm(dy.T, a, offs)
+        if need[6]:
+            db2 = torch.zeros(E, dy.shape[1], device=dy.device, dtype=torch.float32)
+            db2 = db2.index_add_(0, sorted_ids, dy.float()).to(b2.dtype)
+        if need[3] or need[0]:
+            xs = x[tok].to(dtype)
+            if need[3]:
+                dw1 = _gmm(xs.T, dh, offs) if transposed else _gmm(dh.T, xs, offs)
+        if need[5]:
+            db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
+            db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
+        if need[0]:
+            dxs = _gmm(dh, w1t.transpose(-2, -1), offs)  # (S, H)
+            acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
+            dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
+        return dx, None, dw, dw1, dw2, db1, db2, None, None
+
+
+def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
+    if x.dim() != 2:
+        raise ValueError(f"experts: hidden states must be (tokens, hidden), got {tuple(x.shape)}")
+    if idx.dim() != 2 or idx.shape[0] != x.shape[0] or w.shape != idx.shape:
+        raise ValueError(
+            f"experts: top_k_index {tuple(idx.shape)} and top_k_weights {tuple(w.shape)} must both be "
+            f"(tokens={x.shape[0]}, top_k)"
+        )
+    if idx.dtype not in (torch.int32, torch.int64):
+        raise TypeError(f"experts: top_k_index must be an integer tensor, got {idx.dtype}")
+    if w1.dim() != 3 or w2.dim() != 3 or w1.shape[0] != w2.shape[0]:
+        raise ValueError(f"experts: expert weights must be 3-D (E, ., .), got {tuple(w1.shape)} and {tuple(w2.shape)}")
+    E, H = w1.shape[0], x.shape[1]
+    two_i, hin = (w1.shape[2], w1.shape[1]) if transposed else (w1.shape[1], w1.shape[2])
+    i_in, hout = (w2.shape[1], w2.shape[2]) if transposed else (w2.shape[2], w2.shape[1])
+    if hin != H or hout != H or two_i != 2 * i_in:
+        raise ValueError(
+            f"experts: gate_up_proj {tuple(w1.shape)} / down_proj {tuple(w2.shape)} do not fit hidden {H} "
+            f"(transposed={transposed})"
+        )
+    if b1 is not None and tuple(b1.shape) != (E, two_i):
+        raise ValueError(f"experts: gate_up bias must be {(E, two_i)}, got {tuple(b1.shape)}")
+    if b2 is not None and tuple(b2.shape) != (E, H):
+        raise ValueError(f"experts: down bias must be {(E, H)}, got {tuple(b2.shape)}")
+    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+        raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{int(idx.min())}, {int(idx.max())}]")
+
+
+def experts(
+    x: torch.Tensor,
+    top_k_index: torch.Tensor,
+    top_k_weights: torch.Tensor,
+    gate_up_proj: torch.Tensor,
+    down_proj: torch.Tensor,
+    gate_up_bias: torch.Tensor | None = None,
+    down_bias: torch.Tensor | None = None,
+    *,
+    act: ExpertsActivation = ExpertsActivation(),
+    transposed: bool = False,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """The expert block ``(T, H) -> (T, H)`` on expert-sorted rows with grouped GEMMs (see the module doc).
+
+    ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` (``transposed``: ``(E, H, 2I)`` and
+    ``(E, I, H)``), biases ``(E, 2I)`` / ``(E, H)``; ``top_k_index (T, K)`` in ``[0, E)``;
+    ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``."""
+    _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    backends.select(OP_EXPERTS, x.device, backend)
+    return _Experts.apply(
+        x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed
+    )
