@@ -32,7 +32,7 @@ from typing import Any
 
 # per-op benches run by default, in this order; "e2e" (the training step) is added by --e2e
 PER_OP = ("cross_entropy", "lora", "nf4", "checkpointing", "fused_ops", "moe")
-BENCHES = PER_OP + ("e2e",)
+BENCHES = PER_OP + ("e2e", "dpo")  # "dpo" (a DPO step vs TRL's loss on logits) runs when named in --ops
 # the results name each bench writes (bench/results/<name>[-quick]-<device>.json)
 RESULT_NAME = {b: b for b in BENCHES}
 
@@ -242,6 +242,25 @@ def _rows_e2e(doc: dict) -> list[dict]:
     return out
 
 
+def _rows_dpo(doc: dict) -> list[dict]:
+    c, s = doc.get("config", {}), doc.get("summary", {})
+    by = {r["provider"]: r for r in doc.get("results", []) if r.get("status") == "ok"}
+    f, t = by.get("fastft"), by.get("trl")
+    if not (f and t):
+        return []
+    case = (
+        f"DPO step {c.get('pairs')} pairs x {c.get('seq')} tok, LoRA r{c.get('rank')}, {c.get('params', 0) / 1e6:.0f}M"
+    )
+    rows = [_row("dpo", case, "fastft", "trl (logits)", f.get("median_ms"), t.get("median_ms"), s.get("mem_ratio"),
+                 s.get("agree"), tokens_per_s=f.get("tokens_per_s"))]  # fmt: skip
+    k = by.get("fastft+ckpt")
+    if k:
+        rows.append(_row("dpo", case, "fastft+ckpt", "trl (logits)", k.get("median_ms"), t.get("median_ms"),
+                         s.get("ckpt", {}).get("mem_ratio"), s.get("ckpt", {}).get("loss_abs_diff", 1.0) <= 1e-4,
+                         tokens_per_s=k.get("tokens_per_s")))  # fmt: skip
+    return rows
+
+
 _EXTRACT = {
     "cross_entropy": _rows_cross_entropy,
     "lora": _rows_lora,
@@ -250,6 +269,7 @@ _EXTRACT = {
     "fused_ops": _rows_fused_ops,
     "moe": _rows_moe,
     "e2e": _rows_e2e,
+    "dpo": _rows_dpo,
 }
 
 

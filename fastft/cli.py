@@ -74,6 +74,19 @@ _TRAIN_FLAGS = [
     ("--max-new-tokens", dict(type=int, help="tokens generated for the before/after samples")),
     ("--num-generations", dict(type=int, help="prompts shown before/after training (0: none)")),
     ("--quiet", dict(action="store_const", const=True, help="no progress bar, no report")),
+    (
+        "--objective",
+        dict(
+            choices=["sft", "dpo", "orpo", "simpo", "kto"],
+            help="training objective (default sft); "
+            "the others read prompt/chosen/rejected (KTO: prompt/completion/label) records",
+        ),
+    ),
+    ("--beta", dict(type=float, help="the preference objectives' beta (default 0.1)")),
+    ("--dpo-loss-type", dict(help="DPO variant: sigmoid (default), ipo, hinge, robust, ... (fastft.losses)")),
+    ("--label-smoothing", dict(type=float, help="DPO sigmoid (cDPO) / robust / exo_pair and SimPO label smoothing")),
+    ("--simpo-gamma", dict(type=float, help="SimPO's target margin (default 0.5)")),
+    ("--precompute-ref", dict(action="store_const", const=True, help="reference log-probs once before training")),
 ]
 
 

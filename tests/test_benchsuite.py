@@ -147,3 +147,13 @@ def test_installed_without_bench_dir_is_a_clear_error(monkeypatch, tmp_path):
     monkeypatch.setattr(fastft, "__file__", str(fake / "__init__.py"))
     with pytest.raises(ValueError, match="runs from a source checkout: bench/ not found next to the fastft package"):
         benchsuite.run(_args(quick=True, ops="lora"))
+
+
+def test_rows_from_the_committed_dpo_result():
+    """bench_dpo.py's JSON (fastft vs TRL's DPO loss on logits) becomes one suite row, losses agreeing."""
+    paths = sorted((BENCH / "results").glob("dpo-cpu-*.json"))
+    assert paths
+    rows = benchsuite.rows_from_result(json.loads(paths[0].read_text()))
+    assert 1 <= len(rows) <= 2 and all(r["bench"] == "dpo" and r["ok"] is True for r in rows)
+    assert rows[0]["fastft_ms"] > 0 and rows[0]["ref_ms"] > 0 and 0 < rows[0]["mem_ratio"] < 1
+    assert "dpo" in benchsuite.BENCHES and "dpo" not in benchsuite.parse_benches(None, True)

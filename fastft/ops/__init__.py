@@ -11,6 +11,7 @@ from .cross_entropy import (
     fused_linear_cross_entropy,
     fused_linear_cross_entropy_reference,
 )
+from .logprobs import fused_linear_logprobs, fused_linear_logprobs_reference
 from .lora import dropout_mask, lora_linear, lora_linear_reference
 from .nf4 import (
     NF4State,
@@ -34,6 +35,8 @@ __all__ = [
     "cross_entropy_reference",
     "fused_linear_cross_entropy",
     "fused_linear_cross_entropy_reference",
+    "fused_linear_logprobs",
+    "fused_linear_logprobs_reference",
     "lora_linear",
     "lora_linear_reference",
     "dropout_mask",

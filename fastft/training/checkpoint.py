@@ -176,6 +176,8 @@ class CheckpointMixin:
                 torch.save(self.sched.state_dict(), tmp / "scheduler.pt")
                 if self.scaler is not None:
                     torch.save(self.scaler.state_dict(), tmp / "scaler.pt")
+                if getattr(self, "ref_cache", None) is not None:  # a preference run's precomputed reference
+                    torch.save(self.ref_cache, tmp / "ref_logps.pt")
             state = {
                 "step": step,
                 "epoch": epoch,

@@ -15,6 +15,7 @@ SCHEDULES = ("linear", "cosine", "constant")
 TEMPLATES = ("auto", "alpaca", "chat", "text")
 REPORTERS = {"tensorboard": "tensorboard", "mlflow": "mlflow", "wandb": "wandb"}  # name -> pip package
 CHECKPOINTINGS = (None, "recompute", "offload")
+OBJECTIVES = ("sft", "dpo", "orpo", "simpo", "kto")
 
 # Options whose None means "auto": fastft.default.RECOMMENDED for the embedded default run,
 # otherwise the generic value here (callables get the partly resolved config).
@@ -31,6 +32,7 @@ _GENERIC = {
     "packing": False,
     "eval_frac": 0.1,
     "max_new_tokens": 64,
+    "beta": 0.1,
 }
 
 
@@ -78,6 +80,12 @@ class TrainConfig:
     log_every: int = 1
     max_new_tokens: int | None = None  # auto; for the generations shown after training
     num_generations: int = 3  # prompts shown before/after (the default's sample prompts for the embedded run)
+    objective: str = "sft"  # sft | dpo | orpo | simpo | kto (fastft.losses); preference data for the others
+    beta: float | None = None  # auto (0.1, TRL's default); the preference objectives' beta
+    dpo_loss_type: str = "sigmoid"  # one of fastft.losses.DPO_LOSS_TYPES
+    label_smoothing: float = 0.0  # DPO sigmoid (cDPO) / robust / exo_pair, SimPO
+    simpo_gamma: float = 0.5  # SimPO's target margin gamma (its logits subtract gamma / beta)
+    precompute_ref: bool = False  # reference log-probs computed once before training (always for full DPO)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -148,7 +156,8 @@ class TrainConfig:
         if embedded:
             from .. import default
 
-            for k, v in default.RECOMMENDED.items():
+            pref = default.RECOMMENDED_PREFERENCE if d["objective"] != "sft" else {}
+            for k, v in {**default.RECOMMENDED, **pref}.items():
                 if k in d and d[k] is None:
                     d[k] = v
         for k, v in _GENERIC.items():
@@ -225,7 +234,14 @@ class TrainConfig:
         number("weight_decay", lo=0, allow_none=False)
         number("max_grad_norm", lo=0, allow_none=False)
         number("eval_frac", lo=0, lo_open=True, hi=1, hi_open=True)
-        for name in ("rslora", "fsdp", "trust_remote_code", "quiet", "train_on_prompt"):
+        choice("objective", OBJECTIVES)
+        number("beta", lo=0, lo_open=True)
+        number("label_smoothing", lo=0, hi=1, hi_open=True, allow_none=False)
+        number("simpo_gamma", allow_none=False)
+        from ..losses import DPO_LOSS_TYPES
+
+        choice("dpo_loss_type", DPO_LOSS_TYPES)
+        for name in ("rslora", "fsdp", "trust_remote_code", "quiet", "train_on_prompt", "precompute_ref"):
             flag(name)
         flag("packing", allow_none=True)
         choice("schedule", SCHEDULES)

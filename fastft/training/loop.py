@@ -19,6 +19,7 @@ from .config import TrainConfig, TrainResult
 from .dist import _decoder_layers, _init_dist
 from .generation import _prompt_records, format_prompt, generate_text
 from .model import ModelMixin, _accepts_num_items, _load_tokenizer, _one_line, _pick_precision
+from .objectives import PreferenceMixin, load_preference_data
 from .reporting import ReportingMixin, _memory_mb, _plot, _ppl, _prompt_text, _Reporters, _to_jsonable
 
 
@@ -179,7 +180,7 @@ def train(config, *, model=None, tokenizer=None, train_data=None, eval_data=None
     return _Trainer(cfg, embedded, resume_dir).run(model, tokenizer, train_data, eval_data)
 
 
-class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
+class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
     def __init__(self, cfg: TrainConfig, embedded: bool, resume_dir: Path | None):
         self.cfg, self.embedded, self.resume_dir = cfg, embedded, resume_dir
         self.out = Path(cfg.output_dir)
@@ -228,7 +229,13 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
         if tokenizer is None:
             tokenizer = _load_tokenizer(cfg)
         self.tokenizer = tokenizer
-        train_ds, eval_ds, records, fmt = _load_data(cfg, tokenizer, train_data, eval_data)
+        self.pref = None if cfg.objective == "sft" else cfg.objective
+        self.eval_extra = {}
+        if self.pref is None:
+            train_ds, eval_ds, records, fmt = _load_data(cfg, tokenizer, train_data, eval_data)
+        else:  # preference pairs (or KTO examples): fastft.preference
+            train_ds, eval_ds = load_preference_data(cfg, tokenizer, train_data, eval_data)
+            records, fmt = None, "text"
         self.pad_id = D.pad_token_id(tokenizer)
         self.train_ds, self.eval_ds = train_ds, eval_ds
         epoch0 = self._epoch_batches(0)
@@ -267,6 +274,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             self._load_weights(hf_model, model)
         self.hf_model, self.peft_model = hf_model, (model if cfg.method != "full" else None)
         self.num_items_ok = _accepts_num_items(hf_model)
+        if self.pref is not None:
+            self._pref_check()
         trainable = [p for p in model.parameters() if p.requires_grad]
         if not trainable:
             raise ValueError("the model has no trainable parameters (check target_modules)")
@@ -314,6 +323,17 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             bad_evals, eval_before = resume_state.get("bad_evals", 0), resume_state.get("eval_loss_before")
             self.history = [h for h in resume_state.get("log_history", []) if h.get("step", 0) <= step]
 
+        if self.pref is not None and self.use_cache_ref:
+            ref_file = self.resume_dir / "ref_logps.pt" if self.resume_dir is not None else None
+            if ref_file is not None and ref_file.is_file():
+                self.ref_cache = torch.load(ref_file, map_location=self.device, weights_only=True)
+            elif resume_state is not None and cfg.method == "full":
+                raise ValueError(
+                    f"resume_from: {self.resume_dir} has no ref_logps.pt (the reference of a full DPO run)"
+                )
+            else:
+                self._precompute_refs()
+
         # ---- output dir: only now
         self.metrics_path = self.out / "metrics.jsonl"
         if dist.main:
@@ -345,8 +365,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             gens = [{"prompt": p, "before": self._generate(p, gen_template)} for p in prompts]
         if eval_before is None:
             eval_before = self._evaluate()
-            self._record({"step": 0, "eval_loss": eval_before, "eval_ppl": _ppl(eval_before)})
-            self.say(f"eval before training: loss {eval_before:.4f}, perplexity {_ppl(eval_before):.2f}")
+            self._record({"step": 0, "eval_loss": eval_before, "eval_ppl": _ppl(eval_before), **self.eval_extra})
+            self.say(f"eval before training: loss {eval_before:.4f}, {self._eval_words(eval_before)}")
 
         # ---- loop
         from tqdm.auto import tqdm
@@ -437,8 +457,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
                 t_eval = time.perf_counter()
                 ev = self._evaluate()
                 last_eval, last_eval_step = ev, step
-                self._record({"step": step, "eval_loss": ev, "eval_ppl": _ppl(ev)})
-                self.say(f"step {step}: eval loss {ev:.4f}, perplexity {_ppl(ev):.2f}")
+                self._record({"step": step, "eval_loss": ev, "eval_ppl": _ppl(ev), **self.eval_extra})
+                self.say(f"step {step}: eval loss {ev:.4f}, {self._eval_words(ev)}")
                 if best is None or ev < best:
                     best, best_step, bad_evals = ev, step, 0
                     self._save("checkpoint-best", step, epoch, gi, best, best_step, bad_evals, eval_before, full=False)
@@ -475,7 +495,7 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             self._save("checkpoint-last", step, epoch, gi, best, best_step, bad_evals, eval_before, full=True)
         if last_eval_step != step:
             last_eval = self._evaluate()
-            self._record({"step": step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval)})
+            self._record({"step": step, "eval_loss": last_eval, "eval_ppl": _ppl(last_eval), **self.eval_extra})
 
         # ---- after
         if can_generate and dist.main:
@@ -529,10 +549,19 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             self.amp_dtype
         ]
 
+    def _eval_words(self, loss: float) -> str:
+        if self.pref is None:
+            return f"perplexity {_ppl(loss):.2f}"
+        x = self.eval_extra
+        acc = f"reward accuracy {x['eval_rewards/accuracies']:.3f}, " if "eval_rewards/accuracies" in x else ""
+        return acc + f"margin {x['eval_rewards/margins']:.4f}"
+
     def _epoch_batches(self, epoch: int) -> list[dict]:
         from ..data import make_batches
 
         cfg = self.cfg
+        if self.pref is not None:
+            return self._pref_batches(self.train_ds, shuffle=True, epoch=epoch)
         return make_batches(
             self.train_ds,
             batch_size=cfg.batch_size,
@@ -565,7 +594,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
         from ..data import count_label_tokens
 
         dist, cfg = self.dist, self.cfg
-        n_items = sum(count_label_tokens(b) for b in group)
+        # the step's loss normaliser: label tokens (SFT) or pairs / examples (preference objectives)
+        n_items = sum(count_label_tokens(b) if self.pref is None else b["index"].numel() for b in group)
         ntok = sum(int(b["attention_mask"].sum()) if "attention_mask" in b else b["input_ids"].numel() for b in group)
         mine = group[dist.rank :: dist.world]
         # each rank's loss is (its summed token loss) / (n_items / world): DDP/FSDP average the
@@ -583,13 +613,10 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
                 self.model.set_requires_gradient_sync(last)
             mb = self._to_device(mb)
             with sync:
-                with self._autocast():
-                    if self.num_items_ok:
-                        out = self.train_model(**mb, use_cache=False, num_items_in_batch=denom)
-                        loss = out.loss
-                    else:  # a model without loss kwargs: its mean times its count is the sum
-                        out = self.train_model(**mb, use_cache=False)
-                        loss = out.loss * (count_label_tokens(mb) / denom)
+                if self.pref is not None:
+                    loss = self._pref_loss(mb, denom, "train")[0]
+                else:
+                    loss = self._sft_loss(mb, denom)
                 if self.scaler is not None:
                     self.scaler.scale(loss).backward()
                 else:
@@ -613,9 +640,22 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin):
             total /= dist.world
         return total, norm, ntok
 
+    def _sft_loss(self, mb: dict, denom: float) -> torch.Tensor:
+        """The micro-batch's summed token loss / ``denom`` (the step's label tokens per rank)."""
+        from ..data import count_label_tokens
+
+        with self._autocast():
+            if self.num_items_ok:
+                return self.train_model(**mb, use_cache=False, num_items_in_batch=denom).loss
+            out = self.train_model(**mb, use_cache=False)  # a model without loss kwargs: its mean times its count
+            return out.loss * (count_label_tokens(mb) / denom)
+
     @torch.no_grad()
     def _evaluate(self) -> float:
-        """Mean token loss over the whole eval set (token-weighted, all ranks)."""
+        """Mean token loss over the whole eval set (token-weighted, all ranks); for a preference
+        objective the mean per-pair loss, with the reward metrics in ``self.eval_extra``."""
+        if self.pref is not None:
+            return self._pref_evaluate()
         from ..data import count_label_tokens, make_batches
 
         cfg, dist = self.cfg, self.dist

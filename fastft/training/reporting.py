@@ -119,15 +119,21 @@ def _short(s: str, n: int = 100) -> str:
 class ReportingMixin:
     """``_Trainer``'s end-of-run summary."""
 
+    def _eval_change(self, r: TrainResult) -> str:
+        """Perplexity before -> after (SFT), or reward accuracy and margin (preference objectives)."""
+        if getattr(self, "pref", None) is None:
+            return f"(perplexity {_ppl(r.eval_loss_before):.2f} -> {_ppl(r.eval_loss):.2f})"
+        ev = [h for h in self.history if "eval_loss" in h]
+        key = "eval_rewards/accuracies" if "eval_rewards/accuracies" in ev[-1] else "eval_rewards/margins"
+        name = "reward accuracy" if key.endswith("accuracies") else "reward margin"
+        return f"({name} {ev[0].get(key, float('nan')):.3f} -> {ev[-1].get(key, float('nan')):.3f})"
+
     def _summary(self, r: TrainResult) -> None:
         if self.cfg.quiet:
             return
         lines = ["", "fastft train: done"]
         if r.eval_loss_before is not None and r.eval_loss is not None:
-            lines.append(
-                f"  eval loss  {r.eval_loss_before:.4f} -> {r.eval_loss:.4f}   "
-                f"(perplexity {_ppl(r.eval_loss_before):.2f} -> {_ppl(r.eval_loss):.2f})"
-            )
+            lines.append(f"  eval loss  {r.eval_loss_before:.4f} -> {r.eval_loss:.4f}   " + self._eval_change(r))
         if r.best_step is not None:
             lines.append(f"  best eval  {r.best_eval_loss:.4f} at step {r.best_step}")
         lines.append(
