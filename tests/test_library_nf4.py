@@ -99,7 +99,8 @@ def test_nf4_matmul_opcheck(backend, dtype, variant, shape, M):
 # --------------------------------------------------------------------------------------
 # K not a multiple of the blocksize: "auto" (dequantise + GEMM inside the op) and "torch";
 # an explicit fused backend refuses it eagerly (tested in test_nf4.py)
-_FULLGRAPH_CASES = [((40, 128), b) for b in ["auto", *BACKENDS]] + [((24, 96), "auto"), ((24, 96), "torch")]
+_RUNNABLE = ["auto", "torch"] + (["cpp"] if cpp_ok else []) + (["triton"] if backends.interpreting() else [])
+_FULLGRAPH_CASES = [((40, 128), b) for b in _RUNNABLE] + [((24, 96), "auto"), ((24, 96), "torch")]
 
 
 @pytest.mark.parametrize("variant", VARIANTS)
@@ -146,7 +147,24 @@ def _loss_and_grads(step, model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-@pytest.mark.parametrize("variant", VARIANTS)
+def _bnb_quantize(model):
+    """Every nn.Linear but the head as a bitsandbytes NF4 Linear4bit (double-quantised)."""
+    bnb = pytest.importorskip("bitsandbytes")
+    for module in list(model.modules()):
+        for child_name, child in list(module.named_children()):
+            if type(child) is torch.nn.Linear and child_name != "lm_head":
+                q = bnb.nn.Linear4bit(
+                    child.in_features, child.out_features, bias=child.bias is not None,
+                    compute_dtype=child.weight.dtype, quant_type="nf4", compress_statistics=True,
+                )  # fmt: skip
+                q.weight = bnb.nn.Params4bit(
+                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
+                )
+                setattr(module, child_name, q.to(child.weight.device))
+    return model
+
+
+@pytest.mark.parametrize("variant", [*VARIANTS, "bitsandbytes"])
 def test_quantized_patched_llama_step_compiles_fullgraph(variant):
     import warnings
 
@@ -156,12 +174,17 @@ def test_quantized_patched_llama_step_compiles_fullgraph(variant):
     warnings.filterwarnings("ignore")
     batch = tiny_batch(256, seq=12)
     model = tiny_model("llama")
-    fastft.quantize(model, double_quant=variant != "plain", cache_absmax=variant == "cached")
-    assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 0
+    if variant == "bitsandbytes":  # bnb's Linear4bit, its forward replaced by fastft's (BnbNF4Forward)
+        _bnb_quantize(model)
+    else:
+        fastft.quantize(model, double_quant=variant != "plain", cache_absmax=variant == "cached")
+        assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 0
     for name, p in model.named_parameters():  # train the norms only (the NF4 weights are frozen buffers)
         p.requires_grad_("norm" in name)
     report = fastft.patch(model)
     assert "loss" in report.features()
+    if variant == "bitsandbytes":
+        assert any("bitsandbytes NF4 Linear4bit -> fastft" in p.detail for p in report.patched)
     _step(model)(**batch)  # the first call checks the loss convention (and validates the states), eagerly
 
     torch._dynamo.reset()
