@@ -200,3 +200,33 @@ def test_quantized_patched_llama_step_compiles_fullgraph(variant):
     assert grads.keys() == eager_grads.keys()
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
+
+
+@pytest.mark.parametrize(
+    "shape", [(40, 128), (24, 96), (7, 33), (3, 700)], ids=["k_mult", "k_not_mult", "odd", "dq_tail"]
+)
+@pytest.mark.parametrize("double_quant", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_quantize_nf4_opcheck(dtype, double_quant, shape):
+    w = torch.randn(*shape, generator=torch.Generator().manual_seed(3)).to(dtype)
+    for blocksize in (32, 64):
+        args = (w, blocksize, double_quant)
+        torch.library.opcheck(torch.ops.fastft.quantize_nf4.default, args)
+        packed, absmax, absmax2, offset = torch.ops.fastft.quantize_nf4(*args)
+        packed2, state = quantize_nf4(w, blocksize=blocksize, double_quant=double_quant)
+        torch.testing.assert_close(packed, packed2, atol=0, rtol=0)
+        torch.testing.assert_close(absmax, state.absmax, atol=0, rtol=0)
+        assert (absmax2.numel() > 0) == double_quant == state.double_quant
+
+
+def test_quantize_then_matmul_fullgraph():
+    """Quantising inside the compiled function too (e.g. a weight quantised on the fly)."""
+    w = torch.randn(40, 128)
+    x = torch.randn(6, 128, requires_grad=True)
+
+    def fn(x):
+        packed, state = quantize_nf4(w, double_quant=True)
+        return nf4_matmul(x, packed, state)
+
+    _no_graph_breaks(fn, x)
+    _compiled_matches_eager(fn, [x], atol=0, rtol=0)
