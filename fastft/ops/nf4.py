@@ -48,6 +48,14 @@ above that dequantise + GEMM 2 (the C++ CPU kernel 1 for fp32 ``x``).
 
 The fused matmul kernels need ``K % blocksize == 0`` (blocks never cross rows of ``W``);
 :func:`nf4_matmul` dequantises other layouts and calls the framework's GEMM.
+
+Operators. The three public functions validate, then call ``torch.library`` operators
+``fastft::quantize_nf4`` (:mod:`fastft.ops.nf4_quant`), ``fastft::dequantize_nf4`` and
+``fastft::nf4_matmul`` (fake implementations registered; ``nf4_matmul``'s backward ``dX = dY W~``,
+``dbias = sum dY`` is its registered autograd formula), which pick the backend at run time, so
+torch.compile traces each as one node without a graph break. The :class:`NF4State` is passed
+flattened (absmax or its fp32 cache, code, absmax2 / code2 / offset when double-quantised,
+blocksizes), taken from the validated-once cache eagerly and read off the state under tracing.
 """
 
 from __future__ import annotations
@@ -488,87 +496,6 @@ def _check_state(packed, state) -> tuple[torch.Tensor, NF4State, NF4Kernels]:
 
 
 # --------------------------------------------------------------------------------------
-# quantisation (pure PyTorch; bitsandbytes' CPU algorithm)
-# --------------------------------------------------------------------------------------
-def _quantize_8bit_dynamic(A: torch.Tensor, code2: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bnb's CPU ``quantize_blockwise`` (65536-point lookup table): uint8 [n], fp32 absmax [nb]."""
-    n = A.numel()
-    nb = -(-n // blocksize)
-    padded = torch.nn.functional.pad(A, (0, nb * blocksize - n)) if n % blocksize else A
-    am = padded.abs().view(nb, blocksize).amax(dim=1)
-    safe = torch.where(am == 0, torch.ones_like(am), am)
-    inv = (1.0 / safe).repeat_interleave(blocksize)[:n]
-    x = (A * inv).clamp_(-1.0, 1.0)
-    j = x.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5).to(torch.int64)  # trunc, as the C cast
-    mid = (code2[:-1] + code2[1:]) * 0.5
-    grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device=A.device)
-    grid = (2.0 * grid) / float(_LUT_SIZE - 1) - 1.0
-    lut = torch.searchsorted(mid, grid, side="left").to(torch.uint8)
-    q = lut[j]
-    zero = (am == 0).repeat_interleave(blocksize)[:n]
-    return q.masked_fill_(zero, 0), am
-
-
-@torch.no_grad()
-def quantize_nf4(
-    weight: torch.Tensor, *, blocksize: int = 64, double_quant: bool = True, cache_absmax: bool = False
-) -> tuple[torch.Tensor, NF4State]:
-    """Quantise ``weight`` to NF4: ``(packed uint8 [ceil(numel/2), 1], NF4State)``.
-
-    Same bytes and absmax as ``bitsandbytes.functional.quantize_4bit(weight, blocksize=...,
-    compress_statistics=double_quant, quant_type="nf4")``. ``cache_absmax=True`` (with
-    ``double_quant``) also keeps the decoded fp32 absmax on the state (``absmax_cache``, +32 /
-    blocksize bits per weight) for the kernels to read instead of decoding the 8-bit one.
-    """
-    if not torch.is_tensor(weight):
-        raise TypeError(f"weight must be a tensor, got {type(weight).__name__}")
-    if not weight.dtype.is_floating_point:
-        raise TypeError(f"weight must be a floating-point tensor, got dtype {weight.dtype}")
-    _check_blocksize(blocksize)
-    n = weight.numel()
-    if n == 0:
-        raise ValueError(f"weight of shape {tuple(weight.shape)} has no elements")
-    device = weight.device
-    code = nf4_code(device)
-    A = weight.detach().reshape(-1).float()
-    rem = n % blocksize
-    full = n - rem
-    nfull = full // blocksize
-    blk = A[:full].view(nfull, blocksize)
-    absmax = blk.abs().amax(dim=-1) if nfull else A.new_empty(0)
-    scaled = torch.clamp(blk * (1.0 / absmax.clamp(min=1e-38).view(-1, 1)), -1, 1).reshape(-1)
-    if rem:
-        tail = A[full:]
-        am = tail.abs().max()
-        absmax = torch.cat([absmax, am.unsqueeze(0)])
-        scaled = torch.cat([scaled, torch.clamp(tail / am.clamp(min=1e-38), -1, 1)])
-    q = torch.bucketize(scaled, (code[:-1] + code[1:]) / 2, out_int32=True).to(torch.uint8)
-    if n % 2:
-        q = torch.cat([q, q.new_full((1,), _ZERO_CODE)])
-    packed = ((q[0::2] << 4) | q[1::2]).unsqueeze(1)
-
-    state = NF4State(shape=weight.shape, dtype=weight.dtype, blocksize=blocksize, absmax=absmax, code=code)
-    if double_quant:
-        offset = absmax.mean()
-        code2 = dynamic_code(device)
-        qabsmax, absmax2 = _quantize_8bit_dynamic(absmax - offset, code2, _DQ_BLOCKSIZE)
-        state = NF4State(
-            shape=weight.shape,
-            dtype=weight.dtype,
-            blocksize=blocksize,
-            absmax=qabsmax,
-            code=code,
-            offset=offset,
-            absmax2=absmax2,
-            code2=code2,
-            blocksize2=_DQ_BLOCKSIZE,
-        )
-        if cache_absmax:
-            state = state.with_absmax_cache()
-    return packed, state
-
-
-# --------------------------------------------------------------------------------------
 # torch backend: the low-level contract, pure PyTorch (the reference the kernels match)
 # --------------------------------------------------------------------------------------
 def dequantize_nf4_torch(
@@ -650,13 +577,157 @@ def _matmul_impl(backend: str, dtype: torch.dtype):
     return nf4_matmul_torch
 
 
-def _scales(prep: NF4Kernels, state: NF4State, fused: bool) -> tuple[torch.Tensor, dict]:
-    """(absmax, nested) for an implementation: the fused kernels take the cached tensors as
-    they are (8-bit absmax + ``nested`` decoded in-kernel, or fp32); the torch reference takes
-    fp32 scales decoded by PyTorch (its own, reference, way)."""
-    if fused:
-        return prep.absmax, prep.nested
-    return state.absmax_fp32(), {}
+def _decode_absmax(absmax, absmax2, code2, offset, blocksize2: int) -> torch.Tensor:
+    """fp32 per-block scales from the operator's arguments: ``absmax`` as is when it is fp32
+    (plain or cached scales), else the double quantisation undone as bnb does it (the same ops
+    as :meth:`NF4State.absmax_fp32`, so the same bits)."""
+    if absmax2 is None:
+        return absmax if absmax.dtype == torch.float32 else absmax.float()
+    q = absmax.reshape(-1).long()
+    n = q.numel()
+    nb2 = -(-n // blocksize2)
+    vals = code2.to(torch.float32)[q]
+    if n % blocksize2:
+        vals = torch.nn.functional.pad(vals, (0, nb2 * blocksize2 - n))
+    out = (vals.view(nb2, blocksize2) * absmax2.to(torch.float32).reshape(nb2, 1)).reshape(-1)[:n]
+    return out + offset.to(torch.float32)
+
+
+def _impl_scales(fused: bool, absmax, absmax2, code2, offset, blocksize2: int) -> tuple[torch.Tensor, dict]:
+    """(absmax, nested) for an implementation: the fused kernels take the flat tensors as they
+    are (8-bit absmax + ``nested`` decoded in-kernel, or fp32); the torch reference takes fp32
+    scales decoded by PyTorch (its own, reference, way)."""
+    if not fused:
+        return _decode_absmax(absmax, absmax2, code2, offset, blocksize2), {}
+    if absmax2 is None:
+        return absmax, {}
+    return absmax, dict(absmax2=absmax2, code2=code2, offset=offset, blocksize2=blocksize2)
+
+
+def _op_state(state: NF4State) -> tuple:
+    """An :class:`NF4State` flattened into operator arguments: ``(absmax, code, absmax2, code2,
+    offset, blocksize, blocksize2)``, the kernels' flat views. Eager: from the validated, cached
+    :class:`NF4Kernels` (validated once). Traced: read off the state directly (no validation,
+    no cache written: the shape/dtype checks already ran eagerly or run on the real call)."""
+    if not torch.compiler.is_compiling():
+        prep = prepare_state(state)
+        n = prep.nested
+        if n:
+            return prep.absmax, prep.code, n["absmax2"], n["code2"], n["offset"], prep.blocksize, n["blocksize2"]
+        return prep.absmax, prep.code, None, None, None, prep.blocksize, int(state.blocksize2)
+    code = state.code.reshape(-1).to(torch.float32)
+    bs, bs2 = int(state.blocksize), int(state.blocksize2)
+    if state.absmax_cache is not None or state.absmax2 is None:
+        am = state.absmax_cache if state.absmax_cache is not None else state.absmax
+        return am.reshape(-1).to(torch.float32), code, None, None, None, bs, bs2
+    return (
+        state.absmax.reshape(-1),
+        code,
+        state.absmax2.reshape(-1).to(torch.float32),
+        state.code2.reshape(-1).to(torch.float32),
+        state.offset.reshape(1).to(torch.float32),
+        bs,
+        bs2,
+    )
+
+
+# --------------------------------------------------------------------------------------
+# the operators (torch.library: one node each under torch.compile, no graph break)
+# --------------------------------------------------------------------------------------
+@torch.library.custom_op("fastft::dequantize_nf4", mutates_args=())
+def _dequantize_op(
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    numel: int,
+    out_dtype: torch.dtype,
+    backend: str,
+) -> torch.Tensor:
+    """The flat weight ``[numel]`` in ``out_dtype``; the backend is chosen here, at run time."""
+    fn = _dequant_impl(backends.select(OP_DEQUANT, packed.device, backend).backend, out_dtype)
+    am, nested = _impl_scales(fn is not dequantize_nf4_torch, absmax, absmax2, code2, offset, blocksize2)
+    return fn(packed, am, code, blocksize, numel, out_dtype, **nested)
+
+
+@_dequantize_op.register_fake
+def _(packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, numel, out_dtype, backend):
+    return packed.new_empty((numel,), dtype=out_dtype)
+
+
+@torch.library.custom_op("fastft::nf4_matmul", mutates_args=())
+def _nf4_matmul_op(
+    x2d: torch.Tensor,
+    packed: torch.Tensor,
+    absmax: torch.Tensor,
+    code: torch.Tensor,
+    absmax2: torch.Tensor | None,
+    code2: torch.Tensor | None,
+    offset: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    blocksize: int,
+    blocksize2: int,
+    N: int,
+    K: int,
+    backend: str,
+) -> torch.Tensor:
+    """``x2d @ W.T + bias`` ``[M, N]`` in ``x2d.dtype``; the backend is chosen here, at run time
+    (:data:`GEMV_POLICY` for small ``M``). A layout the fused kernels cannot read (``K`` not a
+    multiple of ``blocksize``) is dequantised and run through the framework's GEMM."""
+    chosen = _select_matmul(x2d, backend)
+    if K % blocksize and chosen != "torch":
+        w = _dequantize_op(
+            packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N * K, x2d.dtype, "auto"
+        )
+        return torch.nn.functional.linear(x2d, w.view(N, K), bias)
+    fn = _matmul_impl(chosen, x2d.dtype)
+    am, nested = _impl_scales(fn is not nf4_matmul_torch, absmax, absmax2, code2, offset, blocksize2)
+    return fn(x2d, packed, am, code, blocksize, N, K, bias, **nested)
+
+
+@_nf4_matmul_op.register_fake
+def _(x2d, packed, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, N, K, backend):
+    return x2d.new_empty((x2d.shape[0], N))
+
+
+def _matmul_setup(ctx, inputs, output):
+    x2d, packed, absmax, code, absmax2, code2, offset, bias, blocksize, blocksize2, N, K, backend = inputs
+    ctx.save_for_backward(packed, absmax, code, absmax2, code2, offset)
+    ctx.meta = (blocksize, blocksize2, N, K, backend, bias is not None)
+
+
+def _matmul_grad(ctx, dy):
+    """``dX = dY W~`` (the weight dequantised to ``dy.dtype``, one launch on the fused
+    backends, then the framework's GEMM), ``dbias = sum of dY``; the NF4 weight is frozen."""
+    packed, absmax, code, absmax2, code2, offset = ctx.saved_tensors
+    blocksize, blocksize2, N, K, backend, has_bias = ctx.meta
+    dx = dbias = None
+    if ctx.needs_input_grad[0]:
+        w = _dequantize_op(
+            packed, absmax, code, absmax2, code2, offset, blocksize, blocksize2, N * K, dy.dtype, backend
+        )
+        dx = torch.mm(dy, w.view(N, K))
+    if has_bias and ctx.needs_input_grad[7]:
+        dbias = dy.sum(0)
+    return dx, None, None, None, None, None, None, dbias, None, None, None, None, None
+
+
+_nf4_matmul_op.register_autograd(_matmul_grad, setup_context=_matmul_setup)
+
+
+# --------------------------------------------------------------------------------------
+# the public functions: validate (once per state), flatten the state, call the operators
+# --------------------------------------------------------------------------------------
+def _check_packed(packed, state) -> torch.Tensor:
+    """``packed`` checked against the state (cheap: metadata only); under tracing the state's
+    own (cached) validation is skipped, as :func:`_op_state` says."""
+    if torch.compiler.is_compiling():
+        return packed.data if isinstance(packed, torch.nn.Parameter) else packed
+    return _check_state(packed, state)[0]
 
 
 def dequantize_nf4(packed: torch.Tensor, state, *, dtype: torch.dtype | None = None, backend: str = "auto"):
@@ -664,44 +735,22 @@ def dequantize_nf4(packed: torch.Tensor, state, *, dtype: torch.dtype | None = N
 
     ``state`` is an :class:`NF4State` or a bitsandbytes ``QuantState``. Equals
     bitsandbytes' ``dequantize_4bit`` bit for bit (see the module docstring for the format).
-    One kernel launch on the fused backends, double quantisation included.
+    One kernel launch on the fused backends, double quantisation included. Runs as the
+    operator ``torch.ops.fastft.dequantize_nf4`` (traced by torch.compile without a graph break).
     """
-    packed, state, prep = _check_state(packed, state)
+    state = as_nf4_state(state)
+    packed = _check_packed(packed, state)
     out_dtype = state.dtype if dtype is None else dtype
     if not isinstance(out_dtype, torch.dtype) or not out_dtype.is_floating_point:
         raise TypeError(f"dtype must be a floating-point torch.dtype, got {out_dtype!r}")
-    choice = backends.select(OP_DEQUANT, packed.device, backend)
-    fn = _dequant_impl(choice.backend, out_dtype)
-    absmax, nested = _scales(prep, state, fn is not dequantize_nf4_torch)
-    out = fn(packed, absmax, prep.code, prep.blocksize, prep.numel, out_dtype, **nested)
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_DEQUANT, packed.device, backend)
+    absmax, code, absmax2, code2, offset, bs, bs2 = _op_state(state)
+    numel = math.prod(state.shape)
+    out = torch.ops.fastft.dequantize_nf4(
+        packed, absmax, code, absmax2, code2, offset, bs, bs2, numel, out_dtype, backend
+    )
     return out.view(state.shape)
-
-
-class _NF4Matmul(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x2d, bias, packed, state, prep, backend):
-        fn = _matmul_impl(backend, x2d.dtype)
-        absmax, nested = _scales(prep, state, fn is not nf4_matmul_torch)
-        N, K = prep.shape
-        y = fn(x2d, packed, absmax, prep.code, prep.blocksize, N, K, bias, **nested)
-        ctx.save_for_backward(packed)
-        ctx.meta = (state, prep, backend, bias is not None)
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        (packed,) = ctx.saved_tensors
-        state, prep, backend, has_bias = ctx.meta
-        dx = dbias = None
-        if ctx.needs_input_grad[0]:
-            fn = _dequant_impl(backend, dy.dtype)
-            absmax, nested = _scales(prep, state, fn is not dequantize_nf4_torch)
-            N, K = prep.shape
-            w = fn(packed, absmax, prep.code, prep.blocksize, N * K, dy.dtype, **nested).view(N, K)
-            dx = torch.mm(dy, w)
-        if has_bias and ctx.needs_input_grad[1]:
-            dbias = dy.sum(0)
-        return dx, dbias, None, None, None, None
 
 
 def _select_matmul(x2d: torch.Tensor, backend: str) -> str:
@@ -741,14 +790,15 @@ def nf4_matmul(
     Backends for CUDA tensors under ``"auto"``: ``triton``, then ``cuda`` (the CUDA C++ GEMV
     for ``M <= 8`` rows, CUDA dequant + torch GEMM above); :data:`GEMV_POLICY` picks the GEMV.
     """
-    packed, state, prep = _check_state(packed, state)
+    state = as_nf4_state(state)
+    packed = _check_packed(packed, state)
     if not torch.is_tensor(x):
         raise TypeError(f"x must be a tensor, got {type(x).__name__}")
     if not x.dtype.is_floating_point:
         raise TypeError(f"x must be a floating-point tensor, got dtype {x.dtype}")
-    if len(prep.shape) != 2:
+    if len(state.shape) != 2:
         raise ValueError(f"nf4_matmul needs a 2-D weight [N, K], got state.shape {tuple(state.shape)}")
-    N, K = prep.shape
+    N, K = state.shape
     if x.dim() < 1 or x.shape[-1] != K:
         raise ValueError(f"x shape {tuple(x.shape)} does not match the weight [N, K] = [{N}, {K}]: need x[..., {K}]")
     if bias is not None:
@@ -762,18 +812,21 @@ def nf4_matmul(
         raise ValueError(f"packed is on {packed.device} but x is on {x.device}")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, K)
-    chosen = _select_matmul(x2d, backend)
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
-    if K % prep.blocksize and chosen != "torch":
-        # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the fused
-        # kernels cannot read them, so dequantise (any layout) and run the framework's GEMM instead.
-        if backends.requested(backend) != "auto":
+    if not torch.compiler.is_compiling():  # a forced backend that cannot run raises here, eagerly
+        chosen = _select_matmul(x2d, backend)
+        if K % state.blocksize and chosen != "torch" and backends.requested(backend) != "auto":
+            # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the
+            # fused kernels cannot read them; under "auto" the operator dequantises + GEMMs
             raise ValueError(
                 f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {chosen} kernels "
                 "need blocks within rows; use backend='auto' (dequantise + GEMM) or 'torch'"
             )
-        w = dequantize_nf4(packed, state, dtype=x.dtype)
-        return torch.nn.functional.linear(x, w, bias)
-    y = _NF4Matmul.apply(x2d, bias, packed, state, prep, chosen)
+    absmax, code, absmax2, code2, offset, bs, bs2 = _op_state(state)
+    y = torch.ops.fastft.nf4_matmul(x2d, packed, absmax, code, absmax2, code2, offset, bias, bs, bs2, N, K, backend)
     return y.reshape(*lead, N)
+
+
+# quantisation lives in its own module (fastft.ops.nf4_quant); re-exported here
+from .nf4_quant import quantize_nf4  # noqa: E402
