@@ -726,6 +726,12 @@ def _check_packed(packed, state) -> torch.Tensor:
     """``packed`` checked against the state (cheap: metadata only); under tracing the state's
     own (cached) validation is skipped, as :func:`_op_state` says."""
     if torch.compiler.is_compiling():
+        nbytes = -(-math.prod(state.shape) // 2)
+        if packed.dtype != torch.uint8 or packed.numel() != nbytes:
+            raise ValueError(
+                f"packed must be {nbytes} uint8 bytes for state.shape {tuple(state.shape)}, "
+                f"got {packed.numel()} of dtype {packed.dtype}"
+            )
         return packed.data if isinstance(packed, torch.nn.Parameter) else packed
     return _check_state(packed, state)[0]
 
