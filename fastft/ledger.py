@@ -149,6 +149,11 @@ class _Mode(TorchDispatchMode):
         kwargs = kwargs or {}
         led = self.ledger
         if getattr(func, "namespace", None) == "fastft":
+            if led.inside:  # look inside: run the operator's implementation with this mode on again
+                from torch._library.custom_ops import OPDEFS
+
+                with self:
+                    return OPDEFS[func._schema.name]._init_fn(*args, **kwargs)
             # a fastft torch.library operator is one kernel: what runs inside it is not counted
             led._quiet += 1
             try:
@@ -172,10 +177,14 @@ class Ledger:
     """Record the launches, temporaries, conversions, traffic and saved tensors of the code run inside.
 
     ``min_numel``: outputs with at least this many elements are listed as temporaries
-    (0 lists every output). Use :meth:`section` to label forward / backward.
+    (0 lists every output). ``inside=True`` records what fastft operators run inside them
+    instead of one launch each. Use :meth:`section` to label forward / backward.
     """
 
     min_numel: int = 1 << 16
+    # False: a fastft torch.library operator is one launch; True: what its implementation runs is
+    # recorded instead (the aten ops and kernels inside), to check an operator's own design
+    inside: bool = False
     launches: list = field(default_factory=list)
     temporaries: list = field(default_factory=list)  # (op name, Tensor, section)
     conversions: list = field(default_factory=list)
@@ -222,11 +231,14 @@ class Ledger:
         outs = [o for o in tree_flatten(out)[0] if isinstance(o, torch.Tensor)]
         name = str(func.overloadpacket.__name__) if hasattr(func, "overloadpacket") else str(func)
         is_view = bool(getattr(func, "is_view", False))
-        if func in (_aten._to_copy.default, _aten.copy_.default) and outs and ins:
+        # below autograd (inside an operator) ``Tensor.to`` arrives as aten.to, not decomposed yet
+        if (func in (_aten._to_copy.default, _aten.copy_.default) or name == "to") and outs and ins:
             src = ins[1] if func is _aten.copy_.default else ins[0]
             dst = outs[0]
             if src.dtype != dst.dtype:
                 self.conversions.append(Conversion(_t(src), _t(dst), self._section))
+        if name == "to" and outs and ins and outs[0].dtype == ins[0].dtype and outs[0].device == ins[0].device:
+            return  # a no-op .to(): the tensor itself
         if is_view or func in _NOT_LAUNCHES:
             if func in _ALLOCS:
                 for o in outs:

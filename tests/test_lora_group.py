@@ -80,7 +80,7 @@ def test_x_saved_once_and_one_dx_buffer():
     x = torch.randn(N, in_f, requires_grad=True)
     counts = {}
     for how in ("grouped", "per-layer"):
-        with Ledger(min_numel=N * in_f) as led:
+        with Ledger(min_numel=N * in_f, inside=True) as led:
             with led.section("forward"):
                 if how == "grouped":
                     ys = lora_linear_group(x, ms)

@@ -224,7 +224,7 @@ def test_neither_the_mask_nor_the_dropped_input_is_saved():
     x, w, b, A, B, _ = _inputs((37,), 29, 41, 8)
     y = lora_linear(x, w, A, B, 1.0, bias=b, dropout_p=0.3, backend="triton")
     node = y.grad_fn
-    while "LoraLinear" not in type(node).__name__:
+    while "lora_linear" not in type(node).__name__:
         node = node.next_functions[0][0]
     big = [s for s in node.saved_tensors if s.numel() >= x.numel()]
     assert [s.data_ptr() for s in big if s.shape == (37, 29)] == [x.data_ptr()]

@@ -337,6 +337,139 @@ class _LoraLinear(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------
+# the operators (torch.library, 16-bit / fp32 bases; the 4-bit base keeps the Function above)
+# --------------------------------------------------------------------------------------
+class _Ctx:
+    """A stand-in autograd ctx: the operators run :class:`_LoraLinear`'s forward and backward bodies."""
+
+    def save_for_backward(self, *tensors):
+        self.saved_tensors = tensors
+
+
+def _branch_adapters(x2d, lora_A, lora_B, scaling, precision):
+    """The adapters as forward uses them: ``(A, B, b_scaled)`` (``B`` holds ``s * B`` when scaled)."""
+    if precision == "activation" or lora_B.dtype == x2d.dtype:
+        return cast_adapter(lora_A, x2d.dtype), cast_adapter(lora_B, x2d.dtype, scaling), True
+    return lora_A, lora_B, False
+
+
+def _seed_value(kernels, seed: torch.Tensor, p: float):
+    if p <= 0.0:
+        return 0
+    return seed if kernels is _TritonLoraKernels else int(seed.item())  # the torch seed lives on the CPU
+
+
+@torch.library.custom_op("fastft::lora_linear", mutates_args=())
+def _lora_op(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    lora_bias: torch.Tensor | None,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+    fan_in_fan_out: bool,
+    precision: str,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(y, xa)``: the layer's output and the rank-``r`` product ``(x * M) A^T`` (saved for backward)."""
+    kernels = _kernels(backends.select(OP_LORA, x2d.device, backend).backend, x2d, lora_A)
+    ctx = _Ctx()
+    sd = _seed_value(kernels, seed, p)
+    y = _LoraLinear.forward(
+        ctx, x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, sd, fan_in_fan_out, kernels, None, precision
+    )
+    return y, ctx.saved_tensors[4]
+
+
+@_lora_op.register_fake
+def _(x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, precision, backend):
+    out_f = weight.shape[1] if fan_in_fan_out else weight.shape[0]
+    A_dtype = x2d.dtype if (precision == "activation" or lora_B.dtype == x2d.dtype) else lora_A.dtype
+    return x2d.new_empty(x2d.shape[0], out_f), x2d.new_empty(x2d.shape[0], lora_A.shape[0], dtype=A_dtype)
+
+
+@torch.library.custom_op("fastft::lora_linear_bwd", mutates_args=())
+def _lora_bwd_op(
+    dy: torch.Tensor,
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    lora_A: torch.Tensor,
+    lora_B: torch.Tensor,
+    xa: torch.Tensor,
+    scaling: float,
+    p: float,
+    seed: torch.Tensor,
+    fan_in_fan_out: bool,
+    precision: str,
+    backend: str,
+    needs: list[bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """``(dx, dweight, dbias, dA, dB, dlora_bias)``; one not asked for (``needs``) is empty."""
+    kernels = _kernels(backends.select(OP_LORA, x2d.device, backend).backend, x2d, lora_A)
+    A, B, b_scaled = _branch_adapters(x2d, lora_A, lora_B, scaling, precision)
+    ctx = _Ctx()
+    ctx.saved_tensors = (x2d, weight, A, B, xa)
+    ctx.needs_input_grad = tuple(needs)
+    ctx.scaling, ctx.p, ctx.seed, ctx.fan_in_fan_out = scaling, p, _seed_value(kernels, seed, p), fan_in_fan_out
+    ctx.kernels, ctx.quant, ctx.grad_dtype, ctx.b_scaled = kernels, None, lora_A.dtype, b_scaled
+    grads = _LoraLinear.backward(ctx, dy)[:6]
+    return tuple(g.contiguous() if g is not None else dy.new_empty(0) for g in grads)
+
+
+@_lora_bwd_op.register_fake
+def _(dy, x2d, weight, lora_A, lora_B, xa, scaling, p, seed, fan_in_fan_out, precision, backend, needs):
+    out_f = dy.shape[1]
+    shapes = [
+        (x2d.shape, dy.dtype),
+        (weight.shape, dy.dtype),
+        ((out_f,), dy.dtype),
+        (lora_A.shape, lora_A.dtype),
+        (lora_B.shape, lora_A.dtype),
+        ((out_f,), lora_A.dtype),
+    ]
+    return tuple(dy.new_empty(sh, dtype=dt) if n else dy.new_empty(0) for (sh, dt), n in zip(shapes, needs))
+
+
+def _lora_setup(ctx, inputs, output):
+    x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, precision, backend = inputs
+    ctx.save_for_backward(x2d, weight, lora_A, lora_B, output[1], seed)
+    ctx.args = (scaling, p, fan_in_fan_out, precision, backend)
+    ctx.has = (True, True, bias is not None, True, True, lora_bias is not None)
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _lora_grad(ctx, dy, _dxa):
+    if dy is None:
+        return (None,) * 12
+    x2d, weight, lora_A, lora_B, xa, seed = ctx.saved_tensors
+    scaling, p, fan_in_fan_out, precision, backend = ctx.args
+    needs = [bool(n and h) for n, h in zip(ctx.needs_input_grad[:6], ctx.has)]
+    if not any(needs):
+        return (None,) * 12
+    grads = _lora_bwd_op(
+        dy.contiguous(), x2d, weight, lora_A, lora_B, xa, scaling, p, seed, fan_in_fan_out, precision, backend, needs
+    )
+    return tuple(g if n else None for g, n in zip(grads, needs)) + (None,) * 6
+
+
+_lora_op.register_autograd(_lora_grad, setup_context=_lora_setup)
+
+
+@torch.compiler.disable
+def _lora_quant(x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, fan_in_fan_out, choice, quant, precision):
+    """A 4-bit base: the autograd Function, run eagerly (the NF4 state is a Python object)."""
+    kernels = _kernels(choice.backend, x2d, lora_A)
+    seed = draw_seed(kernels, x2d.device) if p > 0.0 else 0
+    return _LoraLinear.apply(
+        x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels, quant, precision
+    )
+
+
+# --------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------
 def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state):
@@ -403,7 +536,6 @@ def _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_i
     return state
 
 
-@torch.compiler.disable
 def lora_linear(
     x: torch.Tensor,
     weight: torch.Tensor,
@@ -444,28 +576,23 @@ def lora_linear(
                 fan_in_fan_out=fan_in_fan_out, quant_state=quant_state, backend=backend, precision=precision,
             )  # fmt: skip
     state = _check(x, weight, lora_A, lora_B, scaling, bias, lora_bias, dropout_p, fan_in_fan_out, quant_state)
-    choice = backends.select(OP_LORA, x.device, backend)
-    quant = None
-    if state is not None:
-        state = state.to(x.device) if state.absmax.device != x.device else state
-        quant = (state, backend if backend not in (None, "auto") else "auto")
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
-    kernels = _kernels(choice.backend, x2d, lora_A)
-    seed = draw_seed(kernels, x.device) if dropout_p > 0.0 else 0
-    y = _LoraLinear.apply(
-        x2d,
-        weight,
-        bias,
-        lora_A,
-        lora_B,
-        lora_bias,
-        float(scaling),
-        float(dropout_p),
-        seed,
-        bool(fan_in_fan_out),
-        kernels,
-        quant,
-        precision,
+    p, s = float(dropout_p), float(scaling)
+    if state is not None:
+        choice = backends.select(OP_LORA, x.device, backend)
+        state = state.to(x.device) if state.absmax.device != x.device else state
+        quant = (state, backend if backend not in (None, "auto") else "auto")
+        y = _lora_quant(x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, bool(fan_in_fan_out), choice, quant,
+                        precision)  # fmt: skip
+        return y.reshape(*lead, y.shape[-1])
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_LORA, x.device, backend)
+    # the dropout seed: drawn on the device by torch's generator (no host sync; a CUDA-graph replay
+    # draws a fresh one); the torch products take it from the CPU generator (no device sync either)
+    seed_dev = x.device if x.device.type == "cuda" else torch.device("cpu")
+    seed = torch.randint(0, 2**62, (1,), device=seed_dev) if p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    y, _ = torch.ops.fastft.lora_linear(
+        x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, seed, bool(fan_in_fan_out), precision, backend
     )
     return y.reshape(*lead, y.shape[-1])
