@@ -217,16 +217,7 @@ def time_fn(fn: Callable[[], Any], warmup: int, reps: int, *, device=None) -> di
         fn()
         sync()
         times.append((time.perf_counter() - t0) * 1e3)
-    s = sorted(times)
-    return {
-        "median_ms": _percentile(s, 50),
-        "p20_ms": _percentile(s, 20),
-        "p80_ms": _percentile(s, 80),
-        "min_ms": s[0],
-        "reps": len(times),
-        "warmup": max(0, warmup),
-        "times_ms": times,
-    }
+    return _stats(times, warmup)
 
 
 def _stats(times: list[float], warmup: int) -> dict[str, Any]:

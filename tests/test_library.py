@@ -10,32 +10,12 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _compile import compiled_matches_eager, no_graph_breaks
 
 import fastft  # noqa: F401  (registers the operators)
 from fastft.ops.rms_norm import rms_norm
 
 BACKENDS = ["torch", "triton"]
-
-
-def _compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5):
-    """fn compiled with fullgraph=True (aot_eager: dynamo + AOTAutograd, no codegen) gives
-    the eager loss and gradients."""
-    torch._dynamo.reset()
-    leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
-    eager = fn(*leaves)
-    eager_grads = torch.autograd.grad(eager.float().sum(), [x for x in leaves if x.requires_grad])
-    leaves2 = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves2)
-    grads = torch.autograd.grad(compiled.float().sum(), [x for x in leaves2 if x.requires_grad])
-    torch.testing.assert_close(compiled, eager, atol=atol, rtol=rtol)
-    for g, ge in zip(grads, eager_grads):
-        torch.testing.assert_close(g, ge, atol=atol, rtol=rtol)
-
-
-def _no_graph_breaks(fn, *inputs):
-    torch._dynamo.reset()
-    explain = torch._dynamo.explain(fn)(*inputs)
-    assert explain.graph_break_count == 0, [str(b.reason) for b in explain.break_reasons]
 
 
 # --------------------------------------------------------------------------------------
@@ -64,8 +44,8 @@ def test_rms_norm_fullgraph(backend):
     def fn(x, w):
         return rms_norm(x * 2.0, w, 1e-6, offset=1.0, backend=backend) + 1.0
 
-    _no_graph_breaks(fn, x, w)
-    _compiled_matches_eager(fn, [x, w])
+    no_graph_breaks(fn, x, w)
+    compiled_matches_eager(fn, [x, w])
 
 
 # --------------------------------------------------------------------------------------
@@ -90,8 +70,8 @@ def test_gated_act_fullgraph(backend):
     def fn(gate, up):
         return fastft.ops.swiglu(gate, up, backend=backend) * 3.0 + fastft.ops.geglu(up, gate, backend=backend)
 
-    _no_graph_breaks(fn, gate, up)
-    _compiled_matches_eager(fn, [gate, up])
+    no_graph_breaks(fn, gate, up)
+    compiled_matches_eager(fn, [gate, up])
 
 
 # --------------------------------------------------------------------------------------
@@ -125,8 +105,8 @@ def test_rope_fullgraph(backend, partial):
         qo, ko = fastft.ops.rope(q * 1.5, k, cos, sin, backend=backend)
         return qo.sum(1) + ko.sum(1)
 
-    _no_graph_breaks(fn, q, k, cos, sin)
-    _compiled_matches_eager(fn, [q, k, cos, sin])
+    no_graph_breaks(fn, q, k, cos, sin)
+    compiled_matches_eager(fn, [q, k, cos, sin])
 
 
 # --------------------------------------------------------------------------------------
@@ -182,8 +162,8 @@ def test_ce_fullgraph(backend, reduction):
         b = fastft.ops.fused_linear_cross_entropy(h, w, t, reduction=reduction, softcap=5.0, backend=backend)
         return a + b
 
-    _no_graph_breaks(fn, x, h, w)
-    _compiled_matches_eager(fn, [x, h, w])
+    no_graph_breaks(fn, x, h, w)
+    compiled_matches_eager(fn, [x, h, w])
 
 
 # --------------------------------------------------------------------------------------
@@ -225,7 +205,7 @@ def test_lora_fullgraph(backend):
     def fn(x, A, B):
         return fastft.ops.lora_linear(x * 1.5, w, A, B, 2.0, dropout_p=0.25, backend=backend)
 
-    _no_graph_breaks(fn, x, A, B)
+    no_graph_breaks(fn, x, A, B)
     torch._dynamo.reset()
     compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
     results = []

@@ -359,6 +359,9 @@ def _seed_value(kernels, seed: torch.Tensor, p: float):
     return seed if kernels is _TritonLoraKernels else int(seed.item())  # the torch seed lives on the CPU
 
 
+_NO_SEED = torch.zeros(1, dtype=torch.int64)  # the seed argument without dropout (never read): no allocation per call
+
+
 @torch.library.custom_op("fastft::lora_linear", mutates_args=())
 def _lora_op(
     x2d: torch.Tensor,
@@ -591,7 +594,7 @@ def lora_linear(
     # the dropout seed: drawn on the device by torch's generator (no host sync; a CUDA-graph replay
     # draws a fresh one); the torch products take it from the CPU generator (no device sync either)
     seed_dev = x.device if x.device.type == "cuda" else torch.device("cpu")
-    seed = torch.randint(0, 2**62, (1,), device=seed_dev) if p > 0.0 else torch.zeros(1, dtype=torch.int64)
+    seed = torch.randint(0, 2**62, (1,), device=seed_dev) if p > 0.0 else _NO_SEED
     y, _ = torch.ops.fastft.lora_linear(
         x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, seed, bool(fan_in_fan_out), precision, backend
     )
