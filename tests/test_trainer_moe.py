@@ -25,6 +25,7 @@ def test_all_linear_trains_the_experts(tmp_path, dropout, capsys):
     if dropout == 0.0:
         assert "LoRA on expert weights (target_parameters=['experts.down_proj', 'experts.gate_up_proj'])" in printed
         assert expert_keys and any("lora_A" in k for k in expert_keys) and any("lora_B" in k for k in expert_keys)
+        assert "experts + LoRA (fused), gate_up_proj r=" in printed and "no delta weight formed" in printed
     else:
         assert "PEFT target_parameters LoRA has no dropout" in printed
         assert not expert_keys
