@@ -29,6 +29,10 @@ input, the activation and the expert outputs are recomputed or never needed.
 offsets). Measured on a 2-core CPU at E 8, H 1024, I 2816, 4096 rows: grouped_mm 0.39 s vs
 loop 0.41 s forward, 0.69 s vs 1.5 s for a weight gradient, hence grouped_mm everywhere.
 
+LoRA on either GEMM (``lora_gate_up`` / ``lora_down``: ``x W_e + s (x A_e^T) B_e^T``) runs as two
+more rank-``r`` grouped GEMMs over the same sorted rows in forward and three in backward; the
+delta ``s B_e A_e`` is never formed (:mod:`fastft.ops.experts_lora` holds that math).
+
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
 the oracle of the tests and the baseline of the benchmark.
 """

@@ -85,10 +85,27 @@ def prepare(A, B, scaling: float, dtype: torch.dtype):
     return At, Bs
 
 
+def gmm_add_(c, a, b, offs, gmm):
+    """``c[rows of e] += a[rows of e] @ b[e]`` in place (``c`` activation-sized, ``a @ b`` rank-``r`` inner).
+
+    On a CPU: per expert an ``addmm_`` into ``c``'s rows (the GEMM accumulates, no temporary and no
+    extra pass over ``c``; the offsets are host memory already, no sync). Elsewhere one grouped GEMM
+    into a temporary, added (``torch._grouped_mm`` has no accumulate)."""
+    if c.device.type != "cpu":
+        c += gmm(a, b, offs)
+        return c
+    start = 0
+    for e, end in enumerate(offs.tolist()):
+        if end > start:
+            c[start:end].addmm_(a[start:end], b[e])
+        start = end
+    return c
+
+
 def lora_forward_(h, xs, At, Bs, offs, gmm):
     """``h += (xs At_e) Bs_e`` in place over the expert-sorted rows; returns ``u = xs At_e`` (S, r)."""
     u = gmm(xs, At, offs)
-    h += gmm(u, Bs, offs)
+    gmm_add_(h, u, Bs, offs, gmm)
     return u
 
 
@@ -110,8 +127,7 @@ def lora_grads(t, dh, xs, u, At, scaling: float, offs, gmm, need_A: bool, need_B
 
 def lora_dx_(dxs, t, At, offs, gmm):
     """``dxs += t A_e`` in place (S, in)."""
-    dxs += gmm(t, At.transpose(-2, -1), offs)
-    return dxs
+    return gmm_add_(dxs, t, At.transpose(-2, -1), offs, gmm)
 
 
 def lora_term(x, lora: ExpertsLora, e: int):
