@@ -156,7 +156,7 @@ def main(argv=None) -> int:
     lora = None
     if args.lora_rank > 0:
         peft_impl = fastest if fastest in ("grouped_mm", "eager") else "grouped_mm"
-        lora = lora_case(mod, x, idx, w, dout, args.lora_rank, peft_impl, cfg_d["reps"], device)
+        lora = lora_case(mod, x, idx, w, dout, args.lora_rank, peft_impl, cfg_d["reps"] + 2, device)
     payload = dict(
         env=H.env_info(device),
         config=dict(
@@ -227,11 +227,18 @@ def lora_case(mod, x, idx, w, dout, rank, peft_impl, reps, device) -> dict:
         out = step(n)()
         check[n] = [out.detach().clone()] + [t.grad.clone() for t in leaves + adapters.get(n, [])]
     err = max(H.rel_err(a, b) for a, b in zip(check["lora_fastft"], check["lora_peft"]))
+    peak = {}
+    if device.startswith("cuda"):  # one step's peak above what is held (CPU: not measured, see the README)
+        for n in names:
+            H.free_memory(device)
+            peak[n] = H.measure_peak_memory(step(n), device)["peak_mib"]
     res = H.time_interleaved({n: step(n) for n in names}, warmup=0, reps=reps, device=device)
     f, p, b = (res[n]["median_ms"] for n in names)
     rows = [
-        dict(provider=n, median_ms=res[n]["median_ms"], p20_ms=res[n]["p20_ms"], p80_ms=res[n]["p80_ms"]) for n in names
-    ]
+        dict(provider=n, median_ms=res[n]["median_ms"], p20_ms=res[n]["p20_ms"], p80_ms=res[n]["p80_ms"],
+             peak_mib=peak.get(n))
+        for n in names
+    ]  # fmt: skip
     summary = dict(
         rank=rank,
         peft_over=peft_impl,
@@ -242,7 +249,7 @@ def lora_case(mod, x, idx, w, dout, rank, peft_impl, reps, device) -> dict:
         targets="lora_fastft >= 2x lora_peft, <= 1.2x base_frozen",
     )
     print(f"\nLoRA r={rank} on gate_up_proj + down_proj (frozen base), PEFT over {peft_impl}:")
-    print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms"]))
+    print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mib"]))
     print(
         f"PEFT / fastft = {summary['peft_over_fastft']:.2f}x (target >= 2), fastft / base block = "
         f"{summary['fastft_over_base_frozen']:.2f}x (target <= 1.2); max rel err vs PEFT {err:.1e}"
