@@ -376,3 +376,39 @@ def test_no_expert_sized_tensor_in_patched_lora_step():
     led = step()
     assert not report.fallbacks and not led.temporaries, led.table()
     assert all(p.grad is None for p in (base.gate_up_proj, base.down_proj))
+
+
+def test_peft_all_linear_alone_targets_the_experts_with_their_own_ranks(monkeypatch):
+    """PEFT's own ``all-linear`` expansion on an MoE model (no target_parameters given): the expert weights get
+    wrappers of different ranks (gate_up_proj 2r, PEFT's rank_pattern); fused, with PEFT's numbers."""
+    from peft import LoraConfig, get_peft_model
+
+    calls = _count_fused(monkeypatch)
+    model = _model("qwen3_moe")
+    model.config._experts_implementation = "eager"
+    torch.manual_seed(2)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear", init_lora_weights=False))
+    batch = _batch(model)
+    ref_loss, ref_grads = _loss_and_lora_grads(model, batch)
+    report = _patch(model)
+    lines = _lora_lines(report)
+    assert lines and all("gate_up_proj r=8, down_proj r=4" in p.detail for p in lines)
+    loss, grads = _loss_and_lora_grads(model, batch)
+    assert not report.fallbacks and len(calls) == len(lines)
+    torch.testing.assert_close(loss, ref_loss, **FP32)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **FP32, msg=lambda m, n=n: f"{n}: {m}")
+
+
+def test_experts_disabled_keeps_peft_and_says_so():
+    model = _peft("mixtral", "both")
+    batch = _batch(model)
+    ref_loss, _ = _loss_and_lora_grads(model, batch)
+    report = fastft.patch(model, experts=False, loss=False, norms=False, rope=False, mlp=False)
+    assert not _lora_lines(report)
+    assert any(s.feature == "lora" and "PEFT's forward is kept" in s.reason for s in report.skipped)
+    wrappers = [m for n, m in model.named_modules() if n.endswith("mlp.experts")]
+    assert wrappers and all("forward" not in m.__dict__ for m in wrappers)
+    loss, _ = _loss_and_lora_grads(model, batch)
+    torch.testing.assert_close(loss, ref_loss, rtol=0, atol=0)
