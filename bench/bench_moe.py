@@ -15,6 +15,18 @@ and the max relative error of fastft's output and gradients against ``eager``.
 Targets (reported, never asserted): CPU fastft >= 1.2x the fastest transformers implementation
 and <= 1.15x the bare GEMM time.
 
+LoRA on the experts (``--lora-rank``, default 16, on gate_up_proj and down_proj; 0 skips it): the
+same module, base weights frozen, with PEFT ``target_parameters`` adapters (``init_lora_weights=False``,
+so ``B`` is not zero), forward + backward (gradients for ``x``, the routing weights and the adapters),
+timed interleaved (a loaded machine slows all alike):
+
+* ``lora_fastft``: ``fastft.patch`` on the PEFT model: the fused LoRA experts op, no delta weight
+* ``lora_peft``: plain PEFT (its parametrization forms ``W + s B A`` per call) over transformers'
+  fastest built-in implementation measured above (``grouped_mm`` unless told otherwise)
+* ``base_frozen``: fastft's own base expert block with the same frozen weights (no adapters)
+
+Targets (reported): ``lora_fastft`` >= 2x ``lora_peft`` and <= 1.2x ``base_frozen``.
+
     python bench/bench_moe.py --quick      # seconds, any machine
     python bench/bench_moe.py              # CPU: E 8, top-2, H 1024, I 2816, 2048 tokens, fp32
 """
@@ -41,6 +53,7 @@ def main(argv=None) -> int:
     p.add_argument("--device", default="auto")
     p.add_argument("--quick", action="store_true")
     p.add_argument("--providers", default=",".join(PROVIDERS))
+    p.add_argument("--lora-rank", type=int, default=16, help="LoRA-on-experts case rank (0: skip the case)")
     H.add_common_args(p, "moe")
     args = p.parse_args(argv)
     t_start = time.perf_counter()
@@ -140,6 +153,10 @@ def main(argv=None) -> int:
             summary["fastft_over_bare_gemm"] = H.ratio(f, results["gemm"]["median_ms"])
     print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms", "vs_fastft", "max_rel_err_vs_eager"]))
     print(summary)
+    lora = None
+    if args.lora_rank > 0:
+        peft_impl = fastest if fastest in ("grouped_mm", "eager") else "grouped_mm"
+        lora = lora_case(mod, x, idx, w, dout, args.lora_rank, peft_impl, cfg_d["reps"] + 2, device)
     payload = dict(
         env=H.env_info(device),
         config=dict(
@@ -147,9 +164,97 @@ def main(argv=None) -> int:
         ),
         rows=rows,
         summary=summary,
+        lora=lora,
     )
     H.finish(args, "moe", payload, device=device, quick=args.quick, t_start=t_start)
     return 0
+
+
+def lora_case(mod, x, idx, w, dout, rank, peft_impl, reps, device) -> dict:
+    """LoRA r=``rank`` on gate_up_proj + down_proj: fastft fused vs PEFT target_parameters vs fastft's base block."""
+    import copy
+
+    import torch
+    from peft import LoraConfig, get_peft_model
+
+    import fastft
+    from fastft.ops.experts import experts as fastft_experts
+
+    class Block(torch.nn.Module):  # what an MoE block does with its experts module
+        def __init__(self, experts):
+            super().__init__()
+            self.experts = experts
+
+        def forward(self, *a):
+            return self.experts(*a)
+
+    cfg = LoraConfig(
+        r=rank,
+        lora_alpha=2 * rank,
+        target_modules=[],
+        target_parameters=["experts.gate_up_proj", "experts.down_proj"],
+        init_lora_weights=False,
+    )
+    models = {}
+    for name in ("lora_peft", "lora_fastft"):
+        m = copy.deepcopy(mod)
+        m.config = copy.copy(mod.config)
+        m.config._experts_implementation = peft_impl
+        torch.manual_seed(1)
+        models[name] = get_peft_model(Block(m), cfg)
+    report = fastft.patch(models["lora_fastft"])
+    base = models["lora_peft"].base_model.model.experts.get_base_layer()
+    w1, w2 = base.gate_up_proj.detach(), base.down_proj.detach()  # frozen
+    leaves = [x, w]
+    adapters = {n: [p for p in m.parameters() if p.requires_grad] for n, m in models.items()}
+
+    def step(name):
+        def run():
+            for t in leaves + adapters.get(name, []):
+                t.grad = None
+            if name == "base_frozen":
+                out = fastft_experts(x, idx, w, w1, w2)
+            else:
+                out = models[name](x, idx, w)
+            out.backward(dout)
+            return out
+
+        return run
+
+    names = ("lora_fastft", "lora_peft", "base_frozen")
+    check = {}
+    for n in names:  # one untimed call each: outputs and gradients to compare
+        out = step(n)()
+        check[n] = [out.detach().clone()] + [t.grad.clone() for t in leaves + adapters.get(n, [])]
+    err = max(H.rel_err(a, b) for a, b in zip(check["lora_fastft"], check["lora_peft"]))
+    peak = {}
+    if device.startswith("cuda"):  # one step's peak above what is held (CPU: not measured, see the README)
+        for n in names:
+            H.free_memory(device)
+            peak[n] = H.measure_peak_memory(step(n), device)["peak_mib"]
+    res = H.time_interleaved({n: step(n) for n in names}, warmup=0, reps=reps, device=device)
+    f, p, b = (res[n]["median_ms"] for n in names)
+    rows = [
+        dict(provider=n, median_ms=res[n]["median_ms"], p20_ms=res[n]["p20_ms"], p80_ms=res[n]["p80_ms"],
+             peak_mib=peak.get(n))
+        for n in names
+    ]  # fmt: skip
+    summary = dict(
+        rank=rank,
+        peft_over=peft_impl,
+        peft_over_fastft=H.ratio(p, f),
+        fastft_over_base_frozen=H.ratio(f, b),
+        max_rel_err_fastft_vs_peft=err,
+        fused=not report.fallbacks and any("experts + LoRA (fused)" in q.detail for q in report.patched),
+        targets="lora_fastft >= 2x lora_peft, <= 1.2x base_frozen",
+    )
+    print(f"\nLoRA r={rank} on gate_up_proj + down_proj (frozen base), PEFT over {peft_impl}:")
+    print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms", "peak_mib"]))
+    print(
+        f"PEFT / fastft = {summary['peft_over_fastft']:.2f}x (target >= 2), fastft / base block = "
+        f"{summary['fastft_over_base_frozen']:.2f}x (target <= 1.2); max rel err vs PEFT {err:.1e}"
+    )
+    return dict(rows=rows, summary=summary, times={n: res[n] for n in names})
 
 
 if __name__ == "__main__":

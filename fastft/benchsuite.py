@@ -218,6 +218,20 @@ def _rows_moe(doc: dict) -> list[dict]:
             err = f.get("max_rel_err_vs_eager")
             out.append(_row("moe", case, "experts", ref, f.get("median_ms"), r.get("median_ms"), None,
                             None if err is None else err < 1e-4))  # fmt: skip
+    lora = doc.get("lora") or {}
+    lby = {r["provider"]: r for r in lora.get("rows", []) if r.get("median_ms")}
+    ls = lora.get("summary", {})
+    lf = lby.get("lora_fastft")
+    for ref, label in (
+        ("lora_peft", f"peft target_parameters ({ls.get('peft_over')})"),
+        ("base_frozen", "experts (no LoRA)"),
+    ):
+        r = lby.get(ref)
+        if lf and r:
+            err = ls.get("max_rel_err_fastft_vs_peft") if ref == "lora_peft" else None
+            mem = _ratio(lf.get("peak_mib"), r.get("peak_mib"))
+            out.append(_row("moe", f"{case}, LoRA r{ls.get('rank')} on experts", "experts + LoRA (fused)", label,
+                            lf.get("median_ms"), r.get("median_ms"), mem, None if err is None else err < 1e-4))  # fmt: skip
     return out
 
 

@@ -238,7 +238,8 @@ def test_no_experts_reported_and_disabled():
 def test_peft_target_parameters_lora_on_patched_experts(family):
     """PEFT LoRA on expert weights (target_parameters) under the experts patch: PEFT's loss and every LoRA grad.
 
-    PEFT's ParamWrapper still forms the delta weight (parametrization); the experts op consumes it."""
+    The fused LoRA path itself is tested in test_experts_lora.py; here: both experts modules and both
+    wrapper chains are patched."""
     from peft import LoraConfig, get_peft_model
 
     model = _model(family)
@@ -251,7 +252,8 @@ def test_peft_target_parameters_lora_on_patched_experts(family):
     ref_loss, ref_grads = _loss_and_grads(peft_model, batch)
     assert ref_grads and all("lora_" in n for n in ref_grads)
     report = fastft.patch(peft_model, loss=False, norms=False, rope=False, mlp=False)
-    assert len([p for p in report.patched if p.feature == "experts"]) == 2
+    lines = [p.detail for p in report.patched if p.feature == "experts"]
+    assert len(lines) == 4 and sum("experts + LoRA (fused)" in d for d in lines) == 2
     loss, grads = _loss_and_grads(peft_model, batch)
     assert not report.fallbacks
     torch.testing.assert_close(loss, ref_loss, **FP32)

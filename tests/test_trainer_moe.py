@@ -22,12 +22,18 @@ def test_all_linear_trains_the_experts(tmp_path, dropout, capsys):
     printed = capsys.readouterr().out
     keys = _adapter(tmp_path / "checkpoint-last").keys()
     expert_keys = [k for k in keys if "experts" in k]
+    # the experts train with or without dropout: PEFT's parameter LoRA has none, the linear layers keep it
+    assert "LoRA on expert weights (target_parameters=['experts.down_proj', 'experts.gate_up_proj'])" in printed
+    assert expert_keys and any("lora_A" in k for k in expert_keys) and any("lora_B" in k for k in expert_keys)
+    assert "experts + LoRA (fused), gate_up_proj r=" in printed and "no delta weight formed" in printed
+    drops = {
+        type(d).__name__: d for n, m in model.named_modules() if n.endswith("q_proj") for d in m.lora_dropout.values()
+    }
     if dropout == 0.0:
-        assert "LoRA on expert weights (target_parameters=['experts.down_proj', 'experts.gate_up_proj'])" in printed
-        assert expert_keys and any("lora_A" in k for k in expert_keys) and any("lora_B" in k for k in expert_keys)
+        assert set(drops) == {"Identity"}
     else:
-        assert "PEFT target_parameters LoRA has no dropout" in printed
-        assert not expert_keys
+        assert "dropout 0.1 on the linear layers only" in printed and "dropout 0.1 fused" in printed
+        assert set(drops) == {"Dropout"} and drops["Dropout"].p == dropout
     assert any("q_proj" in k for k in keys)
     for n, p in model.named_parameters():  # base weights stay frozen
         if n in before:

@@ -29,6 +29,10 @@ input, the activation and the expert outputs are recomputed or never needed.
 offsets). Measured on a 2-core CPU at E 8, H 1024, I 2816, 4096 rows: grouped_mm 0.39 s vs
 loop 0.41 s forward, 0.69 s vs 1.5 s for a weight gradient, hence grouped_mm everywhere.
 
+LoRA on either GEMM (``lora_gate_up`` / ``lora_down``: ``x W_e + s (x A_e^T) B_e^T``) runs as two
+more rank-``r`` grouped GEMMs over the same sorted rows in forward and three in backward; the
+delta ``s B_e A_e`` is never formed (:mod:`fastft.ops.experts_lora` holds that math).
+
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
 the oracle of the tests and the baseline of the benchmark.
 """
@@ -41,8 +45,10 @@ import torch
 import torch.nn.functional as F
 
 from .. import backends
+from . import experts_lora as _lo
+from .experts_lora import ExpertsLora
 
-__all__ = ["ExpertsActivation", "experts", "experts_reference"]
+__all__ = ["ExpertsActivation", "ExpertsLora", "experts", "experts_reference"]
 
 OP_EXPERTS = "experts"
 backends.register(OP_EXPERTS, ("torch",))
@@ -124,9 +130,14 @@ def experts_reference(
     *,
     act: ExpertsActivation = ExpertsActivation(),
     transposed: bool = False,
+    lora_gate_up: ExpertsLora | None = None,
+    lora_down: ExpertsLora | None = None,
 ) -> torch.Tensor:
-    """The expert block as a loop over experts (what transformers' ``eager`` computes)."""
+    """The expert block as a loop over experts (what transformers' ``eager`` computes); with
+    ``lora_gate_up`` / ``lora_down`` each GEMM adds ``s (x A_e^T) B_e^T`` (adapters cast to the
+    input's dtype, :mod:`fastft.ops.experts_lora`)."""
     _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
     out = torch.zeros_like(x)
     for e in range(gate_up_proj.shape[0]):
         tok, slot = torch.where(top_k_index == e)
@@ -135,9 +146,14 @@ def experts_reference(
         w1 = gate_up_proj[e] if transposed else gate_up_proj[e].T
         w2 = down_proj[e] if transposed else down_proj[e].T
         h = x[tok] @ w1
+        if lora_gate_up is not None:
+            h = h + _lo.lora_term(x[tok], lora_gate_up, e)
         if gate_up_bias is not None:
             h = h + gate_up_bias[e]
-        y = act_forward(h, act) @ w2
+        a = act_forward(h, act)
+        y = a @ w2
+        if lora_down is not None:
+            y = y + _lo.lora_term(a, lora_down, e)
         if down_bias is not None:
             y = y + down_bias[e]
         out = out.index_add(0, tok, (y * top_k_weights[tok, slot, None]).to(x.dtype))
@@ -173,7 +189,8 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
 
 class _Experts(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed):
+    def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed, A1=None, B1=None, A2=None,
+                B2=None, lora_s=(1.0, 1.0)):  # fmt: skip
         T, K = top_k_index.shape
         E = w1.shape[0]
         dtype = w1.dtype
@@ -187,22 +204,36 @@ class _Experts(torch.autograd.Function):
         w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         xs = x[tok].to(dtype)  # (S, H)
         h = _gmm(xs, w1t, offs)  # (S, 2I)
+        lora = []  # LoRA (experts_lora): per adapted GEMM its cast factors and u = x A^T, saved for backward
+        if A1 is not None:
+            At1, Bs1 = _lo.prepare(A1, B1, lora_s[0], dtype)
+            lora += [At1, Bs1, _lo.lora_forward_(h, xs, At1, Bs1, offs, _gmm)]
         if b1 is not None:
             h += b1[sorted_ids]
-        y = _gmm(act_forward(h, act), w2t, offs)  # (S, H)
+        a = act_forward(h, act)
+        y = _gmm(a, w2t, offs)  # (S, H)
+        if A2 is not None:
+            At2, Bs2 = _lo.prepare(A2, B2, lora_s[1], dtype)
+            lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, offs, _gmm)]
+        del a
         if b2 is not None:
             y += b2[sorted_ids]
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
-        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2)
+        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora)
         ctx.act, ctx.transposed, ctx.K = act, transposed, K
         ctx.has_b1 = b1 is not None
+        ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, lora_s
+        ctx.lora_dtypes = [(t.dtype, u.dtype) for t, u in ((A1, B1), (A2, B2)) if t is not None]
         return out.to(x.dtype)
 
     @staticmethod
     def backward(ctx, dout):
-        x, perm, sorted_ids, offs, ws, h, w1, w2, b2 = ctx.saved_tensors
+        x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora = ctx.saved_tensors
         act, transposed, K = ctx.act, ctx.transposed, ctx.K
+        lora1 = lora[:3] if ctx.lora1 else None  # (At, Bs, u) of the gate/up adapter
+        lora2 = lora[-3:] if ctx.lora2 else None
+        dtypes1, dtypes2 = (ctx.lora_dtypes[0], ctx.lora_dtypes[-1]) if ctx.lora_dtypes else (None, None)
         E, dtype = w1.shape[0], w1.dtype
         need = ctx.needs_input_grad
         tok = perm // K
@@ -210,6 +241,9 @@ class _Experts(torch.autograd.Function):
         w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         dout_s = dout[tok].to(dtype)  # (S, H)
         g = _gmm(dout_s, w2t.transpose(-2, -1), offs)  # (S, I) = dout W2^T
+        if lora2 is not None:  # g += (dout s B2) A2
+            t2 = _lo.lora_t(dout_s, lora2[1], offs, _gmm)  # (S, r), before the routing weight
+            _lo.lora_dx_(g, t2, lora2[0], offs, _gmm)
         wcol = ws[:, None].to(dtype)
         dh, a = act_backward(g * wcol, h, act)  # (S, 2I), and a (S, I) recomputed
         dw = None
@@ -221,24 +255,33 @@ class _Experts(torch.autograd.Function):
             dw[perm] = dws
             dw = dw.view(-1, K).to(ws.dtype)
         dy = dout_s * wcol  # (S, H)
-        dw2 = db2 = dw1 = db1 = dx = None
+        dw2 = db2 = dw1 = db1 = dx = dA1 = dB1 = dA2 = dB2 = None
+        if lora2 is not None and (need[11] or need[12]):
+            dA2, dB2 = _lo.lora_grads(t2 * wcol, dy, a, lora2[2], lora2[0], ctx.lora_s[1], offs, _gmm,
+                                      need[11], need[12], dtypes2)  # fmt: skip
         if need[4]:
             dw2 = _gmm(a.T, dy, offs) if transposed else _gmm(dy.T, a, offs)
         if need[6]:
             db2 = torch.zeros(E, dy.shape[1], device=dy.device, dtype=torch.float32)
             db2 = db2.index_add_(0, sorted_ids, dy.float()).to(b2.dtype)
-        if need[3] or need[0]:
+        t1 = _lo.lora_t(dh, lora1[1], offs, _gmm) if lora1 is not None and (need[0] or need[9]) else None
+        if need[3] or need[0] or (lora1 is not None and (need[9] or need[10])):
             xs = x[tok].to(dtype)
             if need[3]:
                 dw1 = _gmm(xs.T, dh, offs) if transposed else _gmm(dh.T, xs, offs)
+            if lora1 is not None:
+                dA1, dB1 = _lo.lora_grads(t1, dh, xs, lora1[2], lora1[0], ctx.lora_s[0], offs, _gmm,
+                                          need[9], need[10], dtypes1)  # fmt: skip
         if need[5]:
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
             dxs = _gmm(dh, w1t.transpose(-2, -1), offs)  # (S, H)
+            if t1 is not None:
+                _lo.lora_dx_(dxs, t1, lora1[0], offs, _gmm)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
-        return dx, None, dw, dw1, dw2, db1, db2, None, None
+        return dx, None, dw, dw1, dw2, db1, db2, None, None, dA1, dB1, dA2, dB2, None
 
 
 def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
@@ -269,6 +312,13 @@ def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
         raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{int(idx.min())}, {int(idx.max())}]")
 
 
+def _check_lora(w1, w2, transposed, lora_gate_up, lora_down) -> None:
+    E = w1.shape[0]
+    h, two_i = (w1.shape[1], w1.shape[2]) if transposed else (w1.shape[2], w1.shape[1])
+    _lo.check_lora(lora_gate_up, "lora_gate_up", E, h, two_i)
+    _lo.check_lora(lora_down, "lora_down", E, two_i // 2, h)
+
+
 def experts(
     x: torch.Tensor,
     top_k_index: torch.Tensor,
@@ -281,14 +331,22 @@ def experts(
     act: ExpertsActivation = ExpertsActivation(),
     transposed: bool = False,
     backend: str = "auto",
+    lora_gate_up: ExpertsLora | None = None,
+    lora_down: ExpertsLora | None = None,
 ) -> torch.Tensor:
     """The expert block ``(T, H) -> (T, H)`` on expert-sorted rows with grouped GEMMs (see the module doc).
 
     ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` (``transposed``: ``(E, H, 2I)`` and
     ``(E, I, H)``), biases ``(E, 2I)`` / ``(E, H)``; ``top_k_index (T, K)`` in ``[0, E)``;
-    ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``."""
+    ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``.
+    ``lora_gate_up`` / ``lora_down``: LoRA on that GEMM, ``ExpertsLora(A (E, r, in), B (E, out, r), s)``,
+    fused (:mod:`fastft.ops.experts_lora`; gradients flow to ``A`` and ``B``)."""
     _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
     backends.select(OP_EXPERTS, x.device, backend)
+    l1, l2 = lora_gate_up, lora_down
     return _Experts.apply(
-        x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed
-    )
+        x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
+        *((l1.A, l1.B) if l1 is not None else (None, None)), *((l2.A, l2.B) if l2 is not None else (None, None)),
+        (float(l1.scaling) if l1 is not None else 1.0, float(l2.scaling) if l2 is not None else 1.0),
+    )  # fmt: skip

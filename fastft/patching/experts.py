@@ -151,7 +151,7 @@ def apply(ctx) -> None:
     if backend != "auto":
         backends.check_forced(OP_EXPERTS, found[0][1].gate_up_proj.device, backend)
     register()
-    configs = {}
+    configs, guards = {}, {}
     for name, module in found:
         prev = module.config._experts_implementation_internal
         if prev == _IMPL:  # a config a previous, still active patch switched (should not happen)
@@ -167,6 +167,7 @@ def apply(ctx) -> None:
         act, why = _probe_activation(module)
         guard = FusedExpertsForward(module, original, act, backend, unsupported=why, target=name, report=ctx.report)
         ctx.swap(module, _GUARD_ATTR, guard)
+        guards[id(module)] = guard
         configs[id(module.config)] = module.config
         if why is not None:
             ctx.report.skip("experts", name, why)
@@ -180,6 +181,9 @@ def apply(ctx) -> None:
         )
     for config in configs.values():
         ctx.swap(config, "_experts_implementation_internal", _IMPL)
+    from . import experts_lora
+
+    experts_lora.apply(ctx, guards)  # PEFT LoRA on the expert weights (target_parameters), fused
 
 
 def expert_target_parameters(model) -> list[str]:

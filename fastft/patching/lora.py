@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import backends
 from ..ops.lora import OP_LORA, lora_linear
+from .experts_lora import is_expert_lora_layer
 from .guard import GuardedForward
 
 FEATURE = "lora"
@@ -211,6 +212,8 @@ def apply(ctx) -> None:
         if not _is_lora_layer(module):
             continue
         found += 1
+        if ctx.options.get("experts", False) and is_expert_lora_layer(module):
+            continue  # PEFT LoRA on an expert weight (target_parameters): the experts feature fuses and reports it
         base = module.base_layer
         kind = _base_kind(base)
         if kind is None:

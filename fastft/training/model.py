@@ -75,6 +75,18 @@ def _pick_precision(cfg: TrainConfig, device: torch.device) -> torch.dtype | Non
     return torch.bfloat16 if p == "bf16" else torch.float16
 
 
+def _set_linear_lora_dropout(model, p: float) -> None:
+    """``nn.Dropout(p)`` on every LoRA layer but PEFT's parameter wrappers (which have no dropout)."""
+    from peft.tuners.lora import LoraLayer
+
+    from ..patching.experts_lora import is_param_wrapper
+
+    for module in model.modules():
+        if isinstance(module, LoraLayer) and not is_param_wrapper(module):
+            for adapter in list(module.lora_dropout):
+                module.lora_dropout[adapter] = torch.nn.Dropout(p=p)
+
+
 class ModelMixin:
     """``_Trainer``'s model building (needs ``cfg``, ``device``, ``amp_dtype``, ``dist``)."""
 
@@ -106,27 +118,22 @@ class ModelMixin:
                 from ..patching.experts import expert_target_parameters
 
                 tm = cfg.target_modules
-                # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters);
-                # PEFT's parameter LoRA has no dropout, so with dropout the experts stay frozen (reported)
+                # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters).
+                # PEFT's parameter LoRA has no dropout (it rejects lora_dropout > 0 there), so with
+                # dropout the adapter is built without it and the dropout is set on the nn.Linear
+                # LoRA layers only (what PEFT itself builds there); the experts train without it
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
-                if experts and cfg.dropout:
-                    # PEFT 0.21 expands "all-linear" on MoE models to expert parameters itself and then
-                    # rejects the dropout: name the nn.Linear layers instead (the experts stay frozen)
-                    experts_note = ("skip", f"dropout {cfg.dropout} > 0: PEFT target_parameters LoRA has no dropout")
-                    experts = []
-                    out_emb = hf.get_output_embeddings()
-                    linears = {
-                        n.rsplit(".", 1)[-1]
-                        for n, m in hf.named_modules()
-                        if isinstance(m, torch.nn.Linear) and m is not out_emb
-                    }
-                    tm = sorted(linears)
-                elif experts:
-                    experts_note = ("add", f"LoRA on expert weights (target_parameters={experts})")
+                linear_dropout = 0.0
+                if experts:
+                    text = f"LoRA on expert weights (target_parameters={experts})"
+                    if cfg.dropout:
+                        linear_dropout = cfg.dropout
+                        text += f"; dropout {cfg.dropout} on the linear layers only (none on expert weights in PEFT)"
+                    experts_note = ("add", text)
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
-                    lora_dropout=cfg.dropout,
+                    lora_dropout=0.0 if linear_dropout else cfg.dropout,
                     use_rslora=cfg.rslora,
                     target_modules=tm if isinstance(tm, str) else list(tm),
                     target_parameters=experts or None,
@@ -137,6 +144,8 @@ class ModelMixin:
                         model = get_peft_model(hf, lcfg)
                 except ValueError as e:
                     raise ValueError(f"LoRA target_modules {tm!r}: {_one_line(e)}") from None
+                if linear_dropout:
+                    _set_linear_lora_dropout(model, linear_dropout)
             else:
                 model = hf
                 for p in model.parameters():
