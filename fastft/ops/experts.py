@@ -171,6 +171,25 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _materialise(w, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """Expert weight ``w`` as the ``(E, in, out)`` operand of the grouped GEMM: a view of a 16-bit
+    weight, or a 4-bit one (:class:`fastft.nn.ExpertsWeight4bit`) dequantised to ``dtype``, a
+    transient each GEMM makes afresh (forward and backward), one weight at a time."""
+    if not torch.is_tensor(w):
+        w = w.dequantize(dtype)
+    return w if transposed else w.transpose(-2, -1)
+
+
+def _saveable(*ws):
+    """The weights for ``save_for_backward`` (a 4-bit weight is not a tensor: None there, see :func:`_packed`)."""
+    return tuple(w if torch.is_tensor(w) else None for w in ws)
+
+
+def _packed(*ws):
+    """The 4-bit weights, kept on ``ctx`` for backward to dequantise again (None for tensors)."""
+    return tuple(None if torch.is_tensor(w) else w for w in ws)
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed):
@@ -183,18 +202,17 @@ class _Experts(torch.autograd.Function):
         offs = offs.to(torch.int32)  # (E,) end row of each expert
         tok = perm // K  # (S,) token of each sorted row
         ws = top_k_weights.reshape(-1)[perm]  # (S,)
-        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
-        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         xs = x[tok].to(dtype)  # (S, H)
-        h = _gmm(xs, w1t, offs)  # (S, 2I)
+        h = _gmm(xs, _materialise(w1, dtype, transposed), offs)  # (S, 2I)
         if b1 is not None:
             h += b1[sorted_ids]
-        y = _gmm(act_forward(h, act), w2t, offs)  # (S, H)
+        y = _gmm(act_forward(h, act), _materialise(w2, dtype, transposed), offs)  # (S, H)
         if b2 is not None:
             y += b2[sorted_ids]
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
-        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2)
+        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, *_saveable(w1, w2), b2)
+        ctx.packed = _packed(w1, w2)
         ctx.act, ctx.transposed, ctx.K = act, transposed, K
         ctx.has_b1 = b1 is not None
         return out.to(x.dtype)
@@ -202,14 +220,13 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, perm, sorted_ids, offs, ws, h, w1, w2, b2 = ctx.saved_tensors
+        w1, w2 = (p if p is not None else w for p, w in zip(ctx.packed, (w1, w2)))
         act, transposed, K = ctx.act, ctx.transposed, ctx.K
         E, dtype = w1.shape[0], w1.dtype
         need = ctx.needs_input_grad
         tok = perm // K
-        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
-        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         dout_s = dout[tok].to(dtype)  # (S, H)
-        g = _gmm(dout_s, w2t.transpose(-2, -1), offs)  # (S, I) = dout W2^T
+        g = _gmm(dout_s, _materialise(w2, dtype, transposed).transpose(-2, -1), offs)  # (S, I) = dout W2^T
         wcol = ws[:, None].to(dtype)
         dh, a = act_backward(g * wcol, h, act)  # (S, 2I), and a (S, I) recomputed
         dw = None
@@ -235,7 +252,7 @@ class _Experts(torch.autograd.Function):
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
-            dxs = _gmm(dh, w1t.transpose(-2, -1), offs)  # (S, H)
+            dxs = _gmm(dh, _materialise(w1, dtype, transposed).transpose(-2, -1), offs)  # (S, H)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
         return dx, None, dw, dw1, dw2, db1, db2, None, None
