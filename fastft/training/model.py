@@ -103,7 +103,7 @@ class ModelMixin:
             if cfg.method in ("lora", "qlora"):
                 from peft import LoraConfig, get_peft_model
 
-                from ..patching.experts import expert_target_parameters
+                from ..patching.experts import expert_target_parameters, has_4bit_experts
 
                 tm = cfg.target_modules
                 # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters);
@@ -123,6 +123,12 @@ class ModelMixin:
                     tm = sorted(linears)
                 elif experts:
                     experts_note = ("add", f"LoRA on expert weights (target_parameters={experts})")
+                elif tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules()):
+                    experts_note = (
+                        "skip",
+                        "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed "
+                        "weights (LoRA on the linear layers only)",
+                    )
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
