@@ -371,6 +371,8 @@ def test_bad_input_errors():
     x, idx, w = torch.randn(4, 8), torch.zeros(4, 2, dtype=torch.long), torch.rand(4, 2)
     with pytest.raises(ValueError, match="do not fit hidden 8"):
         experts(x, idx, w, q, ExpertsWeight4bit.from_weight(_w3d(3, 7, 8)))
+    with pytest.raises(TypeError, match="down_proj must be a tensor or a 4-bit ExpertsWeight4bit, got list"):
+        experts(x, idx, w, q, [1, 2])
     model = _model("mixtral")
     fastft.patch(model, **PATCH)
     with pytest.raises(ValueError, match="quantize the model before fastft.patch"):

@@ -29,8 +29,17 @@ input, the activation and the expert outputs are recomputed or never needed.
 offsets). Measured on a 2-core CPU at E 8, H 1024, I 2816, 4096 rows: grouped_mm 0.39 s vs
 loop 0.41 s forward, 0.69 s vs 1.5 s for a weight gradient, hence grouped_mm everywhere.
 
+4-bit weights. ``gate_up_proj`` / ``down_proj`` may be :class:`fastft.nn.ExpertsWeight4bit`
+(NF4 per expert, what :func:`fastft.quantize` puts in an experts module; format in
+:mod:`fastft.ops.experts_nf4`). Each GEMM that reads a weight (two in forward, ``dout W2^T``
+and ``dh W1`` in backward) dequantises it right there, in the activation dtype (one flat
+dequantisation, no host sync), and drops it after the GEMM (:func:`_materialise`): at most
+one expert weight is dense at a time, nothing 16-bit is saved for backward, and 4-bit
+weights get no gradient (frozen).
+
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
-the oracle of the tests and the baseline of the benchmark.
+the oracle of the tests and the baseline of the benchmark (it reads a 4-bit weight one
+dequantised expert slice at a time).
 """
 
 from __future__ import annotations
@@ -303,8 +312,15 @@ def experts(
 
     ``gate_up_proj (E, 2I, H)`` and ``down_proj (E, H, I)`` (``transposed``: ``(E, H, 2I)`` and
     ``(E, I, H)``), biases ``(E, 2I)`` / ``(E, H)``; ``top_k_index (T, K)`` in ``[0, E)``;
-    ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``."""
+    ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``.
+    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs)."""
+    for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not torch.is_tensor(wt) and not hasattr(wt, "dequantize"):
+            raise TypeError(f"experts: {name} must be a tensor or a 4-bit ExpertsWeight4bit, got {type(wt).__name__}")
     _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if wt.device != x.device:
+            raise ValueError(f"experts: {name} is on {wt.device} but the hidden states are on {x.device}")
     backends.select(OP_EXPERTS, x.device, backend)
     return _Experts.apply(
         x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed

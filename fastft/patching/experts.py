@@ -16,6 +16,12 @@ computes something else keeps its implementation and the report says why. Each c
 guarded (:class:`~fastft.patching.guard.GuardedForward`): expert-parallel modules, extra
 arguments or weights in another dtype than the input run the previous implementation,
 counted in ``report.fallbacks``.
+
+4-bit experts (:func:`fastft.quantize` replaced the 3-D weights by
+:class:`fastft.nn.ExpertsWeight4bit`) are found the same way and run the same op, which
+dequantises inside its GEMMs. Their fallback is always the model's own eager loop (whatever
+the implementation was): indexing a 4-bit weight dequantises one expert's slice, and no other
+transformers implementation reads packed weights.
 """
 
 from __future__ import annotations
