@@ -167,9 +167,14 @@ class ExpertsWeight4bit(nn.Module):
         blocksize: int = 64,
         double_quant: bool = True,
         weight_dtype: torch.dtype = torch.float32,
+        cache_absmax: bool = False,
         device=None,
     ):
         super().__init__()
+        # keep the double-quantised absmax also decoded in fp32 (+32 / blocksize bits per weight):
+        # a dequantisation is then exactly one kernel, no decode ops before it
+        self.cache_absmax = bool(cache_absmax) and bool(double_quant)
+        self._scales: tuple | None = None  # (fp32 scales, the tensors they were decoded from)
         self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
         self.transposed, self.blocksize, self.double_quant = bool(transposed), blocksize, bool(double_quant)
         self.weight_dtype = weight_dtype
@@ -187,7 +192,13 @@ class ExpertsWeight4bit(nn.Module):
 
     @classmethod
     def from_weight(
-        cls, weight: torch.Tensor, *, transposed: bool = False, blocksize: int = 64, double_quant: bool = True
+        cls,
+        weight: torch.Tensor,
+        *,
+        transposed: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        cache_absmax: bool = False,
     ) -> ExpertsWeight4bit:
         """Quantise a 3-D expert weight (``[E, out, in]``, or ``[E, in, out]`` with ``transposed``)."""
         from .ops.experts_nf4 import quantize_nf4_experts
@@ -203,6 +214,7 @@ class ExpertsWeight4bit(nn.Module):
             blocksize=blocksize,
             double_quant=double_quant,
             weight_dtype=weight.dtype,
+            cache_absmax=cache_absmax,
             device=weight.device,
         )
         with torch.no_grad():
@@ -234,6 +246,26 @@ class ExpertsWeight4bit(nn.Module):
             return {}
         return dict(absmax2=self.nested_absmax, code2=self.nested_code, offset=self.nested_offset)
 
+    def scales(self) -> torch.Tensor | None:
+        """The fp32 ``[E, nblocks]`` absmax kept decoded (``cache_absmax``), else None (decoded per call).
+        Rebuilt when a statistics buffer is replaced (``.to()``, ``load_state_dict``)."""
+        if not self.cache_absmax:
+            return None
+        if self._scales is None or any(a is not b for a, b in zip(self._scales[1], self._stats())):
+            self._scales = self.decode_scales()
+        return self._scales[0]
+
+    def _stats(self) -> tuple:
+        return (self.absmax, self.nested_absmax, self.nested_offset, self.nested_code)
+
+    @torch.no_grad()
+    def decode_scales(self) -> tuple:
+        """``(fp32 [E, nblocks] scales, the statistics tensors they come from)``: the cache entry."""
+        from .ops.experts_nf4 import decode_experts_absmax
+
+        src = self._stats()
+        return decode_experts_absmax(src[0], src[1], code2=src[3], offset=src[2]).contiguous(), src
+
     def dequantize(self, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
         """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor."""
         from .ops.experts_nf4 import dequantize_nf4_experts
@@ -246,6 +278,7 @@ class ExpertsWeight4bit(nn.Module):
             shape=(self.num_experts, self.out_features, self.in_features),
             blocksize=self.blocksize,
             dtype=self.weight_dtype if dtype is None else dtype,
+            scales=self.scales(),
             backend=backend,
         )
         return w.transpose(-2, -1) if self.transposed else w
@@ -288,6 +321,10 @@ class ExpertsWeight4bit(nn.Module):
         """Bytes of the packed weight and its statistics (tables included)."""
         return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
 
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._scales = None  # the buffers were overwritten in place: decode again
+
     def _apply(self, fn, recurse=True):
         # .to(dtype) / .half() must not cast the fp32 statistics (the weight would change): apply
         # only the device move to them, and remember the dtype as the one to dequantise to
@@ -304,6 +341,7 @@ class ExpertsWeight4bit(nn.Module):
         return (
             f"experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}, "
             f"transposed={self.transposed}, nf4 blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + (", fp32 absmax cached" if self.cache_absmax else "")
         )
 
 
@@ -357,11 +395,11 @@ def quantize(
         layer = Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant, cache_absmax=cache_absmax)
         setattr(parent, child_name, layer)
     if experts:
-        _quantize_experts(model, blocksize=blocksize, double_quant=double_quant, skip=skip)
+        _quantize_experts(model, blocksize=blocksize, double_quant=double_quant, skip=skip, cache_absmax=cache_absmax)
     return model
 
 
-def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, skip) -> None:
+def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, skip, cache_absmax: bool) -> None:
     from .patching.experts import is_experts_module
 
     found = [
@@ -377,7 +415,11 @@ def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, s
             if isinstance(w, ExpertsWeight4bit):
                 continue
             q = ExpertsWeight4bit.from_weight(
-                w.detach(), transposed=bool(module.is_transposed), blocksize=blocksize, double_quant=double_quant
+                w.detach(),
+                transposed=bool(module.is_transposed),
+                blocksize=blocksize,
+                double_quant=double_quant,
+                cache_absmax=cache_absmax,
             )
             delattr(module, pname)  # the 16-bit parameter goes (no resident copy)
             setattr(module, pname, q)

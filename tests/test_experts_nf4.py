@@ -104,6 +104,56 @@ def test_dequantize_is_one_flat_dequant_when_blocks_tile(monkeypatch):
     assert len(calls) == 6  # slices whose blocks do not tile: one expert at a time
 
 
+def test_cached_absmax_same_weight_decoded_once(monkeypatch):
+    import fastft.ops.experts_nf4 as mod
+
+    w = _w3d(4, 64, 32)
+    plain, cached = ExpertsWeight4bit.from_weight(w), ExpertsWeight4bit.from_weight(w, cache_absmax=True)
+    decodes = []
+    real = mod.decode_experts_absmax
+    monkeypatch.setattr(mod, "decode_experts_absmax", lambda *a, **k: decodes.append(1) or real(*a, **k))
+    for _ in range(2):
+        assert torch.equal(cached.dequantize(), plain.dequantize())
+    assert len(decodes) == 3  # plain: every call; cached: once
+    assert cached.scales().dtype == torch.float32 and plain.scales() is None
+    cached.load_state_dict(plain.state_dict())  # buffers overwritten in place: decoded again
+    cached.dequantize()
+    assert len(decodes) == 4
+
+
+def test_patch_nf4_cache_absmax_on_experts_and_unpatch():
+    model = _quantized("mixtral")
+    ref = _dense_copy(model)
+    batch = _batch(model)
+    report = fastft.patch(model, nf4_cache_absmax=True, **PATCH)
+    cached = [p for p in report.patched if p.feature == "quant" and "expert dequantisation" in p.detail]
+    mods = [m for m in model.modules() if isinstance(m, ExpertsWeight4bit)]
+    assert len(cached) == len(mods) and all(m.cache_absmax for m in mods)
+    torch.testing.assert_close(model(**batch).loss, ref(**batch).loss, **FP32)
+    assert all(m.scales() is not None for m in mods)
+    fastft.unpatch(model)
+    assert all(not m.cache_absmax and m.scales() is None and m._scales is None for m in mods)
+
+
+def test_quantize_experts_opt_out_and_skip():
+    model = _model("olmoe")
+    fastft.quantize(model, experts=False)
+    assert not [m for m in model.modules() if isinstance(m, ExpertsWeight4bit)]
+    assert all(isinstance(m.gate_up_proj, torch.nn.Parameter) for _, m in _experts_modules(model))
+    model = _model("olmoe")
+    names = [n for n, _ in _experts_modules(model)]
+    fastft.quantize(model, skip=("lm_head", "0"))  # layer 0 stays 16-bit
+    kinds = {n: type(m.gate_up_proj).__name__ for n, m in _experts_modules(model)}
+    assert kinds == {n: ("Parameter" if ".0." in n else "ExpertsWeight4bit") for n in names}
+    report = fastft.patch(model, **PATCH)  # mixed 16-bit and 4-bit experts under one config
+    assert len([p for p in report.patched if p.feature == "experts"]) == len(names)
+    ref = _dense_copy(model)
+    batch = _batch(model)
+    torch.testing.assert_close(model(**batch).loss, ref(**batch).loss, **FP32)
+    assert not report.fallbacks
+    fastft.unpatch(model)
+
+
 def test_weight_memory_at_most_0_3_of_bf16():
     E, H, IN = 8, 256, 704
     for double_quant, bound in ((True, 0.27), (False, 0.3)):
@@ -345,6 +395,8 @@ def test_trainer_qlora_on_moe_keeps_4bit_experts_frozen(tmp_path, capsys):
     printed = capsys.readouterr().out
     assert "4-bit (NF4) expert weights stay frozen" in printed
     assert "NF4 weights dequantised inside the GEMMs" in printed
+    assert "experts module (3-D expert weights): see the experts patch" in printed  # the MLP patch leaves it
+    assert "probe failed" not in printed
     assert all(isinstance(m.gate_up_proj, ExpertsWeight4bit) for _, m in _experts_modules(model))
     keys = _adapter(tmp_path / "checkpoint-last").keys()
     assert any("q_proj.lora_A" in k for k in keys) and not any("experts" in k for k in keys)
