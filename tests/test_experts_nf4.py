@@ -403,6 +403,29 @@ def test_trainer_qlora_on_moe_keeps_4bit_experts_frozen(tmp_path, capsys):
     assert result.eval_loss < result.eval_loss_before
 
 
+def test_cli_train_qlora_on_a_saved_moe_model(tmp_path, capsys):
+    """``fastft train --method qlora --model DIR`` on a tiny Qwen3-MoE (CLI defaults: dropout > 0)."""
+    import json
+
+    from test_trainer import TOK, _records
+
+    from fastft.cli import main
+
+    _model("qwen3_moe").save_pretrained(tmp_path / "model")
+    TOK.save_pretrained(tmp_path / "model")
+    (tmp_path / "data.jsonl").write_text("\n".join(json.dumps(r) for r in _records(16)))
+    rc = main(
+        ["train", "--model", str(tmp_path / "model"), "--data", str(tmp_path / "data.jsonl"), "--method", "qlora",
+         "--max-steps", "3", "--eval-frac", "0.2", "--num-generations", "0", "--lr", "1e-2",
+         "--output-dir", str(tmp_path / "out")]
+    )  # fmt: skip
+    printed = capsys.readouterr().out
+    assert rc == 0
+    assert "4-bit (NF4) expert weights stay frozen" in printed and "NF4 weights dequantised inside the GEMMs" in printed
+    result = json.loads((tmp_path / "out" / "result.json").read_text())
+    assert result["steps"] == 3 and result["eval_loss"] < result["eval_loss_before"]
+
+
 # --------------------------------------------------------------------------------------
 # bad input
 # --------------------------------------------------------------------------------------

@@ -109,10 +109,16 @@ class ModelMixin:
                 # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters);
                 # PEFT's parameter LoRA has no dropout, so with dropout the experts stay frozen (reported)
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
-                if experts and cfg.dropout:
+                # 4-bit experts (qlora) are not parameters: PEFT's target_parameters cannot wrap them
+                four_bit = tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules())
+                frozen_4bit = (
+                    "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed weights"
+                )
+                if (experts or four_bit) and cfg.dropout:
                     # PEFT 0.21 expands "all-linear" on MoE models to expert parameters itself and then
                     # rejects the dropout: name the nn.Linear layers instead (the experts stay frozen)
-                    experts_note = ("skip", f"dropout {cfg.dropout} > 0: PEFT target_parameters LoRA has no dropout")
+                    why = f"dropout {cfg.dropout} > 0: PEFT target_parameters LoRA has no dropout"
+                    experts_note = ("skip", f"{frozen_4bit}; {why}" if four_bit and not experts else why)
                     experts = []
                     out_emb = hf.get_output_embeddings()
                     linears = {
@@ -123,12 +129,8 @@ class ModelMixin:
                     tm = sorted(linears)
                 elif experts:
                     experts_note = ("add", f"LoRA on expert weights (target_parameters={experts})")
-                elif tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules()):
-                    experts_note = (
-                        "skip",
-                        "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed "
-                        "weights (LoRA on the linear layers only)",
-                    )
+                elif four_bit:
+                    experts_note = ("skip", f"{frozen_4bit} (LoRA on the linear layers only)")
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
