@@ -104,6 +104,22 @@ def test_dequantize_is_one_flat_dequant_when_blocks_tile(monkeypatch):
     assert len(calls) == 6  # slices whose blocks do not tile: one expert at a time
 
 
+@pytest.mark.parametrize("backend", ["cpp", "triton"])  # triton: the interpreter (tests/conftest.py)
+def test_dequantize_backends_match_torch(backend):
+    """The flat dequantisation of all experts on each backend: the bytes the torch reference gives."""
+    from fastft import backends
+    from fastft.ops.nf4 import OP_DEQUANT
+
+    try:
+        backends.select(OP_DEQUANT, torch.device("cpu"), backend)
+    except backends.BackendUnavailable as exc:
+        pytest.skip(str(exc))
+    for cache in (False, True):
+        q = ExpertsWeight4bit.from_weight(_w3d(3, 64, 32), transposed=True, cache_absmax=cache)
+        want = q.dequantize(torch.float32, backend="torch")
+        assert torch.equal(q.dequantize(torch.float32, backend=backend), want)
+
+
 def test_cached_absmax_same_weight_decoded_once(monkeypatch):
     import fastft.ops.experts_nf4 as mod
 
