@@ -64,3 +64,24 @@ def test_patched_peft_lora_step_compiles_fullgraph(family, dropout):
         return run
 
     step_compiles_to_eager(model, batch, wrap=seeded, some_grads=True)
+
+
+def test_report_says_whether_the_model_is_compile_ready():
+    """The report's compile-ready line tells the truth: "yes" where patching added no graph break,
+    "no" naming the feature where it does (fastft's activation checkpointing, per decoder layer)."""
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = tiny_model("llama")
+    report = fastft.patch(model)
+    assert report.compile_ready().startswith("compile-ready: yes") and report.compile_ready() in str(report)
+    assert report.to_dict()["compile_ready"] == report.compile_ready() and not report.eager_under_compile()
+
+    model = tiny_model("llama")
+    report = fastft.patch(model, checkpointing="recompute")
+    line = report.compile_ready()
+    assert line.startswith("compile-ready: no: checkpointing runs eager") and line in str(report)
+    assert set(report.eager_under_compile()) == {"checkpointing"}
+    model.train()
+    model_step(model)(**batch)
+    breaks, _ = step_breaks(model, batch)
+    assert breaks > 0
