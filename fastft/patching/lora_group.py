@@ -21,6 +21,11 @@ FEATURE = "lora-group"
 
 
 def _version(x):
+    """``x``'s version counter, to tell an input mutated in place since the group ran. Under
+    torch.compile None: the traced graph is functional (no version counters; reading one would be
+    data-dependent), and the stash is matched by the input's identity alone."""
+    if torch.compiler.is_compiling():
+        return None
     try:
         return x._version
     except RuntimeError:  # an inference-mode tensor: no version counter (and nothing mutates it)

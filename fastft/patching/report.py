@@ -10,7 +10,6 @@ from dataclasses import asdict, dataclass, field
 # operators only (issue 15): patching adds no graph break. Checked by tests/test_compile_patched.py.
 EAGER_UNDER_COMPILE = {
     "experts": "an autograd Function, not yet an operator",
-    "lora-group": "the grouped LoRA node is an autograd Function behind torch.compiler.disable",
     "checkpointing": "fastft's per-layer activation checkpointing breaks the graph at each decoder layer",
 }
 
