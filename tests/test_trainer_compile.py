@@ -80,7 +80,13 @@ def test_compiled_run_matches_eager_and_its_checkpoint_resumes_eagerly(tmp_path,
     eager = fastft.train(_cfg(data, tmp_path / "eager", max_steps=5))
     monkeypatch.setenv(BACKEND_ENV, "aot_eager")
     out = tmp_path / "compiled"
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
     comp = fastft.train(_cfg(data, out, max_steps=3, compile=True, num_generations=1))
+    # the one-time checks ran eagerly before the first step: no graph break, and graphs were compiled
+    assert not counters["graph_break"], list(counters["graph_break"])
+    assert counters["stats"]["unique_graphs"] > 0
     assert comp.compile == "default" and comp.compile_seconds > 0 and eager.compile is None
     torch.testing.assert_close(torch.tensor(comp.losses), torch.tensor(eager.losses[:3]), atol=1e-5, rtol=1e-5)
     assert comp.generations and comp.generations[0]["after"]  # generation ran on the eager module

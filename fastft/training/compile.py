@@ -9,9 +9,11 @@ resume, evaluation (``eval`` mode and ``no_grad`` would be a second graph for a 
 batches) and generation (a KV cache, a new shape per token).
 
 fastft's ops are ``torch.library`` operators, so patching adds no graph break (the patch
-report's ``compile-ready`` line says so, or names the features that run eagerly). The first
-compiled call also runs the fused loss's one eager convention check (outside the graph), and
-the graph is compiled again once it has passed.
+report's ``compile-ready`` line says so, or names the features that run eagerly). fastft's
+one-time checks (the fused loss's convention check at the first training call) need values, so
+before the first compiled step the loop runs one eager forward of its first micro-batch
+(``no_grad``, the random state restored: the run's numbers are unchanged); the first graph
+compiled is then the one every step uses (its time is part of the first step's).
 
 Shapes: the loop pads every micro-batch to its longest row, so the sequence length varies from
 batch to batch. ``dynamic=None`` (torch's automatic dynamic shapes): the first batch compiles

@@ -425,6 +425,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
                 epoch, gi = epoch + 1, 0
                 continue
             t0 = time.perf_counter()
+            if self.compile_mode is not None and compile_seconds is None and self.pref is None:
+                self._eager_checks(batches[gi * group])
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
             loss, norm, ntok = self._step(batches[gi * group : (gi + 1) * group])
             self.sched.step()
@@ -656,6 +658,16 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
             dist.all_reduce_sum(total)
             total /= dist.world
         return total, norm, ntok
+
+    @torch.no_grad()
+    def _eager_checks(self, mb: dict) -> None:
+        """Before the first compiled step: one eager forward of its first micro-batch (no grad, the
+        random state restored), so that fastft's one-time checks (the fused loss's convention check)
+        run outside the traced region and the first compiled graph is the one every step uses."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._autocast():
+            kw = {"num_items_in_batch": torch.ones((), device=self.device)} if self.num_items_ok else {}
+            self.model(**self._to_device(mb), use_cache=False, **kw)
 
     def _sft_loss(self, mb: dict, denom: float) -> torch.Tensor:
         """The micro-batch's summed token loss / ``denom`` (the step's label tokens per rank)."""
