@@ -216,16 +216,6 @@ class _TritonLoraKernels(_TorchLoraKernels):
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def draw_seed(kernels, device):
-    """A dropout seed for one call. The Triton kernels read it from a (1,) int64 tensor drawn on
-    the device by torch's generator (no host sync; a CUDA-graph or ``reduce-overhead`` replay
-    draws a fresh one, so no mask repeats); the torch backend takes an int from the CPU generator
-    (no device sync either). On a CPU both give the same value for the same generator state."""
-    if kernels is _TritonLoraKernels:
-        return torch.randint(0, 2**62, (1,), device=device)
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
     """The rank-``r`` products for ``backend``: the Triton kernels take fp32/bf16/fp16 (float64
     runs the torch products, with the torch backend's mask, in forward and backward alike)."""

@@ -20,6 +20,14 @@ same ``dX``. Precision as :func:`fastft.ops.lora_linear` (``"activation"``: the 
 ``x``'s dtype, adapters cast once per call; ``"peft"``: only when adapters and ``x`` share
 a dtype, else use the per-layer op). Base weights are frozen (a trainable base, a 4-bit
 base, ``fan_in_fan_out`` or ``lora_bias`` keep the per-layer op).
+
+Operators: ``fastft::lora_group(x2d, weights[], biases[], lora_As[], lora_Bs[], scalings[],
+ps[], seeds, backend) -> [y_1..y_k, xa_1..xa_k]`` and ``fastft::lora_group_bwd`` (registered as
+its backward; it returns only the gradients asked for, in :func:`_emitted`'s order, since a list
+of outputs cannot hold aliasing placeholders), both running :class:`_LoraGroup`'s bodies, so
+torch.compile traces the group as one node. The members' dropout seeds are one int64 tensor
+drawn from torch's generator before the call (one draw per member with dropout, in member order:
+what the per-layer calls draw), so eager and compiled steps draw the same masks.
 """
 
 from __future__ import annotations
@@ -324,10 +332,13 @@ def lora_linear_group(x: torch.Tensor, members, *, backend: str = "auto") -> tup
     # one seed (one mask) per member, in member order (as the per-layer calls draw them): a (1,)
     # int64 tensor each from torch's generator (on the device for CUDA tensors: no host sync)
     seed_dev = x.device if x.device.type == "cuda" else torch.device("cpu")
-    seeds = torch.cat(
-        [torch.randint(0, 2**62, (1,), device=seed_dev) if m.dropout_p > 0.0 else _NO_SEED.to(seed_dev)
-         for m in members]
-    )  # fmt: skip
+    if any(m.dropout_p > 0.0 for m in members):
+        seeds = torch.cat(
+            [torch.randint(0, 2**62, (1,), device=seed_dev) if m.dropout_p > 0.0
+             else torch.zeros(1, dtype=torch.int64, device=seed_dev) for m in members]
+        )  # fmt: skip
+    else:
+        seeds = _NO_SEED  # never read: no allocation per call
     ys = torch.ops.fastft.lora_group(
         x2d,
         [m.weight for m in members],
