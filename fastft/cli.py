@@ -87,6 +87,16 @@ _TRAIN_FLAGS = [
     ("--label-smoothing", dict(type=float, help="DPO sigmoid (cDPO) / robust / exo_pair and SimPO label smoothing")),
     ("--simpo-gamma", dict(type=float, help="SimPO's target margin (default 0.5)")),
     ("--precompute-ref", dict(action="store_const", const=True, help="reference log-probs once before training")),
+    (
+        "--compile",
+        dict(
+            nargs="?",
+            const="default",
+            metavar="MODE",
+            help="torch.compile the training forward; MODE: default (no MODE), reduce-overhead, max-autotune, "
+            "max-autotune-no-cudagraphs (FASTFT_COMPILE_BACKEND picks the compiler backend, default inductor)",
+        ),
+    ),
 ]
 
 

@@ -64,3 +64,53 @@ def test_patched_peft_lora_step_compiles_fullgraph(family, dropout):
         return run
 
     step_compiles_to_eager(model, batch, wrap=seeded, some_grads=True)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.1], ids=["nodrop", "dropout"])
+def test_grouped_lora_step_compiles_fullgraph(dropout):
+    """``lora_group=True``: q/k/v and gate/up as one fastft::lora_group node each, inside the
+    compiled graph (no graph break), to the eager loss and LoRA gradients."""
+    from peft import LoraConfig, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = get_peft_model(tiny_model("llama"), LoraConfig(r=4, target_modules="all-linear", lora_dropout=dropout))
+    report = fastft.patch(model, lora_group=True)
+    assert "lora-group" in report.features() and report.compile_ready().startswith("compile-ready: yes")
+    model.train()
+    model_step(model)(**batch)
+    torch._dynamo.reset()
+    ex = torch._dynamo.explain(model_step(model))(**batch)
+    assert ex.graph_break_count == 0, [str(b.reason) for b in ex.break_reasons]
+    code = "".join(g.code for g in ex.graphs)
+    assert code.count("fastft.lora_group") == 2 * 2  # (qkv, gate/up) x 2 layers
+
+    def seeded(step):
+        def run(**kw):
+            torch.manual_seed(0)
+            return step(**kw)
+
+        return run
+
+    step_compiles_to_eager(model, batch, wrap=seeded, some_grads=True)
+
+
+def test_report_says_whether_the_model_is_compile_ready():
+    """The report's compile-ready line tells the truth: "yes" where patching added no graph break,
+    "no" naming the feature where it does (fastft's activation checkpointing, per decoder layer)."""
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = tiny_model("llama")
+    report = fastft.patch(model)
+    assert report.compile_ready().startswith("compile-ready: yes") and report.compile_ready() in str(report)
+    assert report.to_dict()["compile_ready"] == report.compile_ready() and not report.eager_under_compile()
+
+    model = tiny_model("llama")
+    report = fastft.patch(model, checkpointing="recompute")
+    line = report.compile_ready()
+    assert line.startswith("compile-ready: no: checkpointing runs eager") and line in str(report)
+    assert set(report.eager_under_compile()) == {"checkpointing"}
+    model.train()
+    model_step(model)(**batch)
+    breaks, _ = step_breaks(model, batch)
+    assert breaks > 0

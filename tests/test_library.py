@@ -218,3 +218,75 @@ def test_lora_fullgraph(backend):
     torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
     for a, b in zip(gc, ge):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+# --------------------------------------------------------------------------------------
+# the grouped LoRA node (lora_linear_group)
+# --------------------------------------------------------------------------------------
+def _group_members(dtype, ps, bias):
+    from fastft.ops.lora_group import LoraMember
+
+    g = torch.Generator().manual_seed(5)
+    ms = []
+    for j, (o, r) in enumerate(zip((20, 12, 12), (4, 4, 2))):
+        w = (torch.randn(o, 24, generator=g) * 0.2).to(dtype)
+        b = torch.randn(o, generator=g).to(dtype).requires_grad_(True) if bias else None
+        a = (torch.randn(r, 24, generator=g) * 0.3).requires_grad_(True)
+        bb = (torch.randn(o, r, generator=g) * 0.3).requires_grad_(True)
+        ms.append(LoraMember(w, a, bb, 0.5 + j, bias=b, dropout_p=ps[j]))
+    return ms
+
+
+@pytest.mark.parametrize("bias", [False, True], ids=["nobias", "bias"])
+@pytest.mark.parametrize("ps", [(0.0, 0.0, 0.0), (0.0, 0.3, 0.1)], ids=["nodrop", "mixed"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_lora_group_opcheck(backend, dtype, ps, bias):
+    ms = _group_members(dtype, ps, bias)
+    x = torch.randn(13, 24, dtype=dtype, requires_grad=True)
+    seeds = torch.tensor([0 if p == 0 else 100 + i for i, p in enumerate(ps)])
+    lists = ([m.weight for m in ms], [m.bias for m in ms], [m.lora_A for m in ms], [m.lora_B for m in ms])
+    args = (x, *lists, [m.scaling for m in ms], list(ps), seeds, backend)
+    torch.library.opcheck(torch.ops.fastft.lora_group.default, args)
+    out = torch.ops.fastft.lora_group(x.detach(), *[[t.detach() if t is not None else None for t in lst] for lst in lists],
+                                      [m.scaling for m in ms], list(ps), seeds, backend)  # fmt: skip
+    xas = out[3:]
+    dys = [torch.randn_like(y) for y in out[:3]]
+    det = [[t.detach() for t in lst] for lst in (lists[0], lists[2], lists[3])]
+    for need_x, needs, live in ((True, [True, True, bias] * 3, (0, 1, 2)), (False, [True, False, False] * 3, (1,))):
+        d = [dy if i in live else None for i, dy in enumerate(dys)]
+        torch.library.opcheck(
+            torch.ops.fastft.lora_group_bwd.default,
+            (d, x.detach(), *det, xas, [m.scaling for m in ms], list(ps), seeds, backend, need_x, needs),
+        )
+
+
+@pytest.mark.parametrize("backend", ["auto", *BACKENDS])
+def test_lora_group_fullgraph(backend):
+    from fastft.ops.lora_group import lora_linear_group
+
+    ms = _group_members(torch.float32, (0.0, 0.3, 0.1), True)
+    x = torch.randn(2, 5, 24, requires_grad=True)
+    leaves0 = [x] + [t for m in ms for t in (m.bias, m.lora_A, m.lora_B)]
+
+    def fn(x, *ts):
+        from fastft.ops.lora_group import LoraMember
+
+        members = [LoraMember(m.weight, ts[3 * i + 1], ts[3 * i + 2], m.scaling, ts[3 * i], m.dropout_p)
+                   for i, m in enumerate(ms)]  # fmt: skip
+        ys = lora_linear_group(x * 1.5, members, backend=backend)
+        return torch.cat([y.square().sum(-1) for y in ys], -1)
+
+    no_graph_breaks(fn, *leaves0, one_graph=True)
+    torch._dynamo.reset()
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    results = []
+    for f in (fn, compiled):  # the members' seeds come from the generator: same seeds, same masks
+        leaves = [t.detach().clone().requires_grad_(True) for t in leaves0]
+        torch.manual_seed(0)
+        y = f(*leaves)
+        results.append((y.detach(), torch.autograd.grad(y.sum(), leaves)))
+    (ye, ge), (yc, gc) = results
+    torch.testing.assert_close(yc, ye, atol=1e-5, rtol=1e-5)
+    for a, b in zip(gc, ge):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)

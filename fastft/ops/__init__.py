@@ -13,6 +13,7 @@ from .cross_entropy import (
 )
 from .logprobs import fused_linear_logprobs, fused_linear_logprobs_reference
 from .lora import dropout_mask, lora_linear, lora_linear_reference
+from .lora_nf4 import lora_nf4_call as _lora_nf4_call  # noqa: F401  (registers fastft::lora_nf4_linear)
 from .nf4 import (
     NF4State,
     as_nf4_state,

@@ -216,16 +216,6 @@ class _TritonLoraKernels(_TorchLoraKernels):
 _TRITON_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 
-def draw_seed(kernels, device):
-    """A dropout seed for one call. The Triton kernels read it from a (1,) int64 tensor drawn on
-    the device by torch's generator (no host sync; a CUDA-graph or ``reduce-overhead`` replay
-    draws a fresh one, so no mask repeats); the torch backend takes an int from the CPU generator
-    (no device sync either). On a CPU both give the same value for the same generator state."""
-    if kernels is _TritonLoraKernels:
-        return torch.randint(0, 2**62, (1,), device=device)
-    return int(torch.randint(0, 2**62, (1,)).item())
-
-
 def _kernels(backend: str, x2d: torch.Tensor, lora_A: torch.Tensor):
     """The rank-``r`` products for ``backend``: the Triton kernels take fp32/bf16/fp16 (float64
     runs the torch products, with the torch backend's mask, in forward and backward alike)."""
@@ -258,10 +248,7 @@ class _LoraLinear(torch.autograd.Function):
         if b_scaled:
             if quant is not None:
                 # 4-bit base: the fused dequant-matmul reads the packed weight, no 16-bit copy kept
-                from .nf4 import nf4_matmul
-
-                state, nf4_backend = quant
-                y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+                y = quant.matmul(x2d, weight, bias)
                 y.addmm_(xa, B.t())
                 if lb is not None:
                     y.add_(lb, alpha=scaling)
@@ -272,10 +259,7 @@ class _LoraLinear(torch.autograd.Function):
                 y.addmm_(x2d, w.t())
         else:  # PEFT's promotion: the branch and the sum in the adapters' dtype, then cast back
             if quant is not None:
-                from .nf4 import nf4_matmul
-
-                state, nf4_backend = quant
-                y = nf4_matmul(x2d, weight, state, bias, backend=nf4_backend)
+                y = quant.matmul(x2d, weight, bias)
             else:
                 y = torch.addmm(bias, x2d, w.t()) if bias is not None else torch.mm(x2d, w.t())
             lo = torch.mm(xa, B.t())
@@ -303,11 +287,8 @@ class _LoraLinear(torch.autograd.Function):
             drop = K.dropout(ctx.seed, p, x2d.shape, x2d.device, A.dtype)
         dx = dw = db = dA = dB = dlb = None
         if need_x and ctx.quant is not None:
-            from .nf4 import dequantize_nf4
-
             # dY W with W dequantised for this product only (freed right after)
-            state, nf4_backend = ctx.quant
-            dx = torch.mm(dy, dequantize_nf4(weight, state, dtype=dy.dtype, backend=nf4_backend))
+            dx = torch.mm(dy, ctx.quant.dequant(weight, dy.dtype))
             dx = K.dx_add_(dx, t, A, drop)
         elif need_x:
             w = weight.t() if ctx.fan_in_fan_out else weight  # (out, in)
@@ -337,7 +318,7 @@ class _LoraLinear(torch.autograd.Function):
 
 
 # --------------------------------------------------------------------------------------
-# the operators (torch.library, 16-bit / fp32 bases; the 4-bit base keeps the Function above)
+# the operators (torch.library, 16-bit / fp32 bases; a 4-bit base: fastft.ops.lora_nf4)
 # --------------------------------------------------------------------------------------
 class _Ctx:
     """A stand-in autograd ctx: the operators run :class:`_LoraLinear`'s forward and backward bodies."""
@@ -462,16 +443,6 @@ def _lora_grad(ctx, dy, _dxa):
 _lora_op.register_autograd(_lora_grad, setup_context=_lora_setup)
 
 
-@torch.compiler.disable
-def _lora_quant(x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, fan_in_fan_out, choice, quant, precision):
-    """A 4-bit base: the autograd Function, run eagerly (the NF4 state is a Python object)."""
-    kernels = _kernels(choice.backend, x2d, lora_A)
-    seed = draw_seed(kernels, x2d.device) if p > 0.0 else 0
-    return _LoraLinear.apply(
-        x2d, weight, bias, lora_A, lora_B, lora_bias, scaling, p, seed, fan_in_fan_out, kernels, quant, precision
-    )
-
-
 # --------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------
@@ -582,19 +553,18 @@ def lora_linear(
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     p, s = float(dropout_p), float(scaling)
-    if state is not None:
-        choice = backends.select(OP_LORA, x.device, backend)
-        state = state.to(x.device) if state.absmax.device != x.device else state
-        quant = (state, backend if backend not in (None, "auto") else "auto")
-        y = _lora_quant(x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, bool(fan_in_fan_out), choice, quant,
-                        precision)  # fmt: skip
-        return y.reshape(*lead, y.shape[-1])
-    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
-        backends.select(OP_LORA, x.device, backend)
     # the dropout seed: drawn on the device by torch's generator (no host sync; a CUDA-graph replay
     # draws a fresh one); the torch products take it from the CPU generator (no device sync either)
     seed_dev = x.device if x.device.type == "cuda" else torch.device("cpu")
     seed = torch.randint(0, 2**62, (1,), device=seed_dev) if p > 0.0 else _NO_SEED
+    if state is not None:  # a 4-bit base: the operators of fastft.ops.lora_nf4
+        from .lora_nf4 import lora_nf4_call
+
+        state = state.to(x.device) if state.absmax.device != x.device else state
+        y = lora_nf4_call(x2d, weight, state, bias, lora_A, lora_B, lora_bias, s, p, seed, precision, backend)
+        return y.reshape(*lead, y.shape[-1])
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_LORA, x.device, backend)
     y, _ = torch.ops.fastft.lora_linear(
         x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, seed, bool(fan_in_fan_out), precision, backend
     )

@@ -773,6 +773,21 @@ def _select_matmul(x2d: torch.Tensor, backend: str) -> str:
     return choice
 
 
+def check_matmul_backend(x2d: torch.Tensor, state: NF4State, backend: str) -> None:
+    """Eagerly, before the operator: a forced backend that cannot run raises
+    :class:`~fastft.backends.BackendUnavailable`, a forced fused one on a layout it cannot read
+    (``K`` not a multiple of the blocksize) ValueError."""
+    chosen = _select_matmul(x2d, backend)
+    K = state.shape[-1]
+    if K % state.blocksize and chosen != "torch" and backends.requested(backend) != "auto":
+        # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the
+        # fused kernels cannot read them; under "auto" the operator dequantises + GEMMs
+        raise ValueError(
+            f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {chosen} kernels "
+            "need blocks within rows; use backend='auto' (dequantise + GEMM) or 'torch'"
+        )
+
+
 def nf4_matmul(
     x: torch.Tensor,
     packed: torch.Tensor,
@@ -821,14 +836,7 @@ def nf4_matmul(
     if bias is not None and bias.dtype != x.dtype:
         bias = bias.to(x.dtype)
     if not torch.compiler.is_compiling():  # a forced backend that cannot run raises here, eagerly
-        chosen = _select_matmul(x2d, backend)
-        if K % state.blocksize and chosen != "torch" and backends.requested(backend) != "auto":
-            # NF4 blocks run across the rows of W (bitsandbytes quantises the flat weight): the
-            # fused kernels cannot read them; under "auto" the operator dequantises + GEMMs
-            raise ValueError(
-                f"K={K} is not a multiple of blocksize={state.blocksize}: the fused {chosen} kernels "
-                "need blocks within rows; use backend='auto' (dequantise + GEMM) or 'torch'"
-            )
+        check_matmul_backend(x2d, state, backend)
     absmax, code, absmax2, code2, offset, bs, bs2 = _op_state(state)
     y = torch.ops.fastft.nf4_matmul(x2d, packed, absmax, code, absmax2, code2, offset, bias, bs, bs2, N, K, backend)
     return y.reshape(*lead, N)

@@ -7,7 +7,9 @@ form a group. At run time the first member called computes every member's output
 :func:`fastft.ops.lora_group.lora_linear_group` and keeps the others' until they are called
 with that same tensor; a call that does not fit (another input, a member in another state,
 PEFT's promotion with adapters in another dtype) takes the per-layer path. Groups live on
-the swapped forwards, so :func:`fastft.unpatch` removes them with the forwards.
+the swapped forwards, so :func:`fastft.unpatch` removes them with the forwards. Under
+torch.compile the stash is Python state dynamo traces (the group node is the operator
+``fastft::lora_group``), matched by the input's identity (no version counter in a traced graph).
 """
 
 from __future__ import annotations
@@ -21,6 +23,11 @@ FEATURE = "lora-group"
 
 
 def _version(x):
+    """``x``'s version counter, to tell an input mutated in place since the group ran. Under
+    torch.compile None: the traced graph is functional (no version counters; reading one would be
+    data-dependent), and the stash is matched by the input's identity alone."""
+    if torch.compiler.is_compiling():
+        return None
     try:
         return x._version
     except RuntimeError:  # an inference-mode tensor: no version counter (and nothing mutates it)

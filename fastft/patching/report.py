@@ -5,6 +5,14 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
+# Features whose patched path is not (yet) made of torch.library operators: under torch.compile
+# each module they patched runs eagerly (a graph break each). Every other feature is
+# operators only (issue 15): patching adds no graph break. Checked by tests/test_compile_patched.py.
+EAGER_UNDER_COMPILE = {
+    "experts": "an autograd Function, not yet an operator",
+    "checkpointing": "fastft's per-layer activation checkpointing breaks the graph at each decoder layer",
+}
+
 
 @dataclass(frozen=True)
 class Patched:
@@ -44,9 +52,23 @@ class PatchReport:
         """Features that patched at least one module."""
         return {p.feature for p in self.patched}
 
+    def eager_under_compile(self) -> dict[str, str]:
+        """Features that patched something and run eagerly under torch.compile -> why."""
+        return {f: EAGER_UNDER_COMPILE[f] for f in sorted(self.features()) if f in EAGER_UNDER_COMPILE}
+
+    def compile_ready(self) -> str:
+        """One line: whether torch.compile sees only operators from fastft (no graph break added)."""
+        eager = self.eager_under_compile()
+        if not eager:
+            return "compile-ready: yes (every fastft feature patched here is a torch.library op)"
+        return "compile-ready: no: " + "; ".join(
+            f"{f} runs eager ({why}; a graph break each)" for f, why in eager.items()
+        )
+
     def to_dict(self) -> dict:
         return {
             "model": self.model,
+            "compile_ready": self.compile_ready(),
             "patched": [asdict(p) for p in self.patched],
             "skipped": [asdict(s) for s in self.skipped],
             "fallbacks": dict(self.fallbacks),
@@ -66,6 +88,7 @@ class PatchReport:
             lines.append("  calls that ran the original forward (did not fit the fused op):")
             for (feat, target, reason), n in _grouped_counts(self.fallbacks).items():
                 lines.append(f"    {feat}  {target}: {reason} ({n} call{'s' if n != 1 else ''})")
+        lines.append(f"  {self.compile_ready()}")
         return "\n".join(lines)
 
     __repr__ = __str__

@@ -86,6 +86,7 @@ class TrainConfig:
     label_smoothing: float = 0.0  # DPO sigmoid (cDPO) / robust / exo_pair, SimPO
     simpo_gamma: float = 0.5  # SimPO's target margin gamma (its logits subtract gamma / beta)
     precompute_ref: bool = False  # reference log-probs computed once before training (always for full DPO)
+    compile: bool | str = False  # torch.compile the training forward: True (mode default) or a mode (training.compile)
 
     # ---------------------------------------------------------------- construction
     @classmethod
@@ -263,6 +264,13 @@ class TrainConfig:
         else:
             raise TypeError(f"target_modules must be a string or a list of strings, got {tm!r}")
         _check_reporters(self.report_to)
+        from .compile import compile_mode
+
+        if compile_mode(self.compile) is not None and self.objective != "sft":
+            raise ValueError(
+                f"compile applies to the sft objective's training forward; objective {self.objective} runs eager "
+                "(drop compile)"
+            )
         if self.fsdp and self.method == "full" and self.checkpointing == "offload":
             pass  # allowed; listed for clarity
         return self
@@ -300,6 +308,8 @@ class TrainResult:
     checkpoint_best: str | None
     metrics_path: str | None
     plot_path: str | None
+    compile: str | None = None  # the torch.compile mode of the training forward (None: eager)
+    compile_seconds: float | None = None  # the first compiled step's wall time (compilation included)
     losses: list[float] = field(default_factory=list)  # per optimizer step
     generations: list[dict] = field(default_factory=list)  # {"prompt", "before", "after"}
 

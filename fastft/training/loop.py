@@ -296,6 +296,11 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
             from torch.nn.parallel import DistributedDataParallel
 
             train_model = DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        from .compile import compile_mode, compile_module
+
+        self.compile_mode = compile_mode(cfg.compile)
+        if self.compile_mode is not None:  # a wrapper for the training forward only (see training.compile)
+            train_model = compile_module(train_model, self.compile_mode)
         self.model, self.train_model = model, train_model
         trainable = [p for p in model.parameters() if p.requires_grad]
 
@@ -355,6 +360,11 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
             f"steps: {total} (about {steps_per_epoch} per epoch; batch {cfg.batch_size} x accum {cfg.grad_accum}"
             f" x {dist.world} rank(s)), lr {cfg.lr:g} {cfg.schedule}, warmup {warmup}, eval every {self.eval_every}"
         )
+        if self.compile_mode is not None:
+            from .compile import describe
+
+            ready = self.report.compile_ready()
+            self.say(f"compile: {describe(self.compile_mode)} of the training forward; fastft {ready}")
         if resume_state is not None:
             self.say(f"resumed from {self.resume_dir} at step {step} (epoch {epoch}, batch {gi})")
 
@@ -388,6 +398,7 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
         last_saved = step if resume_state is not None else -1
         train_loss = losses[-1] if losses else None
         pending = _Pending()
+        compile_seconds = None
 
         def read_back() -> float | None:
             """Read the pending losses in one transfer (the only host sync of the loop), raise on a
@@ -414,10 +425,16 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
                 epoch, gi = epoch + 1, 0
                 continue
             t0 = time.perf_counter()
+            if self.compile_mode is not None and compile_seconds is None and self.pref is None:
+                self._eager_checks(batches[gi * group])
             lr = self.sched.get_last_lr()[0]  # the rate this step uses
             loss, norm, ntok = self._step(batches[gi * group : (gi + 1) * group])
             self.sched.step()
             dt = time.perf_counter() - t0
+            if self.compile_mode is not None and compile_seconds is None:
+                compile_seconds = dt
+                self._record({"step": step + 1, "compile_seconds": round(dt, 3), "compile": self.compile_mode})
+                self.say(f"compile: the first step (tracing and compilation included) took {dt:.1f} s")
             train_time += dt
             n_tokens += ntok
             tok_window += ntok
@@ -534,6 +551,8 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
             checkpoint_best=str(best_dir) if best_step is not None else None,
             metrics_path=str(self.metrics_path),
             plot_path=plot_path,
+            compile=self.compile_mode,
+            compile_seconds=compile_seconds,
             losses=losses,
             generations=[{**g, "prompt": _prompt_text(g["prompt"])} for g in gens],
         )
@@ -640,12 +659,24 @@ class _Trainer(ModelMixin, CheckpointMixin, ReportingMixin, PreferenceMixin):
             total /= dist.world
         return total, norm, ntok
 
+    @torch.no_grad()
+    def _eager_checks(self, mb: dict) -> None:
+        """Before the first compiled step: one eager forward of its first micro-batch (no grad, the
+        random state restored), so that fastft's one-time checks (the fused loss's convention check)
+        run outside the traced region and the first compiled graph is the one every step uses."""
+        devices = [self.device] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=devices), self._autocast():
+            kw = {"num_items_in_batch": torch.ones((), device=self.device)} if self.num_items_ok else {}
+            self.model(**self._to_device(mb), use_cache=False, **kw)
+
     def _sft_loss(self, mb: dict, denom: float) -> torch.Tensor:
         """The micro-batch's summed token loss / ``denom`` (the step's label tokens per rank)."""
         from ..data import count_label_tokens
 
         with self._autocast():
             if self.num_items_ok:
+                if self.compile_mode is not None:  # a tensor: a new value is not a new graph
+                    denom = torch.tensor(denom, dtype=torch.float32, device=self.device)
                 return self.train_model(**mb, use_cache=False, num_items_in_batch=denom).loss
             out = self.train_model(**mb, use_cache=False)  # a model without loss kwargs: its mean times its count
             return out.loss * (count_label_tokens(mb) / denom)
