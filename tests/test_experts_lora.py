@@ -73,7 +73,12 @@ def _run(fn, x, idx, w, ws, l1, l2, act, transposed, d, inputs):
 @pytest.mark.parametrize("routing", ["random", "one_expert_all", "unused_experts"])
 @pytest.mark.parametrize("top_k", [1, 2])
 @pytest.mark.parametrize("H,IN,r", [(16, 24, 4), (13, 7, 3)])  # aligned (grouped_mm) and odd (per-expert loop)
-def test_op_lora_matches_reference_fp32(act, transposed, bias, which, routing, top_k, H, IN, r):
+@pytest.mark.parametrize("dense", [True, False], ids=["cpu-dense", "grouped"])
+def test_op_lora_matches_reference_fp32(act, transposed, bias, which, routing, top_k, H, IN, r, dense, monkeypatch):
+    """Both forms of the rank-r products: a CPU's dense one over all experts, and the grouped GEMMs
+    (what a GPU runs, and a CPU past experts_lora.DENSE_MAX_N)."""
+    if not dense:
+        monkeypatch.setattr("fastft.ops.experts_lora.DENSE_MAX_N", 0)
     E, T = 5, 11
     x = torch.randn(T, H, requires_grad=True)
     idx = _routing(routing, E, T, top_k)
@@ -93,8 +98,11 @@ def test_op_lora_matches_reference_fp32(act, transposed, bias, which, routing, t
 
 
 @pytest.mark.parametrize("act,transposed,bias", ACTS, ids=lambda v: getattr(v, "kind", str(v)))
-def test_op_lora_bf16_rule_fp32_adapters(act, transposed, bias):
+@pytest.mark.parametrize("dense", [True, False], ids=["cpu-dense", "grouped"])
+def test_op_lora_bf16_rule_fp32_adapters(act, transposed, bias, dense, monkeypatch):
     """bf16 activations and experts, fp32 adapters: within twice plain bf16's error; adapter grads in fp32."""
+    if not dense:
+        monkeypatch.setattr("fastft.ops.experts_lora.DENSE_MAX_N", 0)
     E, T, H, IN, K, r = 4, 37, 32, 48, 2, 8
     x32, idx, w32, d32 = torch.randn(T, H), _routing("random", E, T, K), torch.rand(T, K), torch.randn(T, H)
     ws32 = [None if t is None else t.detach() for t in _weights(E, H, IN, transposed, bias, True)]
@@ -199,6 +207,13 @@ def test_patched_lora_matches_peft_fp32(family, target, monkeypatch):
     loss2, grads2 = _loss_and_lora_grads(model, batch)  # PEFT's own path again, same numbers
     assert len(calls) == n_mods
     torch.testing.assert_close(loss2, ref_loss, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_patched_lora_matches_peft_grouped_form(family, monkeypatch):
+    """The grouped-GEMM form of the rank-r products (a GPU's) at model level too."""
+    monkeypatch.setattr("fastft.ops.experts_lora.DENSE_MAX_N", 0)
+    test_patched_lora_matches_peft_fp32(family, "both", monkeypatch)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])

@@ -231,16 +231,17 @@ class _Experts(torch.autograd.Function):
         xs = x[tok].to(dtype)  # (S, H)
         h = _gmm(xs, _materialise(w1, dtype, transposed), offs)  # (S, 2I)
         lora = []  # LoRA (experts_lora): per adapted GEMM its cast factors and u = x A^T, saved for backward
+        grp = _lo.Groups(offs, sorted_ids, _gmm) if A1 is not None or A2 is not None else None
         if A1 is not None:
             At1, Bs1 = _lo.prepare(A1, B1, lora_s[0], dtype)
-            lora += [At1, Bs1, _lo.lora_forward_(h, xs, At1, Bs1, offs, _gmm)]
+            lora += [At1, Bs1, _lo.lora_forward_(h, xs, At1, Bs1, grp)]
         if b1 is not None:
             h += b1[sorted_ids]
         a = act_forward(h, act)
         y = _gmm(a, _materialise(w2, dtype, transposed), offs)  # (S, H)
         if A2 is not None:
             At2, Bs2 = _lo.prepare(A2, B2, lora_s[1], dtype)
-            lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, offs, _gmm)]
+            lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, grp)]
         del a
         if b2 is not None:
             y += b2[sorted_ids]
@@ -262,14 +263,15 @@ class _Experts(torch.autograd.Function):
         lora1 = lora[:3] if ctx.lora1 else None  # (At, Bs, u) of the gate/up adapter
         lora2 = lora[-3:] if ctx.lora2 else None
         dtypes1, dtypes2 = (ctx.lora_dtypes[0], ctx.lora_dtypes[-1]) if ctx.lora_dtypes else (None, None)
+        grp = _lo.Groups(offs, sorted_ids, _gmm) if lora else None
         E, dtype = w1.shape[0], w1.dtype
         need = ctx.needs_input_grad
         tok = perm // K
         dout_s = dout[tok].to(dtype)  # (S, H)
         g = _gmm(dout_s, _materialise(w2, dtype, transposed).transpose(-2, -1), offs)  # (S, I) = dout W2^T
         if lora2 is not None:  # g += (dout s B2) A2
-            t2 = _lo.lora_t(dout_s, lora2[1], offs, _gmm)  # (S, r), before the routing weight
-            _lo.lora_dx_(g, t2, lora2[0], offs, _gmm)
+            t2 = _lo.lora_t(dout_s, lora2[1], grp)  # (S, r), before the routing weight
+            _lo.lora_dx_(g, t2, lora2[0], grp)
         wcol = ws[:, None].to(dtype)
         dh, a = act_backward(g * wcol, h, act)  # (S, 2I), and a (S, I) recomputed
         dw = None
@@ -283,28 +285,26 @@ class _Experts(torch.autograd.Function):
         dy = dout_s * wcol  # (S, H)
         dw2 = db2 = dw1 = db1 = dx = dA1 = dB1 = dA2 = dB2 = None
         if lora2 is not None and (need[11] or need[12]):
-            dA2, dB2 = _lo.lora_grads(t2 * wcol, dy, a, lora2[2], lora2[0], ctx.lora_s[1], offs, _gmm,
-                                      need[11], need[12], dtypes2)  # fmt: skip
+            dA2, dB2 = _lo.lora_grads(t2 * wcol, dy, a, lora2[2], ctx.lora_s[1], grp, need[11], need[12], dtypes2)
         if need[4]:
             dw2 = _gmm(a.T, dy, offs) if transposed else _gmm(dy.T, a, offs)
         if need[6]:
             db2 = torch.zeros(E, dy.shape[1], device=dy.device, dtype=torch.float32)
             db2 = db2.index_add_(0, sorted_ids, dy.float()).to(b2.dtype)
-        t1 = _lo.lora_t(dh, lora1[1], offs, _gmm) if lora1 is not None and (need[0] or need[9]) else None
+        t1 = _lo.lora_t(dh, lora1[1], grp) if lora1 is not None and (need[0] or need[9]) else None
         if need[3] or need[0] or (lora1 is not None and (need[9] or need[10])):
             xs = x[tok].to(dtype)
             if need[3]:
                 dw1 = _gmm(xs.T, dh, offs) if transposed else _gmm(dh.T, xs, offs)
             if lora1 is not None:
-                dA1, dB1 = _lo.lora_grads(t1, dh, xs, lora1[2], lora1[0], ctx.lora_s[0], offs, _gmm,
-                                          need[9], need[10], dtypes1)  # fmt: skip
+                dA1, dB1 = _lo.lora_grads(t1, dh, xs, lora1[2], ctx.lora_s[0], grp, need[9], need[10], dtypes1)
         if need[5]:
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
             dxs = _gmm(dh, _materialise(w1, dtype, transposed).transpose(-2, -1), offs)  # (S, H)
             if t1 is not None:
-                _lo.lora_dx_(dxs, t1, lora1[0], offs, _gmm)
+                _lo.lora_dx_(dxs, t1, lora1[0], grp)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
         return dx, None, dw, dw1, dw2, db1, db2, None, None, dA1, dB1, dA2, dB2, None
