@@ -62,8 +62,11 @@ def main(argv=None) -> int:
     p.add_argument("--providers", default=",".join(PROVIDERS))
     p.add_argument("--lora-rank", type=int, default=16, help="LoRA-on-experts case rank (0: skip the case)")
     p.add_argument("--reps", type=int, help="timed repetitions (default: CPU 3, CUDA 10; the LoRA case 2 more)")
-    H.add_common_args(p, "moe")
+    p.add_argument("--_mem-worker", dest="mem_worker", help=argparse.SUPPRESS)
+    H.add_common_args(p, "moe", memory="the 4-bit / 16-bit frozen peak memory")
     args = p.parse_args(argv)
+    if args.mem_worker:
+        return _mem_worker(args)
     t_start = time.perf_counter()
     sys.path.insert(0, H.REPO_ROOT)
     import torch
@@ -187,6 +190,19 @@ def main(argv=None) -> int:
             for base16 in ("fastft_frozen", "fastft"):
                 if base16 in results:
                     summary[f"nf4_time_over_{base16}"] = H.ratio(t4, results[base16]["median_ms"])
+    memory = {}
+    if not args.skip_memory and {"fastft_frozen", "fastft_nf4"} <= set(results):
+        script, raw = os.path.abspath(__file__), list(sys.argv[1:] if argv is None else argv)
+        for prov in ("fastft_frozen", "fastft_nf4"):  # one fresh process each, one after the other
+            memory[prov] = H.run_isolated(script, raw + ["--_mem-worker", prov], env=H.worker_env(device), timeout=1800)
+            print(f"  {prov} memory: {memory[prov]}", flush=True)
+        a, b = memory["fastft_nf4"], memory["fastft_frozen"]
+        if a.get("status") == "ok" and b.get("status") == "ok":
+            summary["nf4_over_frozen_resident_weights"] = H.ratio(a["weights_mib"], b["weights_mib"])
+            summary["nf4_over_frozen_step_peak"] = H.ratio(a["peak_mib"], b["peak_mib"])
+            summary["nf4_over_frozen_total_peak"] = H.ratio(
+                a["weights_mib"] + a["peak_mib"], b["weights_mib"] + b["peak_mib"]
+            )
     print(
         H.markdown_table(
             rows,
@@ -214,6 +230,7 @@ def main(argv=None) -> int:
         rows=rows,
         summary=summary,
         lora=lora,
+        memory=memory,
     )
     H.finish(args, "moe", payload, device=device, quick=args.quick, t_start=t_start)
     return 0
@@ -311,6 +328,52 @@ def lora_case(mod, x, idx, w, dout, rank, peft_impl, reps, device) -> dict:
         f"{summary['fastft_over_base_frozen_min']:.2f}x"
     )
     return dict(rows=rows, summary=summary, times={n: res[n] for n in names})
+
+
+def _mem_worker(args) -> int:
+    """Fresh process: resident expert weights (dense frozen, or 4-bit with the dense ones freed)
+    and the peak of one forward + backward above what is held before it (MiB)."""
+    import gc
+
+    sys.path.insert(0, H.REPO_ROOT)
+    import torch
+
+    from fastft.nn import ExpertsWeight4bit
+    from fastft.ops.experts import experts
+
+    device = H.resolve_device(args.device)
+    cfg_d = DEFAULTS["quick" if args.quick else ("cuda" if device.startswith("cuda") else "cpu")]
+    dtype = H.torch_dtype(cfg_d["dtype"])
+    E, K, Hd, In, T = (cfg_d[k] for k in ("experts", "top_k", "hidden", "intermediate", "tokens"))
+    torch.manual_seed(args.seed)
+    x = torch.randn(T, Hd, device=device, dtype=dtype, requires_grad=True)
+    idx = torch.stack([torch.randperm(E, device=device)[:K] for _ in range(T)])
+    w = torch.rand(T, K, device=device, dtype=dtype).softmax(-1).requires_grad_()
+    dout = torch.randn(T, Hd, device=device, dtype=dtype)
+    tiny = [torch.randn(2, 64, 64, device=device, dtype=dtype), torch.randn(2, 64, 32, device=device, dtype=dtype)]
+    gc.collect()
+    before = H.current_bytes(device)
+    w1 = torch.randn(E, 2 * In, Hd, device=device, dtype=dtype) * Hd**-0.5
+    w2 = torch.randn(E, Hd, In, device=device, dtype=dtype) * In**-0.5
+    if args.mem_worker == "fastft_nf4":
+        w1, w2 = ExpertsWeight4bit.from_weight(w1), ExpertsWeight4bit.from_weight(w2)  # the dense ones freed
+        tiny = [ExpertsWeight4bit.from_weight(t) for t in tiny]
+    gc.collect()
+    weights = (H.current_bytes(device) - before) / 2**20 if before is not None else None
+
+    def step():
+        x.grad = w.grad = None
+        experts(x, idx, w, w1, w2).backward(dout)
+
+    def prime():  # tiny: pages in the code paths without leaving full-size blocks cached
+        xt = torch.randn(4, 64, device=device, dtype=dtype, requires_grad=True)
+        ones = torch.ones(4, 1, device=device, dtype=dtype)
+        experts(xt, torch.zeros(4, 1, dtype=torch.long, device=device), ones, *tiny).sum().backward()
+
+    peak = H.measure_peak_memory(step, device, prime=prime)
+    payload = dict(status="ok", provider=args.mem_worker, weights_mib=weights, peak_mib=peak["peak_mib"])
+    H.emit_worker_result(dict(payload, method=peak["method"]))
+    return 0
 
 
 if __name__ == "__main__":
