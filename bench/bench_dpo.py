@@ -84,9 +84,9 @@ def _fastft_step(model, checkpointing=None):
     def step(b):
         import torch
 
-        lp = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), model.disable_adapter():  # first, as the trainer (and TRL) do
             ref = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
+        lp = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
         c, r = lp.chunk(2)
         rc, rr = ref.chunk(2)
         loss = dpo_loss(c, r, rc, rr, beta=0.1).loss

@@ -126,7 +126,8 @@ class PreferenceMixin:
         """The micro-batch's loss (its summed per-pair loss / ``denom``) and the objective's output."""
         cfg, obj = self.cfg, self.cfg.objective
         with self._autocast():
-            lp, n = self._logps(mb)
+            # the no-grad forwards first: their working memory comes and goes before the policy's
+            # activations are held (the peak is the policy forward's, not that plus a reference's)
             if obj in _NEEDS_REF:
                 if self.use_cache_ref:
                     ref = self.ref_cache[split_name][mb["index"]]  # (P, 2)
@@ -135,6 +136,8 @@ class PreferenceMixin:
                     ref = self._ref_logps(mb)
             if obj == "kto":
                 kl = L.kto_kl(self._kl_logps(mb, policy=True), self._kl_logps(mb, policy=False))
+            lp, n = self._logps(mb)
+            if obj == "kto":
                 out = L.kto_loss(lp.float(), ref.float(), mb["label"].bool(), kl, beta=cfg.beta, reduction="sum")
                 return out.loss / denom, out
         lp = lp.float()
