@@ -203,7 +203,8 @@ def _recompute_applies(act, gate, up) -> bool:
     offloading) are active, nor a torch.compile trace (its own memory planning)."""
     if not (torch.is_grad_enabled() and act.requires_grad and gate.requires_grad and up.requires_grad):
         return False
-    if torch.compiler.is_compiling() or torch._C._autograd._top_saved_tensors_default_hooks(False) is not None:
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)  # no such query: stay off
+    if torch.compiler.is_compiling() or top is None or top(False) is not None:
         return False
     return act.is_contiguous() and act.storage_offset() == 0 and act.untyped_storage().nbytes() == act.nbytes
 
