@@ -1,9 +1,11 @@
 """DPO step: fastft (logits-free log-probs, reference from the disabled adapters) vs TRL's DPO loss
 on materialised logits, same model, adapters and data, each in its own process.
 
-What is timed is one DPO training step's compute: the policy forward on ``2P`` rows (chosen
-then rejected), the reference forward under ``no_grad`` with the LoRA adapters disabled, the
-loss and its backward. The optimizer update (identical on both sides) is left out.
+What is timed is one DPO training step's compute: the reference forward under ``no_grad`` with
+the LoRA adapters disabled, then the policy forward on ``2P`` rows (chosen then rejected), the
+loss and its backward (both sides in that order, as TRL's trainer and fastft's do). The optimizer
+update (identical on both sides) is left out. Run it with ``PYTHONPATH=.`` from a source checkout
+whose ``fastft`` is not the installed one (the workers run as ``bench/`` scripts).
 
 * ``fastft``: ``fastft.patch`` on the PEFT model; per-sequence log-probs from the decoder's
   hidden states by :func:`fastft.ops.fused_linear_logprobs` (:func:`fastft.preference.sequence_logps`),
@@ -84,9 +86,9 @@ def _fastft_step(model, checkpointing=None):
     def step(b):
         import torch
 
-        lp = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
-        with torch.no_grad(), model.disable_adapter():
+        with torch.no_grad(), model.disable_adapter():  # first, as the trainer (and TRL) do
             ref = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
+        lp = sequence_logps(hf, b["input_ids"], b["attention_mask"], b["labels"])
         c, r = lp.chunk(2)
         rc, rr = ref.chunk(2)
         loss = dpo_loss(c, r, rc, rr, beta=0.1).loss

@@ -237,11 +237,44 @@ def count_completion_tokens(labels: torch.Tensor) -> torch.Tensor:
     return (labels[:, 1:] != IGNORE_INDEX).sum(-1)
 
 
-def sequence_logps(hf_model, input_ids, attention_mask, labels, *, reduction: str = "sum", backend: str = "auto"):
+def sequence_logps(
+    hf_model, input_ids, attention_mask, labels, *, reduction: str = "sum", backend: str = "auto", through=None
+):
     """Per-row completion log-probs of a causal LM without its logits: the decoder's final hidden
     states scored by :func:`fastft.ops.fused_linear_logprobs` against the output embedding
     (soft-capped as the config says). ``hf_model``: the transformers model (inside a PEFT wrapper,
-    its LoRA layers are live unless disabled)."""
+    its LoRA layers are live unless disabled).
+
+    ``through``: a module that must see the computation as its own forward: a
+    ``DistributedDataParallel`` wrapper (its reducer only all-reduces the gradients of a forward
+    that went through it) or an FSDP2 root (its hooks gather the root's parameters, the embedding
+    and the head, and reduce-scatter their gradients). The decoder and the scoring then run as the
+    forward of the wrapped module (``through.module`` for DDP, ``through`` itself otherwise): its
+    ``forward`` is shadowed by an instance attribute for that one call, so ``through(...)`` runs
+    every hook it has around exactly this computation, with the same numbers as a direct call.
+    """
+    if through is None:
+        return _score(hf_model, input_ids, attention_mask, labels, reduction, backend)
+    from torch.nn.parallel import DistributedDataParallel
+
+    target = through.module if isinstance(through, DistributedDataParallel) else through
+    had = "forward" in target.__dict__
+    previous = target.__dict__.get("forward")
+
+    def forward(input_ids, attention_mask, labels):
+        return _score(hf_model, input_ids, attention_mask, labels, reduction, backend)
+
+    target.forward = forward
+    try:
+        return through(input_ids=input_ids, attention_mask=attention_mask, labels=labels)
+    finally:
+        if had:
+            target.forward = previous
+        else:
+            del target.forward
+
+
+def _score(hf_model, input_ids, attention_mask, labels, reduction: str, backend: str):
     from .ops import fused_linear_logprobs
 
     decoder = hf_model.get_decoder()

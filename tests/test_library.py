@@ -143,6 +143,8 @@ def test_flce_opcheck(backend, opts, bias):
     for need in ((True, True, bias), (True, False, False), (False, False, False)):
         torch.library.opcheck(torch.ops.fastft.flce.default, (h, w, b, t, denom, *need, *opts, backend))
     torch.library.opcheck(torch.ops.fastft.flce_rows.default, (h, w, b, t, *opts, backend))
+    frozen = (w.detach(), b.detach() if bias else None)  # a frozen head: per-token d loss / d h from forward
+    torch.library.opcheck(torch.ops.fastft.flce_rows_hgrad.default, (h, *frozen, t, *opts, backend))
     g = torch.randn(11)
     dets = (h.detach(), w.detach(), b.detach() if bias else None, t, g)
     for need in ((True, True, bias), (False, True, False)):

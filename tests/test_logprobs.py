@@ -186,6 +186,66 @@ def test_packed_segments_equal_the_sequences_run_alone(backend, reduction):
         _close(a, b_, torch.float32, "grad")
 
 
+def _run_frozen_head(fn, h, w, b, up):
+    """Only ``hidden`` is a leaf (a LoRA run's frozen head): the ``fastft::flce_rows_hgrad`` path."""
+    h = h.detach().clone().requires_grad_(True)
+    out = fn(h, w, b)
+    (g,) = torch.autograd.grad(out, h, up(out))
+    return out.detach(), g
+
+
+def _uses_hgrad(out) -> bool:
+    seen, todo = set(), [out.grad_fn]
+    while todo:
+        f = todo.pop()
+        if f is None or f in seen:
+            continue
+        seen.add(f)
+        if "flce_rows_hgrad" in type(f).__name__:
+            return True
+        todo += [n for n, _ in f.next_functions]
+    return False
+
+
+@pytest.mark.parametrize("case", list(CASES))
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_fp32_matches_the_reference(backend, case, small_chunks):
+    """Frozen head: each token's d logp / d h comes from forward (no logits recomputed in backward)."""
+    h, w, b, t = _inputs((3, 11), 24, 101, bias=case == "sum")
+    kw = CASES[case]
+    h1 = h.detach().clone().requires_grad_(True)
+    assert _uses_hgrad(fused_linear_logprobs(h1, w, t, b, backend=backend, **kw))
+    got, g_got = _run_frozen_head(
+        lambda h, w, b: fused_linear_logprobs(h, w, t, b, backend=backend, **kw), h, w, b, _upstream()
+    )
+    ref, g_ref = _run_frozen_head(lambda h, w, b: fused_linear_logprobs_reference(h, w, t, b, **kw), h, w, b,
+                                  _upstream())  # fmt: skip
+    _close(got, ref, torch.float32, "logprobs")
+    _close(g_got, g_ref, torch.float32, "grad h")
+    assert (g_got.reshape(-1, 24)[(t == IGNORE).reshape(-1)] == 0).all()  # ignored tokens: no gradient
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_frozen_head_bf16_is_no_worse_than_plain_bf16_pytorch(backend):
+    h, w, b, t = _inputs((4, 13), 32, 129, dtype=torch.bfloat16)
+    got, g_got = _run_frozen_head(lambda h, w, b: fused_linear_logprobs(h, w, t, backend=backend), h, w, b,
+                                  _upstream())  # fmt: skip
+    ref, g_ref = _run_frozen_head(lambda h, w, b: fused_linear_logprobs_reference(h, w, t), h.float(), w.float(),
+                                  None, _upstream())  # fmt: skip
+
+    def plain(h, w, b):
+        logp = torch.log_softmax(h @ w.T, -1).gather(-1, t.clamp(min=0)[..., None])[..., 0]
+        return torch.where(t != IGNORE, logp, torch.zeros_like(logp)).sum(-1)
+
+    low, g_low = _run_frozen_head(plain, h, w, b, _upstream())
+    for what, a, lo, r in [("logprobs", got, low, ref), ("grad h", g_got, g_low, g_ref)]:
+        err = (a.float() - r.float()).abs().max().item()
+        base = (lo.float() - r.float()).abs().max().item()
+        slack = 2.0 ** (r.float().abs().max().log2().floor().item() - 7)  # one bf16 ulp
+        assert err <= 2 * base + 1e-3 + slack, f"{what}: {err:.3g} vs plain bf16 {base:.3g}"
+    assert g_got.dtype == torch.bfloat16
+
+
 def test_frozen_weight_gets_no_gradient_and_hidden_does():
     h, w, _, t = _inputs((2, 7), 8, 19)
     h.requires_grad_(True)

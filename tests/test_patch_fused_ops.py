@@ -97,3 +97,31 @@ def test_each_feature_can_be_turned_off():
     report = fastft.patch(model, norms=False, mlp=False, rope=False)
     assert not ({"norms", "mlp", "rope"} & report.features())
     assert not _swapped(model, FusedMLPForward) and not _swapped(model, FusedRMSNormForward)
+
+
+@pytest.mark.parametrize("wrapped", [False, True], ids=["full", "lora"])
+@pytest.mark.parametrize("family", ["llama", "phi3"])
+def test_down_proj_input_is_recomputed_with_the_same_bits(family, wrapped, monkeypatch):
+    """down_proj's saved input is the gated activation recomputed in backward (not a third
+    intermediate-sized buffer): the gradients are bit-identical to keeping it (what any outer
+    saved-tensor hook, e.g. activation checkpointing, makes the patch do), and with such a hook
+    active the recompute stays off."""
+    import fastft.patching.fused_ops as F
+
+    model = tiny_model(family, vocab_size=VOCAB)
+    model = (_peft(model) if wrapped else model).train()
+    fastft.patch(model)
+    batch = tiny_batch(VOCAB, seq=20)
+    calls = []
+    real_unpack = F._RecomputedInput.unpack
+    monkeypatch.setattr(F._RecomputedInput, "unpack", staticmethod(lambda p: calls.append(type(p)) or real_unpack(p)))
+    loss, grads = _step(model, batch)
+    recomputed = calls.count(tuple)
+    assert recomputed >= model.config.num_hidden_layers, calls  # each MLP's down_proj input, at least once
+    calls.clear()
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: t, lambda t: t):  # an outer hook: recompute off
+        ref_loss, ref_grads = _step(model, batch)
+    assert calls == []
+    assert torch.equal(loss, ref_loss) and grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert torch.equal(g, ref_grads[n]), n

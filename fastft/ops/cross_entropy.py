@@ -115,6 +115,7 @@ def ce_rows_torch(
     grad_scale: torch.Tensor | None = None,
     grad_out: torch.Tensor | None = None,
     workspace: torch.Tensor | None = None,
+    scratch: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Loss and log-sum-exp of each row of ``logits`` ``(N, V)``; optionally its gradient.
 
@@ -124,7 +125,9 @@ def ce_rows_torch(
     ``grad_scale * dloss/dlogits`` into ``grad_out`` (``(N, V)``, any float dtype; it may
     be ``logits`` itself, for an in-place gradient). ``workspace`` (torch backend only) is an
     optional fp32 ``(N, V)`` buffer used as scratch when ``grad_out`` is not fp32, so that a
-    caller looping over chunks allocates it once.
+    caller looping over chunks allocates it once. ``scratch`` (loss only, fp32 ``logits``): the
+    caller's logits buffer may be overwritten, so the log-sum-exp runs in it, in place, instead
+    of in an ``(N, V)`` temporary of ``torch.logsumexp``'s.
     """
     N, V = logits.shape
     counted = target != ignore_index
@@ -132,7 +135,12 @@ def ce_rows_torch(
     safe_t = torch.where(valid, target, torch.zeros_like(target)).long().unsqueeze(1)
     nan = torch.full((N,), float("nan"), device=logits.device)
 
-    if grad_scale is None:  # loss only: never write into the caller's logits
+    if grad_scale is None and scratch and logits.dtype == torch.float32 and softcap is None:
+        z_t = logits.gather(1, safe_t).squeeze(1)
+        mean_z = logits.mean(dim=-1) if label_smoothing else None
+        m = logits.amax(dim=-1, keepdim=True)
+        lse = m.squeeze(1) + logits.sub_(m).exp_().sum(dim=-1).log()
+    elif grad_scale is None:  # loss only: never write into the caller's logits
         z = logits.float()
         tanh = None
         if softcap is not None:
@@ -420,8 +428,8 @@ ROW_ALIGN = 64
 # With a frozen head (every LoRA / QLoRA run) there is no accumulator: the GEMMs are (n, H) x (H, V)
 # and (n, V) x (V, H), compute-bound from a few hundred rows, so the chunk is sized by memory alone.
 _CUDA_MIN_ROWS = {True: 1024, False: 256}
-# Default budgets (MiB) for one chunk's logits: CPU; CUDA with a trainable head; CUDA, frozen head.
-_BUDGET_MB = {"cpu": 64.0, ("cuda", True): 512.0, ("cuda", False): 128.0}
+# Default budgets (MiB) for one chunk's logits: CPU with a trainable / a frozen head; CUDA, the same.
+_BUDGET_MB = {("cpu", True): 64.0, ("cpu", False): 16.0, ("cuda", True): 512.0, ("cuda", False): 128.0}
 
 
 def padded_vocab(vocab: int, device_type: str = "cuda") -> int:
@@ -450,8 +458,10 @@ def chunk_rows(
 
     Budgets (``FASTFT_CE_CHUNK_MB`` overrides all of them):
 
-    * CPU, 64 MiB. V = 128256 in fp32: 130 rows, rounded down to 128 -> 62.6 MiB, against
-      1 GiB for 2048 tokens of fp32 logits (and as much again for their gradient) unfused.
+    * CPU, trainable head, 64 MiB. V = 128256 in fp32: 130 rows, rounded down to 128 -> 62.6 MiB,
+      against 1 GiB for 2048 tokens of fp32 logits (and as much again for their gradient) unfused.
+    * CPU, frozen head, 16 MiB (V = 32000, fp32: 128 rows): no accumulator to amortise, and the
+      chunk is live on top of every saved activation at the end of the forward (bench_dpo's peak).
     * CUDA, trainable head, 512 MiB and at least 1024 rows: the GEMMs must outweigh the
       accumulator traffic (see ``_CUDA_MIN_ROWS``). V = 128256, bf16: 2048 rows, 501 MiB.
       With 64 MiB chunks (256 rows) that traffic alone took as long as the three GEMMs on
@@ -471,7 +481,7 @@ def chunk_rows(
             budget_mb = _BUDGET_MB[("cuda", bool(trainable_weight))]
             floor = _CUDA_MIN_ROWS[bool(trainable_weight)]
         else:
-            budget_mb = _BUDGET_MB["cpu"]
+            budget_mb = _BUDGET_MB[("cpu", bool(trainable_weight))]
     # the logits buffer, plus an fp32 scratch copy when the row kernel needs one (torch path, non-fp32)
     per_elem = itemsize + (4 if fp32_scratch and itemsize != 4 else 0)
     rows = int(budget_mb * 2**20 // (padded_vocab(vocab, device_type) * per_elem))
@@ -599,7 +609,8 @@ def _loss_rows_only(h2d, weight, bias, target, opts, rows, chunk) -> torch.Tenso
             torch.addmm(bias, h2d[s:e], weight.t(), out=logits)
         else:
             torch.mm(h2d[s:e], weight.t(), out=logits)
-        loss_rows[s:e] = rows(logits, target[s:e], **opts)[0]
+        extra = {"scratch": True} if rows is ce_rows_torch else {}  # the buffer is ours: lse in place
+        loss_rows[s:e] = rows(logits, target[s:e], **opts, **extra)[0]
     return loss_rows
 
 
@@ -818,6 +829,59 @@ def _flce_rows_backward(ctx, grad_rows):
 _flce_rows_op.register_autograd(_flce_rows_backward, setup_context=_flce_rows_setup)
 
 
+# Per-token losses with a frozen weight (and bias): every LoRA / QLoRA head, what DPO's log-probs
+# train through. The gradient w.r.t. a token's hidden state is then its upstream factor times
+# d loss_t / d h_t, a vector forward can compute chunk by chunk from the logits it already has
+# (one GEMM more there, none in backward): backward is one row scaling, it recomputes no logits and
+# needs no chunk buffer, and what is kept is that (tokens, H) gradient instead of the hidden states.
+@torch.library.custom_op("fastft::flce_rows_hgrad", mutates_args=())
+def _flce_rows_hgrad_op(
+    h2d: torch.Tensor,
+    weight: torch.Tensor,
+    bias: torch.Tensor | None,
+    target: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    z_loss: float,
+    softcap: float | None,
+    backend: str,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``(per-token losses, d loss_t / d h_t)``: fp32 ``(N,)`` and ``(N, H)`` in ``h2d``'s dtype, 0 for
+    ignored tokens."""
+    opts = _opts(ignore_index, label_smoothing, z_loss, softcap)
+    N = h2d.shape[0]
+    with _no_autocast(h2d.device.type):
+        keep, hk, tk, rows, chunk = _setup_rows(h2d, weight, target, ignore_index, backend, False)
+        loss = torch.empty(hk.shape[0], device=h2d.device, dtype=torch.float32)
+        gh = torch.empty_like(hk)
+        one = torch.ones(1, device=h2d.device, dtype=torch.float32)
+        if hk.shape[0]:
+            _chunked_grads(hk, weight, bias, tk, opts, rows, chunk, lambda s, e: one, gh, None, None, loss)
+        return _scatter_rows(loss, keep, N), _scatter_rows(gh, keep, N)
+
+
+@_flce_rows_hgrad_op.register_fake
+def _(h2d, weight, bias, target, ignore_index, label_smoothing, z_loss, softcap, backend):
+    return h2d.new_empty(h2d.shape[0], dtype=torch.float32), h2d.new_empty(h2d.shape)
+
+
+def _flce_rows_hgrad_setup(ctx, inputs, output):
+    ctx.save_for_backward(output[1])
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+def _flce_rows_hgrad_backward(ctx, grad_rows, _):
+    if grad_rows is None:
+        return (None,) * 9
+    (gh,) = ctx.saved_tensors
+    g = torch.mul(gh, grad_rows.float().unsqueeze(1))  # fp32 product (promotion), one rounding to h's dtype
+    return (g.to(gh.dtype),) + (None,) * 8
+
+
+_flce_rows_hgrad_op.register_autograd(_flce_rows_hgrad_backward, setup_context=_flce_rows_hgrad_setup)
+
+
 def fused_linear_cross_entropy(
     hidden: torch.Tensor,
     weight: torch.Tensor,
@@ -880,10 +944,14 @@ def fused_linear_cross_entropy(
         h2d = h2d.contiguous()
     t1d = target.reshape(-1)
     opts = (ignore_index, float(label_smoothing), float(z_loss), None if softcap is None else float(softcap))
-    if reduction == "none":
-        out = torch.ops.fastft.flce_rows(h2d, weight, bias, t1d, *opts, backend)
-        return out.reshape(target.shape)
     grad = torch.is_grad_enabled()
+    if reduction == "none":
+        frozen = not weight.requires_grad and (bias is None or not bias.requires_grad)
+        if grad and h2d.requires_grad and frozen:  # see fastft::flce_rows_hgrad
+            out = torch.ops.fastft.flce_rows_hgrad(h2d, weight, bias, t1d, *opts, backend)[0]
+        else:
+            out = torch.ops.fastft.flce_rows(h2d, weight, bias, t1d, *opts, backend)
+        return out.reshape(target.shape)
     need_h, need_w = grad and h2d.requires_grad, grad and weight.requires_grad
     need_b = grad and bias is not None and bias.requires_grad
     if reduction == "mean":

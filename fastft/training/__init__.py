@@ -16,7 +16,8 @@ user's input has passed):
 
 Under ``torchrun`` the same call runs data-parallel (DDP, or FSDP2 with ``fsdp=True``): every
 rank builds the same epoch of batches and takes a disjoint share of each optimizer step's
-micro-batches; rank 0 alone logs and writes files.
+micro-batches; rank 0 alone logs and writes files. The preference objectives too (their forwards
+run through the DDP / FSDP2 wrapper: :mod:`fastft.training.objectives`).
 
 Checkpoint layout (``output_dir/checkpoint-last`` and ``output_dir/checkpoint-best``): the
 weights (a PEFT adapter dir: ``adapter_config.json`` + ``adapter_model.safetensors``; for

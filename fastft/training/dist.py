@@ -32,6 +32,14 @@ class _Dist:
             torch.distributed.all_reduce(t)
         return t
 
+    def shard(self, items: list, *, pad: bool) -> list[tuple[object, float]]:
+        """This rank's ``items[rank::world]`` as ``(item, 1.0)``; with ``pad`` (FSDP2, whose every
+        forward is a collective) topped up with ``(items[0], 0.0)`` so every rank runs as many."""
+        mine = [(x, 1.0) for x in items[self.rank :: self.world]]
+        if pad and items:
+            mine += [(items[0], 0.0)] * (-(-len(items) // self.world) - len(mine))
+        return mine
+
 
 def _init_dist() -> _Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
