@@ -5,7 +5,10 @@ What it offers, and what every bench script in this folder relies on:
 * :func:`env_info` - where and with what a result was produced (device, cores, package
   versions, git sha, UTC time). Never fails because something is missing.
 * :func:`time_fn` - median / p20 / p80 wall time of a callable, in ms, with a CUDA
-  synchronisation around every repetition.
+  synchronisation around every repetition; :func:`time_interleaved` several callables, their
+  repetitions interleaved; :func:`time_stepwise` several stateful providers (training steps),
+  step by step interleaved, first-call time apart, a failing provider reported, not fatal.
+* :func:`dynamo_snapshot` / :func:`dynamo_delta` - graph breaks and graphs counted by torch.compile.
 * :func:`measure_peak_memory` - peak memory of *one* call above the memory held just
   before it, to be run in a fresh process (see :func:`launch_isolated`):
 
@@ -263,6 +266,86 @@ def time_interleaved(
         out[n] = _stats(times[n], warmup)
         out[n]["inner"] = max(1, inner)
         out[n]["interleaved_with"] = [m for m in names if m != n]
+    return out
+
+
+def time_stepwise(
+    fns: dict[str, Callable[[int], Any]], steps: int, warmup: int, *, start: int = 0, device=None
+) -> dict[str, dict[str, Any]]:
+    """Steps ``start .. steps-1`` of several stateful providers (``fns[name](i)`` runs step ``i``, e.g.
+    a training step on batch ``i``), *interleaved*: every step runs each provider once, the order
+    rotated per step, so that a loaded machine slows them all alike.
+
+    Steps before ``warmup`` are timed but kept out of the statistics (``warmup_ms``); the first one
+    (``first_ms``) is where compilation, autotuning, first-touch allocation happen. A provider that
+    raises is dropped from then on and reported with its ``error`` and ``traceback`` (the others go
+    on). Returns per name what :func:`time_fn` returns (the steps from ``warmup`` on), plus
+    ``first_ms``, ``warmup_ms``, ``outputs`` (each step's return value), ``interleaved_with`` and
+    ``paired``: per other provider, its time / this one's, step by step (the ratio the load did not change).
+    """
+    import traceback
+
+    sync = _sync_for(device)
+    names = list(fns)
+    alive = list(names)
+    times: dict[str, list[float]] = {n: [] for n in names}
+    outputs: dict[str, list[Any]] = {n: [] for n in names}
+    errors: dict[str, dict[str, str]] = {}
+    for i in range(start, steps):
+        k = (i - start) % max(1, len(alive))
+        for n in alive[k:] + alive[:k]:
+            try:
+                sync()
+                t0 = time.perf_counter()
+                out = fns[n](i)
+                sync()
+            except Exception as exc:  # this provider fails: say why, keep timing the others
+                errors[n] = {"error": f"{type(exc).__name__}: {exc}"[:2000], "traceback": traceback.format_exc()[-3000:],
+                             "step": i}  # fmt: skip
+                continue
+            times[n].append((time.perf_counter() - t0) * 1e3)
+            outputs[n].append(out)
+        alive = [n for n in alive if n not in errors]
+    skip = max(0, warmup - start)
+    res: dict[str, dict[str, Any]] = {}
+    for n in names:
+        if n in errors:
+            res[n] = dict(errors[n], times_ms=times[n])
+            continue
+        steady = times[n][skip:] or times[n][-1:]
+        r = _stats(steady, warmup) if steady else {"times_ms": []}
+        r.update(first_ms=times[n][0] if times[n] else None, warmup_ms=times[n][:skip], outputs=outputs[n],
+                 interleaved_with=[m for m in names if m != n])  # fmt: skip
+        r["paired"] = {m: [a / b for a, b in zip(times[m][skip:], steady)] for m in names if m != n and m not in errors}
+        res[n] = r
+    return res
+
+
+# --------------------------------------------------------------------------------------
+# torch.compile bookkeeping
+# --------------------------------------------------------------------------------------
+def dynamo_snapshot() -> dict[str, Any]:
+    """What ``torch._dynamo`` has counted so far in this process: graph breaks (total and per reason,
+    first line), graphs compiled, frames. Diff two with :func:`dynamo_delta`."""
+    from torch._dynamo.utils import counters
+
+    breaks = {str(k).splitlines()[0][:200]: v for k, v in counters["graph_break"].items()}
+    return {
+        "graph_breaks": sum(counters["graph_break"].values()),
+        "break_reasons": breaks,
+        "graphs": counters["stats"]["unique_graphs"],
+        "frames": counters["frames"]["total"],
+        # inductor's FX graph cache: a hit skips code generation and the C++ / Triton compile
+        "fxgraph_cache_hit": counters["inductor"]["fxgraph_cache_hit"],
+        "fxgraph_cache_miss": counters["inductor"]["fxgraph_cache_miss"],
+    }
+
+
+def dynamo_delta(before: dict[str, Any], after: dict[str, Any]) -> dict[str, Any]:
+    """``after - before`` of two :func:`dynamo_snapshot` s (the reasons: those whose count grew)."""
+    reasons = {k: v - before["break_reasons"].get(k, 0) for k, v in after["break_reasons"].items()}
+    out = {k: after[k] - before[k] for k in after if k != "break_reasons"}
+    out["break_reasons"] = {k: v for k, v in reasons.items() if v > 0}
     return out
 
 

@@ -2,12 +2,14 @@
 # One call on a lent GPU machine: everything in priority order, logs and JSON written under $OUT
 # as each stage ends, so a call stopped at its limit still returns the first results.
 #
-#   bash bench/gpu_session.sh                 # tests, e2e, then the per-op benches (default plan)
+#   bash bench/gpu_session.sh                 # tests, e2e, the per-op benches, then e2e-compile (default plan)
 #   bash bench/gpu_session.sh tests bench     # a subset of stages; any other word runs as a command
 #
 # Stages: tests (GPU tests), e2e (1B Llama LoRA/QLoRA step vs PEFT(+bitsandbytes) and Liger),
-# bench (per-op benches, $BENCHES). BUDGET (s, default 540) is the whole call's time; each stage
-# starts only with enough left. Wheels the image lacks (bitsandbytes, liger-kernel) are read from
+# bench (per-op benches, $BENCHES), e2e-compile (last, low priority: the 1B LoRA step with eager
+# fastft, compiled fastft, compiled PEFT, Liger eager and compiled, once per torch.compile mode of
+# $COMPILE_MODES, each its own JSON e2e-compile-<mode>-<device>.json). BUDGET (s, default 540) is the
+# whole call's time; each stage starts only with enough left. Wheels the image lacks (bitsandbytes, liger-kernel) are read from
 # .whl/ when present (see the device tool's README).
 set -u
 OUT=${OUT:-/tmp/fastft-out}
@@ -34,7 +36,8 @@ DEFAULT_BENCHES="cross_entropy:--head=frozen cross_entropy:--head=trainable lora
 GPU_TESTS="tests/test_gpu.py tests/test_lora_triton.py tests/test_nf4_triton.py tests/test_nf4_cuda.py \
 tests/test_nf4_once.py tests/test_experts.py tests/test_ledger.py tests/test_checkpointing.py"
 n=0
-[ $# -eq 0 ] && set -- tests e2e bench
+COMPILE_MODES=${COMPILE_MODES:-"max-autotune-no-cudagraphs reduce-overhead"}
+[ $# -eq 0 ] && set -- tests e2e bench e2e-compile
 for stage in "$@"; do
     l=$(left)
     case $stage in
@@ -50,6 +53,16 @@ for stage in "$@"; do
         timeout $(( l < ${E2E_TIMEOUT:-200} ? l - 20 : ${E2E_TIMEOUT:-200} )) python3 bench/bench_e2e.py \
           --device cuda --deadline-s $(( ${E2E_TIMEOUT:-200} - 30 )) ${E2E_ARGS:-} > "$OUT/bench_e2e.log" 2>&1
         echo "rc=$?"; tail -n 40 "$OUT/bench_e2e.log"; save;;
+      e2e-compile)
+        for cm in $COMPILE_MODES; do
+          l=$(left); [ "$l" -lt 150 ] && { echo "skip e2e-compile $cm: ${l}s left"; continue; }
+          echo "== bench_e2e --compile $cm (${l}s left)"
+          to=$(( l - 20 < ${E2E_COMPILE_TIMEOUT:-240} ? l - 20 : ${E2E_COMPILE_TIMEOUT:-240} ))
+          timeout $to python3 bench/bench_e2e.py --device cuda --modes lora --providers peft --compile "$cm" \
+            --no-max-seq-search --deadline-s $(( to - 30 )) --out "e2e-compile-$cm" ${E2E_ARGS:-} \
+            > "$OUT/bench_e2e_compile_$cm.log" 2>&1
+          echo "rc=$?"; tail -n 40 "$OUT/bench_e2e_compile_$cm.log"; save
+        done;;
       bench)
         for spec in ${BENCHES:-$DEFAULT_BENCHES}; do
           b=${spec%%:*}; a=""; [ "$spec" != "$b" ] && a=${spec#*:}; a=${a//=/ }

@@ -241,24 +241,46 @@ def _rows_moe(doc: dict) -> list[dict]:
     return out
 
 
+# e2e: the provider each row is compared with (default peft); a compiled fastft row is also shown
+# against eager fastft (the second entry)
+_E2E_VERSUS = {"peft+compile": ("peft",), "fastft+compile": ("peft+compile", "fastft"), "liger+compile": ("liger",)}
+
+
+def _e2e_case(c: dict, mode: str) -> str:
+    shape = f"{c.get('batch')}x{c.get('seq')} {c.get('dtype')}"
+    params = (c.get("params_by_mode") or {}).get(mode, c.get("params")) or 0
+    if mode == "moe":
+        return f"moe lora step {shape}, {params / 1e6:.0f}M E{c.get('experts')} top-{c.get('top_k')}"
+    return f"{mode} step {shape}, {params / 1e6:.0f}M"
+
+
 def _rows_e2e(doc: dict) -> list[dict]:
     c = doc.get("config", {})
     rows = [r for r in doc.get("results", []) if r.get("status") == "ok"]
+    by = {(r["mode"], r["provider"]): r for r in rows}
     out = []
     for r in rows:
         if r["provider"] == "peft":
             continue
-        ref = "peft+bnb" if r["mode"] == "qlora" else "peft"
-        case = f"{r['mode']} step {c.get('batch')}x{c.get('seq')} {c.get('dtype')}, {c.get('params', 0) / 1e6:.0f}M"
-        peft = next((x for x in rows if x["mode"] == r["mode"] and x["provider"] == "peft"), {})
-        extra = {}
-        if r.get("max_seq") is not None:
-            extra = dict(max_seq=r.get("max_seq"), max_seq_ratio=r.get("max_seq_ratio"))
-        extra["tokens_per_s"] = r.get("tokens_per_s")
-        extra["speedup"] = r.get("speedup")  # interleaved CPU runs: the median step-by-step ratio
-        out.append(_row("e2e", case, r["provider"], ref, r.get("median_ms"), peft.get("median_ms"),
-                        r.get("mem_ratio") if r.get("mem_ratio") is not None else r.get("total_ratio"),
-                        r.get("agree"), **extra))  # fmt: skip
+        case = _e2e_case(c, r["mode"])
+        for ref_name in _E2E_VERSUS.get(r["provider"], ("peft",)):
+            ref = by.get((r["mode"], ref_name))
+            if ref is None:
+                continue
+            label = "peft+bnb" if (ref_name == "peft" and r["mode"] == "qlora") else ref_name
+            extra: dict = {"tokens_per_s": r.get("tokens_per_s")}
+            if ref_name == "peft":
+                if r.get("max_seq") is not None:
+                    extra.update(max_seq=r.get("max_seq"), max_seq_ratio=r.get("max_seq_ratio"))
+                extra["speedup"] = r.get("speedup")  # interleaved CPU runs: the median step-by-step ratio
+                mem = r.get("mem_ratio") if r.get("mem_ratio") is not None else r.get("total_ratio")
+            else:
+                extra["speedup"] = (r.get("vs") or {}).get(ref_name)
+                mem = (r.get("mem_vs") or {}).get(ref_name)
+            if r.get("compile_s") is not None:
+                extra.update(compile_s=r.get("compile_s"), graph_breaks=r.get("graph_breaks"))
+            out.append(_row("e2e", case, r["provider"], label, r.get("median_ms"), ref.get("median_ms"), mem,
+                            r.get("agree"), **extra))  # fmt: skip
     return out
 
 

@@ -75,15 +75,16 @@ def test_quick_e2e_json_has_the_expected_keys(quick_e2e):
     assert doc["name"] == "e2e-quick" and doc["bench"] == "e2e"
     assert {"env", "config", "results", "targets", "elapsed_s"} <= set(doc)
     cfg = doc["config"]
-    assert cfg["quick"] is True and cfg["modes"] == ["lora"] and cfg["providers"][0] == "peft"
-    by = {r["provider"]: r for r in doc["results"]}
-    assert set(by) == {"peft", "fastft", "fastft+ckpt"}
+    assert cfg["quick"] is True and cfg["modes"] == ["lora", "moe"] and cfg["providers"][0] == "peft"
+    by = {(r["mode"], r["provider"]): r for r in doc["results"]}
+    assert set(by) == {(m, p) for m in ("lora", "moe") for p in ("peft", "fastft", "fastft+ckpt")}
     for r in by.values():
         assert r["status"] == "ok", r
         assert E2E_ROW_KEYS <= set(r), E2E_ROW_KEYS - set(r)
         assert len(r["losses"]) == cfg["warmup"] + cfg["steps"]
-    assert by["peft"]["speedup"] == pytest.approx(1.0)
-    assert "lora" in by["fastft"]["patched"] and "loss" in by["fastft"]["patched"]
+    assert by[("lora", "peft")]["speedup"] == pytest.approx(1.0)
+    assert "lora" in by[("lora", "fastft")]["patched"] and "loss" in by[("lora", "fastft")]["patched"]
+    assert "experts" in by[("moe", "fastft")]["patched"]  # the MoE row (issue 16): fastft's experts op
     assert all({"target", "value", "limit", "met"} <= set(t) for t in doc["targets"])
 
 
