@@ -9,6 +9,13 @@ on the same tokens and the same random top-k routing (weights and input require 
 * ``fastft`` (:func:`fastft.ops.experts`, what ``fastft.patch`` registers as ``"fastft"``)
 * ``gemm``: the bare GEMM time - the six grouped GEMMs of a forward + backward
   (``torch._grouped_mm`` on pre-sorted rows), nothing else: the floor.
+* ``fastft_frozen``: fastft with the 16-bit expert weights frozen (no weight gradients: the
+  QLoRA situation), the baseline of
+* ``fastft_nf4``: fastft on the same weights quantised to NF4 by ``fastft.quantize``'s expert
+  path (:class:`fastft.nn.ExpertsWeight4bit`, frozen), dequantised inside the GEMMs forward and
+  backward; its error is against ``fastft_frozen`` on the dequantised weights. The summary has
+  the 4-bit weight memory / bf16's (target <= 0.3x) and the time ratios to ``fastft_frozen`` and
+  ``fastft``.
 
 Reports median / p20 / p80 ms, each provider's time / fastft's, fastft's time / the bare GEMMs,
 and the max relative error of fastft's output and gradients against ``eager``.
@@ -45,7 +52,7 @@ DEFAULTS = {
     "cuda": dict(experts=8, top_k=2, hidden=4096, intermediate=14336, tokens=8192, dtype="bf16", reps=10),
     "quick": dict(experts=4, top_k=2, hidden=64, intermediate=96, tokens=128, dtype="fp32", reps=3),
 }
-PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm")
+PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm", "fastft_frozen", "fastft_nf4")
 
 
 def main(argv=None) -> int:
@@ -84,12 +91,23 @@ def main(argv=None) -> int:
     w = torch.rand(T, K, device=device, dtype=dtype).softmax(-1).requires_grad_()
     dout = torch.randn(T, Hd, device=device, dtype=dtype)
     params = [x, w, mod.gate_up_proj, mod.down_proj]
+    wanted = args.providers.split(",")
+    from fastft.nn import ExpertsWeight4bit
+
+    q1 = q2 = None
+    if "fastft_nf4" in wanted or "fastft_frozen" in wanted:  # the 4-bit weights and what they stand for
+        q1, q2 = (ExpertsWeight4bit.from_weight(t.detach()) for t in (mod.gate_up_proj, mod.down_proj))
+        d1, d2 = q1.dequantize(), q2.dequantize()
 
     def step(impl):
         def run():
             for t in params:
                 t.grad = None
-            if impl == "fastft":
+            if impl == "fastft_nf4":
+                out = fastft_experts(x, idx, w, q1, q2)
+            elif impl == "fastft_frozen":
+                out = fastft_experts(x, idx, w, d1, d2)
+            elif impl == "fastft":
                 out = fastft_experts(x, idx, w, mod.gate_up_proj, mod.down_proj)
             else:
                 mod.config._experts_implementation = impl
@@ -113,14 +131,15 @@ def main(argv=None) -> int:
         gm(g, w2t.transpose(-2, -1), offs=offs), gm(g.T, a_s, offs=offs)  # d(a), d(down)
         gm(hs.T, xs, offs=offs), gm(hs, w1t.transpose(-2, -1), offs=offs)  # d(gate_up), d(x)
 
-    wanted = args.providers.split(",")
     results, grads, failed = {}, {}, {}
     for prov in wanted:
         fn = gemm if prov == "gemm" else step(prov)
         try:
             if prov != "gemm":
                 out = fn()
-                grads[prov] = [out.detach().clone()] + [t.grad.detach().clone() for t in params]
+                grads[prov] = [out.detach().clone()] + [
+                    t.grad.detach().clone() if t.grad is not None else None for t in params
+                ]
                 del out
             results[prov] = H.time_fn(fn, warmup=0 if prov == "eager" else 1, reps=cfg_d["reps"], device=device)
         except RuntimeError as exc:  # e.g. batched_mm gathers one weight copy per (token, slot): out of memory
@@ -132,9 +151,11 @@ def main(argv=None) -> int:
     fastest = min(base, key=lambda p: results[p]["median_ms"]) if base else None
     rows = []
     for prov, r in results.items():
-        err = None
-        if prov in grads and "eager" in grads:
+        err = err_dq = None
+        if prov in grads and "eager" in grads and prov not in ("fastft_frozen", "fastft_nf4"):
             err = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["eager"]))
+        if prov == "fastft_nf4" and "fastft_frozen" in grads:  # vs the same op on the dequantised weights
+            err_dq = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["fastft_frozen"]) if a is not None)
         rows.append(
             dict(
                 provider=prov,
@@ -143,6 +164,7 @@ def main(argv=None) -> int:
                 p80_ms=r["p80_ms"],
                 vs_fastft=H.ratio(r["median_ms"], results["fastft"]["median_ms"]) if "fastft" in results else None,
                 max_rel_err_vs_eager=err,
+                max_rel_err_vs_dequantised=err_dq,
             )
         )
     rows += [dict(provider=p, status="cannot run", reason=why) for p, why in failed.items()]
@@ -154,7 +176,31 @@ def main(argv=None) -> int:
             summary["fastest_transformers"] = fastest
         if "gemm" in results:
             summary["fastft_over_bare_gemm"] = H.ratio(f, results["gemm"]["median_ms"])
-    print(H.markdown_table(rows, ["provider", "median_ms", "p20_ms", "p80_ms", "vs_fastft", "max_rel_err_vs_eager"]))
+    if q1 is not None:
+        numel = mod.gate_up_proj.numel() + mod.down_proj.numel()
+        nf4_bytes = q1.nbytes + q2.nbytes
+        summary["nf4_weight_bytes"] = nf4_bytes
+        summary["bf16_weight_bytes"] = numel * 2
+        summary["nf4_over_bf16_weight_memory"] = H.ratio(nf4_bytes, numel * 2)  # target <= 0.3
+        if "fastft_nf4" in results:
+            t4 = results["fastft_nf4"]["median_ms"]
+            for base16 in ("fastft_frozen", "fastft"):
+                if base16 in results:
+                    summary[f"nf4_time_over_{base16}"] = H.ratio(t4, results[base16]["median_ms"])
+    print(
+        H.markdown_table(
+            rows,
+            [
+                "provider",
+                "median_ms",
+                "p20_ms",
+                "p80_ms",
+                "vs_fastft",
+                "max_rel_err_vs_eager",
+                "max_rel_err_vs_dequantised",
+            ],
+        )
+    )
     print(summary)
     lora = None
     if args.lora_rank > 0:

@@ -11,7 +11,7 @@ __version__ = "0.1.0"
 
 from . import backends, ops  # noqa: E402
 from .backends import BackendUnavailable  # noqa: E402
-from .nn import Linear4bit, quantize  # noqa: E402
+from .nn import ExpertsWeight4bit, Linear4bit, quantize  # noqa: E402
 from .patching import PatchReport, patch, patch_report, unpatch  # noqa: E402
 
 __all__ = [
@@ -25,6 +25,7 @@ __all__ = [
     "PatchReport",
     "quantize",
     "Linear4bit",
+    "ExpertsWeight4bit",
     "train",
     "TrainConfig",
     "TrainResult",

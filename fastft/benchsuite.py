@@ -232,6 +232,12 @@ def _rows_moe(doc: dict) -> list[dict]:
             mem = _ratio(lf.get("peak_mib"), r.get("peak_mib"))
             out.append(_row("moe", f"{case}, LoRA r{ls.get('rank')} on experts", "experts + LoRA (fused)", label,
                             lf.get("median_ms"), r.get("median_ms"), mem, None if err is None else err < 1e-4))  # fmt: skip
+    q, fr = by.get("fastft_nf4"), by.get("fastft_frozen")
+    if q and fr:  # 4-bit experts vs the 16-bit block with frozen weights; memory: weights vs bf16
+        err = q.get("max_rel_err_vs_dequantised")
+        out.append(_row("moe", case + " (frozen weights)", "experts, NF4 weights", "experts, 16-bit weights",
+                        q.get("median_ms"), fr.get("median_ms"), doc.get("summary", {}).get("nf4_over_bf16_weight_memory"),
+                        None if err is None else err < 1e-4))  # fmt: skip
     return out
 
 

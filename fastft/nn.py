@@ -21,7 +21,7 @@ from torch import nn
 
 from .ops.nf4 import NF4State, nf4_matmul, quantize_nf4
 
-__all__ = ["Linear4bit", "quantize"]
+__all__ = ["Linear4bit", "ExpertsWeight4bit", "quantize"]
 
 
 class Linear4bit(nn.Linear):
@@ -138,6 +138,213 @@ class Linear4bit(nn.Linear):
         )
 
 
+class ExpertsWeight4bit(nn.Module):
+    """A 3-D expert weight (``gate_up_proj`` / ``down_proj`` of a transformers experts module) in NF4.
+
+    Takes the place of the module's 16-bit ``nn.Parameter`` under the same attribute name
+    (format: :mod:`fastft.ops.experts_nf4`; each expert's ``[out, in]`` slice in bitsandbytes'
+    layout). It looks like the weight it replaces where the experts code looks: ``shape`` /
+    ``dtype`` / ``device`` / ``dim()`` are the original's (``[E, out, in]``, or ``[E, in, out]``
+    when ``transposed`` as in gpt-oss), ``w[e]`` is expert ``e``'s slice dequantised (so the
+    model's own eager loop runs on it, one expert's 16-bit slice at a time) and
+    :meth:`dequantize` is the whole weight (what :func:`fastft.ops.experts` does inside its
+    GEMMs, transiently). It is frozen: QLoRA trains adapters, not the 4-bit weights.
+
+    State dict (plain tensors, safetensors-ready): ``weight`` (uint8 ``[E, ceil(out*in/2)]``,
+    a frozen parameter like :class:`Linear4bit`'s), buffers ``absmax`` and ``code``, with double
+    quantisation ``nested_absmax``, ``nested_offset``, ``nested_code``. ``module.to(dtype)``
+    moves the statistics but keeps them fp32 (casting them would change the weight); it sets
+    the dtype the weight dequantises to.
+    """
+
+    def __init__(
+        self,
+        num_experts: int,
+        out_features: int,
+        in_features: int,
+        *,
+        transposed: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        weight_dtype: torch.dtype = torch.float32,
+        cache_absmax: bool = False,
+        device=None,
+    ):
+        super().__init__()
+        # keep the double-quantised absmax also decoded in fp32 (+32 / blocksize bits per weight):
+        # a dequantisation is then exactly one kernel, no decode ops before it
+        self.cache_absmax = bool(cache_absmax) and bool(double_quant)
+        self._scales: tuple | None = None  # (fp32 scales, the tensors they were decoded from)
+        self.num_experts, self.out_features, self.in_features = num_experts, out_features, in_features
+        self.transposed, self.blocksize, self.double_quant = bool(transposed), blocksize, bool(double_quant)
+        self.weight_dtype = weight_dtype
+        n = out_features * in_features
+        nb = -(-n // blocksize)
+        E = num_experts
+        self.weight = nn.Parameter(torch.empty(E, (n + 1) // 2, dtype=torch.uint8, device=device), False)
+        am_dtype = torch.uint8 if double_quant else torch.float32
+        self.register_buffer("absmax", torch.empty(E, nb, dtype=am_dtype, device=device))
+        self.register_buffer("code", torch.empty(16, dtype=torch.float32, device=device))
+        if double_quant:
+            self.register_buffer("nested_absmax", torch.empty(E, -(-nb // 256), dtype=torch.float32, device=device))
+            self.register_buffer("nested_offset", torch.empty(E, dtype=torch.float32, device=device))
+            self.register_buffer("nested_code", torch.empty(256, dtype=torch.float32, device=device))
+
+    @classmethod
+    def from_weight(
+        cls,
+        weight: torch.Tensor,
+        *,
+        transposed: bool = False,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        cache_absmax: bool = False,
+    ) -> ExpertsWeight4bit:
+        """Quantise a 3-D expert weight (``[E, out, in]``, or ``[E, in, out]`` with ``transposed``)."""
+        from .ops.experts_nf4 import quantize_nf4_experts
+
+        q = quantize_nf4_experts(weight, blocksize=blocksize, double_quant=double_quant, transposed=transposed)
+        E, a, b = weight.shape
+        out_f, in_f = (b, a) if transposed else (a, b)
+        layer = cls(
+            E,
+            out_f,
+            in_f,
+            transposed=transposed,
+            blocksize=blocksize,
+            double_quant=double_quant,
+            weight_dtype=weight.dtype,
+            cache_absmax=cache_absmax,
+            device=weight.device,
+        )
+        with torch.no_grad():
+            layer.weight.data = q["packed"]
+            layer.absmax, layer.code = q["absmax"], q["code"]
+            if double_quant:
+                layer.nested_absmax, layer.nested_offset, layer.nested_code = q["absmax2"], q["offset"], q["code2"]
+        return layer
+
+    # -- what the experts code reads off a 3-D weight ------------------------------------
+    @property
+    def shape(self) -> torch.Size:
+        E, o, i = self.num_experts, self.out_features, self.in_features
+        return torch.Size((E, i, o) if self.transposed else (E, o, i))
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.weight_dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight.device
+
+    def dim(self) -> int:
+        return 3
+
+    def _nested(self) -> dict:
+        if not self.double_quant:
+            return {}
+        return dict(absmax2=self.nested_absmax, code2=self.nested_code, offset=self.nested_offset)
+
+    def scales(self) -> torch.Tensor | None:
+        """The fp32 ``[E, nblocks]`` absmax kept decoded (``cache_absmax``), else None (decoded per call).
+        Rebuilt when a statistics buffer is replaced (``.to()``, ``load_state_dict``)."""
+        if not self.cache_absmax:
+            return None
+        if self._scales is None or any(a is not b for a, b in zip(self._scales[1], self._stats())):
+            self._scales = self.decode_scales()
+        return self._scales[0]
+
+    def _stats(self) -> tuple:
+        return (self.absmax, self.nested_absmax, self.nested_offset, self.nested_code)
+
+    @torch.no_grad()
+    def decode_scales(self) -> tuple:
+        """``(fp32 [E, nblocks] scales, the statistics tensors they come from)``: the cache entry."""
+        from .ops.experts_nf4 import decode_experts_absmax
+
+        src = self._stats()
+        return decode_experts_absmax(src[0], src[1], code2=src[3], offset=src[2]).contiguous(), src
+
+    def dequantize(self, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
+        """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor."""
+        from .ops.experts_nf4 import dequantize_nf4_experts
+
+        w = dequantize_nf4_experts(
+            self.weight,
+            self.absmax,
+            self.code,
+            **self._nested(),
+            shape=(self.num_experts, self.out_features, self.in_features),
+            blocksize=self.blocksize,
+            dtype=self.weight_dtype if dtype is None else dtype,
+            scales=self.scales(),
+            backend=backend,
+        )
+        return w.transpose(-2, -1) if self.transposed else w
+
+    def slice_state(self, e: int) -> NF4State:
+        """Expert ``e``'s :class:`NF4State` (its ``[out, in]`` slice; ``.to_bnb()`` gives bnb's ``QuantState``)."""
+        from .ops.experts_nf4 import slice_state
+
+        n = self._nested()
+        return slice_state(
+            e,
+            (self.out_features, self.in_features),
+            self.weight_dtype,
+            self.blocksize,
+            self.absmax,
+            self.code,
+            n.get("absmax2"),
+            n.get("code2"),
+            n.get("offset"),
+        )
+
+    def __getitem__(self, e) -> torch.Tensor:
+        """Expert ``e``'s slice dequantised, as the 16-bit weight's ``w[e]`` (``[out, in]``, or ``[in, out]``)."""
+        from .ops.nf4 import dequantize_nf4
+
+        if torch.is_tensor(e):
+            if e.numel() != 1 or e.is_floating_point():
+                raise TypeError(f"ExpertsWeight4bit[e] takes one integer expert index, got a tensor {tuple(e.shape)}")
+            e = int(e)  # the eager fallback's expert loop: one host read per expert, as its own loop does
+        if not isinstance(e, int) or isinstance(e, bool):
+            raise TypeError(f"ExpertsWeight4bit[e] takes one integer expert index, got {type(e).__name__}")
+        if not -self.num_experts <= e < self.num_experts:
+            raise IndexError(f"expert index {e} out of range for {self.num_experts} experts")
+        e %= self.num_experts
+        w = dequantize_nf4(self.weight[e], self.slice_state(e), dtype=self.weight_dtype)
+        return w.t() if self.transposed else w
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of the packed weight and its statistics (tables included)."""
+        return sum(t.numel() * t.element_size() for t in (*self.parameters(), *self.buffers()))
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._scales = None  # the buffers were overwritten in place: decode again
+
+    def _apply(self, fn, recurse=True):
+        # .to(dtype) / .half() must not cast the fp32 statistics (the weight would change): apply
+        # only the device move to them, and remember the dtype as the one to dequantise to
+        probe = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight.device))
+        for key, t in list(self._buffers.items()):
+            if t is not None:
+                self._buffers[key] = t.to(device=probe.device)
+        self.weight.data = self.weight.data.to(device=probe.device)
+        if probe.dtype.is_floating_point:
+            self.weight_dtype = probe.dtype
+        return self
+
+    def extra_repr(self) -> str:
+        return (
+            f"experts={self.num_experts}, out_features={self.out_features}, in_features={self.in_features}, "
+            f"transposed={self.transposed}, nf4 blocksize={self.blocksize}, double_quant={self.double_quant}"
+            + (", fp32 absmax cached" if self.cache_absmax else "")
+        )
+
+
 def _is_linear_like(module: nn.Module) -> bool:
     if type(module) is nn.Linear:
         return True
@@ -155,6 +362,7 @@ def quantize(
     double_quant: bool = True,
     skip: tuple[str, ...] = ("lm_head",),
     cache_absmax: bool = False,
+    experts: bool = True,
 ) -> nn.Module:
     """Replace every ``nn.Linear`` (and GPT-2 ``Conv1D``) in ``model`` with :class:`Linear4bit`, in place.
 
@@ -162,6 +370,14 @@ def quantize(
     (default: the output head). Returns ``model``. Quantise before wrapping with PEFT.
     ``cache_absmax=True`` keeps each layer's double-quantised absmax also decoded in fp32
     (+32 / blocksize bits per weight, 0.5 at the default 64) so the kernels skip the decode.
+
+    MoE (``experts=True``): every transformers experts module (found by structure, as the
+    experts patch finds them) gets its 3-D ``gate_up_proj`` / ``down_proj`` replaced by
+    :class:`ExpertsWeight4bit` (per expert NF4, same ``blocksize`` / ``double_quant``; biases
+    stay); the 16-bit parameters are released. Their config's experts implementation is set to
+    transformers' ``"eager"`` loop, the one implementation that runs on 4-bit weights without
+    fastft (one expert dequantised at a time); ``fastft.patch`` then runs them through
+    :func:`fastft.ops.experts`, which dequantises inside its GEMMs.
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
@@ -178,4 +394,35 @@ def quantize(
     for parent, child_name, child in targets:
         layer = Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant, cache_absmax=cache_absmax)
         setattr(parent, child_name, layer)
+    if experts:
+        _quantize_experts(model, blocksize=blocksize, double_quant=double_quant, skip=skip, cache_absmax=cache_absmax)
     return model
+
+
+def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, skip, cache_absmax: bool) -> None:
+    from .patching.experts import is_experts_module
+
+    found = [
+        (n, m)
+        for n, m in model.named_modules()
+        if is_experts_module(m) and not (set(n.split(".")) & set(skip)) and not getattr(m, "_is_expert_parallel", False)
+    ]
+    for name, module in found:
+        if "_fastft_experts" in module.__dict__:
+            raise ValueError(f"{name or 'model'} is patched by fastft: quantize the model before fastft.patch")
+        for pname in ("gate_up_proj", "down_proj"):
+            w = getattr(module, pname)
+            if isinstance(w, ExpertsWeight4bit):
+                continue
+            q = ExpertsWeight4bit.from_weight(
+                w.detach(),
+                transposed=bool(module.is_transposed),
+                blocksize=blocksize,
+                double_quant=double_quant,
+                cache_absmax=cache_absmax,
+            )
+            delattr(module, pname)  # the 16-bit parameter goes (no resident copy)
+            setattr(module, pname, q)
+        config = module.config
+        if config._experts_implementation_internal not in ("eager", "fastft"):
+            config._experts_implementation_internal = "eager"

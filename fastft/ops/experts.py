@@ -33,8 +33,17 @@ LoRA on either GEMM (``lora_gate_up`` / ``lora_down``: ``x W_e + s (x A_e^T) B_e
 more rank-``r`` grouped GEMMs over the same sorted rows in forward and three in backward; the
 delta ``s B_e A_e`` is never formed (:mod:`fastft.ops.experts_lora` holds that math).
 
+4-bit weights. ``gate_up_proj`` / ``down_proj`` may be :class:`fastft.nn.ExpertsWeight4bit`
+(NF4 per expert, what :func:`fastft.quantize` puts in an experts module; format in
+:mod:`fastft.ops.experts_nf4`). Each GEMM that reads a weight (two in forward, ``dout W2^T``
+and ``dh W1`` in backward) dequantises it right there, in the activation dtype (one flat
+dequantisation, no host sync), and drops it after the GEMM (:func:`_materialise`): at most
+one expert weight is dense at a time, nothing 16-bit is saved for backward, and 4-bit
+weights get no gradient (frozen).
+
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
-the oracle of the tests and the baseline of the benchmark.
+the oracle of the tests and the baseline of the benchmark (it reads a 4-bit weight one
+dequantised expert slice at a time).
 """
 
 from __future__ import annotations
@@ -187,6 +196,25 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out
 
 
+def _materialise(w, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+    """Expert weight ``w`` as the ``(E, in, out)`` operand of the grouped GEMM: a view of a 16-bit
+    weight, or a 4-bit one (:class:`fastft.nn.ExpertsWeight4bit`) dequantised to ``dtype``, a
+    transient each GEMM makes afresh (forward and backward), one weight at a time."""
+    if not torch.is_tensor(w):
+        w = w.dequantize(dtype)
+    return w if transposed else w.transpose(-2, -1)
+
+
+def _saveable(*ws):
+    """The weights for ``save_for_backward`` (a 4-bit weight is not a tensor: None there, see :func:`_packed`)."""
+    return tuple(w if torch.is_tensor(w) else None for w in ws)
+
+
+def _packed(*ws):
+    """The 4-bit weights, kept on ``ctx`` for backward to dequantise again (None for tensors)."""
+    return tuple(None if torch.is_tensor(w) else w for w in ws)
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed, A1=None, B1=None, A2=None,
@@ -200,10 +228,8 @@ class _Experts(torch.autograd.Function):
         offs = offs.to(torch.int32)  # (E,) end row of each expert
         tok = perm // K  # (S,) token of each sorted row
         ws = top_k_weights.reshape(-1)[perm]  # (S,)
-        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
-        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         xs = x[tok].to(dtype)  # (S, H)
-        h = _gmm(xs, w1t, offs)  # (S, 2I)
+        h = _gmm(xs, _materialise(w1, dtype, transposed), offs)  # (S, 2I)
         lora = []  # LoRA (experts_lora): per adapted GEMM its cast factors and u = x A^T, saved for backward
         grp = _lo.Groups(offs, sorted_ids, _gmm) if A1 is not None or A2 is not None else None
         if A1 is not None:
@@ -212,7 +238,7 @@ class _Experts(torch.autograd.Function):
         if b1 is not None:
             h += b1[sorted_ids]
         a = act_forward(h, act)
-        y = _gmm(a, w2t, offs)  # (S, H)
+        y = _gmm(a, _materialise(w2, dtype, transposed), offs)  # (S, H)
         if A2 is not None:
             At2, Bs2 = _lo.prepare(A2, B2, lora_s[1], dtype)
             lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, grp)]
@@ -221,7 +247,8 @@ class _Experts(torch.autograd.Function):
             y += b2[sorted_ids]
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
-        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora)
+        ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, *_saveable(w1, w2), b2, *lora)
+        ctx.packed = _packed(w1, w2)
         ctx.act, ctx.transposed, ctx.K = act, transposed, K
         ctx.has_b1 = b1 is not None
         ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, lora_s
@@ -231,6 +258,7 @@ class _Experts(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora = ctx.saved_tensors
+        w1, w2 = (p if p is not None else w for p, w in zip(ctx.packed, (w1, w2)))
         act, transposed, K = ctx.act, ctx.transposed, ctx.K
         lora1 = lora[:3] if ctx.lora1 else None  # (At, Bs, u) of the gate/up adapter
         lora2 = lora[-3:] if ctx.lora2 else None
@@ -239,10 +267,8 @@ class _Experts(torch.autograd.Function):
         E, dtype = w1.shape[0], w1.dtype
         need = ctx.needs_input_grad
         tok = perm // K
-        w1t = w1 if transposed else w1.transpose(-2, -1)  # (E, H, 2I)
-        w2t = w2 if transposed else w2.transpose(-2, -1)  # (E, I, H)
         dout_s = dout[tok].to(dtype)  # (S, H)
-        g = _gmm(dout_s, w2t.transpose(-2, -1), offs)  # (S, I) = dout W2^T
+        g = _gmm(dout_s, _materialise(w2, dtype, transposed).transpose(-2, -1), offs)  # (S, I) = dout W2^T
         if lora2 is not None:  # g += (dout s B2) A2
             t2 = _lo.lora_t(dout_s, lora2[1], grp)  # (S, r), before the routing weight
             _lo.lora_dx_(g, t2, lora2[0], grp)
@@ -276,7 +302,7 @@ class _Experts(torch.autograd.Function):
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
-            dxs = _gmm(dh, w1t.transpose(-2, -1), offs)  # (S, H)
+            dxs = _gmm(dh, _materialise(w1, dtype, transposed).transpose(-2, -1), offs)  # (S, H)
             if t1 is not None:
                 _lo.lora_dx_(dxs, t1, lora1[0], grp)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -340,8 +366,15 @@ def experts(
     ``(E, I, H)``), biases ``(E, 2I)`` / ``(E, H)``; ``top_k_index (T, K)`` in ``[0, E)``;
     ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``.
     ``lora_gate_up`` / ``lora_down``: LoRA on that GEMM, ``ExpertsLora(A (E, r, in), B (E, out, r), s)``,
-    fused (:mod:`fastft.ops.experts_lora`; gradients flow to ``A`` and ``B``)."""
+    fused (:mod:`fastft.ops.experts_lora`; gradients flow to ``A`` and ``B``).
+    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs)."""
+    for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if not torch.is_tensor(wt) and not hasattr(wt, "dequantize"):
+            raise TypeError(f"experts: {name} must be a tensor or a 4-bit ExpertsWeight4bit, got {type(wt).__name__}")
     _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
+        if wt.device != x.device:
+            raise ValueError(f"experts: {name} is on {wt.device} but the hidden states are on {x.device}")
     _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
     backends.select(OP_EXPERTS, x.device, backend)
     l1, l2 = lora_gate_up, lora_down

@@ -16,6 +16,12 @@ computes something else keeps its implementation and the report says why. Each c
 guarded (:class:`~fastft.patching.guard.GuardedForward`): expert-parallel modules, extra
 arguments or weights in another dtype than the input run the previous implementation,
 counted in ``report.fallbacks``.
+
+4-bit experts (:func:`fastft.quantize` replaced the 3-D weights by
+:class:`fastft.nn.ExpertsWeight4bit`) are found the same way and run the same op, which
+dequantises inside its GEMMs. Their fallback is always the model's own eager loop (whatever
+the implementation was): indexing a 4-bit weight dequantises one expert's slice, and no other
+transformers implementation reads packed weights.
 """
 
 from __future__ import annotations
@@ -97,17 +103,31 @@ class FusedExpertsForward(GuardedForward):
         )
 
 
+def _is_4bit(w) -> bool:
+    from ..nn import ExpertsWeight4bit
+
+    return isinstance(w, ExpertsWeight4bit)
+
+
+def _is_weight3d(w) -> bool:
+    return (isinstance(w, torch.Tensor) and w.dim() == 3) or _is_4bit(w)
+
+
 def is_experts_module(module) -> bool:
+    """A transformers experts module: 3-D ``gate_up_proj`` / ``down_proj`` (16-bit, or fastft's 4-bit)."""
     w1, w2 = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
     return (
         hasattr(module, "_is_expert_parallel")
         and hasattr(module, "is_transposed")
         and hasattr(getattr(module, "config", None), "_experts_implementation_internal")
-        and isinstance(w1, torch.Tensor)
-        and isinstance(w2, torch.Tensor)
-        and w1.dim() == 3
-        and w2.dim() == 3
+        and _is_weight3d(w1)
+        and _is_weight3d(w2)
     )
+
+
+def has_4bit_experts(module) -> bool:
+    """An experts module whose weights :func:`fastft.quantize` stored in NF4."""
+    return _is_4bit(getattr(module, "gate_up_proj", None)) or _is_4bit(getattr(module, "down_proj", None))
 
 
 def _probe_activation(module):
@@ -160,6 +180,9 @@ def apply(ctx) -> None:
         from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
         impl = ALL_EXPERTS_FUNCTIONS.get_interface(prev, eager) if prev not in (None, "eager") else eager
+        four_bit = has_4bit_experts(module)
+        if four_bit:  # only the eager loop reads 4-bit weights (w[e] dequantises one expert's slice)
+            impl = eager
 
         def original(*args, _impl=impl, _m=module, **kwargs):
             return _impl(_m, *args, **kwargs)
@@ -173,11 +196,14 @@ def apply(ctx) -> None:
             ctx.report.skip("experts", name, why)
             continue
         w1 = module.gate_up_proj
+        nf4 = ""
+        if four_bit:
+            nf4 = ", NF4 weights dequantised inside the GEMMs (fallback: eager loop, one expert at a time)"
         ctx.report.add(
             "experts",
             name,
             f"experts (grouped GEMM), E={w1.shape[0]}, act={act.kind}, bias={bool(module.has_bias)}, "
-            f"was {prev or 'eager'}",
+            f"was {prev or 'eager'}{nf4}",
         )
     for config in configs.values():
         ctx.swap(config, "_experts_implementation_internal", _IMPL)
@@ -190,7 +216,9 @@ def expert_target_parameters(model) -> list[str]:
     """PEFT ``target_parameters`` naming every experts module's 3-D weights (``["experts.gate_up_proj", ...]``).
 
     What the trainer adds to ``target_modules="all-linear"`` so LoRA trains the experts too
-    (``all-linear`` alone wraps only ``nn.Linear`` layers and leaves 3-D expert weights frozen)."""
+    (``all-linear`` alone wraps only ``nn.Linear`` layers and leaves 3-D expert weights frozen).
+    4-bit experts (:class:`fastft.nn.ExpertsWeight4bit`, QLoRA) are not parameters and are left
+    out: PEFT's parameter LoRA cannot wrap packed weights, so they stay frozen."""
     out = set()
     for name, module in model.named_modules():
         if is_experts_module(module):

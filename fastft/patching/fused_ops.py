@@ -208,6 +208,11 @@ def apply_mlp(ctx) -> None:
         if layout is None:
             continue
         found += 1
+        from .experts import is_experts_module
+
+        if is_experts_module(module):  # 3-D expert weights (16-bit or 4-bit): the experts patch's business
+            ctx.report.skip("mlp", name, "experts module (3-D expert weights): see the experts patch")
+            continue
         param = next(module.parameters(), None)
         layout, act_attr = layout
         act = _act_kind(getattr(module, act_attr))

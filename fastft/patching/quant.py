@@ -56,10 +56,23 @@ class BnbNF4Forward(GuardedForward):
 def _cache_absmax(ctx, root) -> None:
     """``nf4_cache_absmax``: every double-quantised 4-bit layer (LoRA bases included) keeps its
     absmax decoded in fp32 beside the 8-bit one; reported per layer with its memory cost."""
-    from ..nn import Linear4bit
+    from ..nn import ExpertsWeight4bit, Linear4bit
     from ..ops.nf4 import as_nf4_state
 
     for name, module in root.named_modules():
+        if isinstance(module, ExpertsWeight4bit):
+            if not module.double_quant or module.cache_absmax:
+                continue
+            ctx.swap(module, "cache_absmax", True)
+            ctx.swap(module, "_scales", module.decode_scales())  # dropped again by unpatch
+            kib = module.absmax.numel() * 4 / 1024
+            ctx.report.add(
+                FEATURE,
+                name,
+                f"fp32 absmax cached: +{32 / module.blocksize:g} bit/weight (+{kib:.1f} KiB); "
+                "the expert dequantisation skips the 8-bit absmax decode",
+            )
+            continue
         if isinstance(module, Linear4bit):
             if not module.double_quant or module.cache_absmax:
                 continue

@@ -115,7 +115,7 @@ class ModelMixin:
             if cfg.method in ("lora", "qlora"):
                 from peft import LoraConfig, get_peft_model
 
-                from ..patching.experts import expert_target_parameters
+                from ..patching.experts import expert_target_parameters, has_4bit_experts
 
                 tm = cfg.target_modules
                 # MoE: "all-linear" also trains the experts' 3-D weights (PEFT target_parameters).
@@ -123,13 +123,17 @@ class ModelMixin:
                 # dropout the adapter is built without it and the dropout is set on the nn.Linear
                 # LoRA layers only (what PEFT itself builds there); the experts train without it
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
-                linear_dropout = 0.0
+                # 4-bit experts (qlora) are not parameters: PEFT's target_parameters cannot wrap them
+                four_bit = tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules())
+                frozen_4bit = "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed weights"
+                linear_dropout = cfg.dropout if (experts or four_bit) and cfg.dropout else 0.0
                 if experts:
                     text = f"LoRA on expert weights (target_parameters={experts})"
-                    if cfg.dropout:
-                        linear_dropout = cfg.dropout
+                    if linear_dropout:
                         text += f"; dropout {cfg.dropout} on the linear layers only (none on expert weights in PEFT)"
                     experts_note = ("add", text)
+                elif four_bit:
+                    experts_note = ("skip", f"{frozen_4bit} (LoRA on the linear layers only)")
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
