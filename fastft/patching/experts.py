@@ -198,7 +198,12 @@ def apply(ctx) -> None:
         w1 = module.gate_up_proj
         nf4 = ""
         if four_bit:
-            nf4 = ", NF4 weights dequantised inside the GEMMs (fallback: eager loop, one expert at a time)"
+            ws = [w for w in (module.gate_up_proj, module.down_proj) if _is_4bit(w)]
+            nbytes, bf16 = sum(w.nbytes for w in ws), sum(2 * w.shape.numel() for w in ws)
+            nf4 = (
+                f", NF4 weights dequantised inside the GEMMs ({nbytes / 2**20:.2f} MiB, {nbytes / bf16:.2f}x bf16; "
+                "fallback: eager loop, one expert at a time)"
+            )
         ctx.report.add(
             "experts",
             name,
