@@ -114,3 +114,28 @@ def test_report_says_whether_the_model_is_compile_ready():
     model_step(model)(**batch)
     breaks, _ = step_breaks(model, batch)
     assert breaks > 0
+
+
+def test_patch_a_compiled_model():
+    """``fastft.patch(torch.compile(model))`` patches the wrapped module, even after the wrapper
+    ran: its next call retraces with fastft's operators and gives the patched eager loss."""
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = tiny_model("llama").train()
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    compiled = torch.compile(model, backend=record)
+    compiled(**batch)
+    assert graphs and not any("fastft" in g for g in graphs)
+    report = fastft.patch(compiled)
+    assert report.model == type(model).__name__ and {"loss", "norms", "mlp", "rope"} <= report.features()
+    eager = model_step(model)(**batch)  # the first call checks the loss convention, eagerly
+    got = compiled(**batch).loss
+    assert any("torch.ops.fastft" in g for g in graphs)
+    torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
+    assert fastft.unpatch(compiled)

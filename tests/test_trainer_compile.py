@@ -113,3 +113,17 @@ def test_compiled_run_default_inductor_path(tmp_path, monkeypatch):
     comp = fastft.train(_cfg(data, tmp_path / "compiled", max_steps=1, dropout=0.0, compile="default"))
     assert comp.compile == "default" and comp.compile_seconds > 0
     torch.testing.assert_close(torch.tensor(comp.losses), torch.tensor(eager.losses), atol=1e-5, rtol=1e-5)
+
+
+def test_compiled_qlora_run_matches_eager(tmp_path, monkeypatch):
+    """method qlora (fastft.quantize + LoRA with dropout): the 4-bit LoRA layers are operators, so
+    the compiled run has no graph break and gives the eager run's losses."""
+    data = _data(tmp_path)
+    eager = fastft.train(_cfg(data, tmp_path / "eager", max_steps=1, method="qlora"))
+    monkeypatch.setenv(BACKEND_ENV, "aot_eager")
+    torch._dynamo.reset()
+    counters = torch._dynamo.utils.counters
+    counters.clear()
+    comp = fastft.train(_cfg(data, tmp_path / "compiled", max_steps=1, method="qlora", compile=True))
+    assert not counters["graph_break"], list(counters["graph_break"])
+    torch.testing.assert_close(torch.tensor(comp.losses), torch.tensor(eager.losses), atol=1e-5, rtol=1e-5)

@@ -77,6 +77,9 @@ def resolve(model: nn.Module) -> tuple[nn.Module, nn.Module | None]:
     Without PEFT the model must be a transformers ``PreTrainedModel``."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"fastft.patch expects a transformers or PEFT model (nn.Module), got {type(model).__name__}")
+    if isinstance(model, torch._dynamo.eval_frame.OptimizedModule):
+        # torch.compile(model): patch the module it wraps (its next call retraces the patched forwards)
+        return resolve(model._orig_mod)
     try:
         from peft import PeftModel
     except Exception:  # peft is a dependency, but never let its import break patching
