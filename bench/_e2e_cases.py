@@ -266,7 +266,10 @@ def build(cfg: dict, mode: str, provider: str):
     if base == "liger" and not dev.startswith("cuda"):
         raise Skip("liger-kernel runs on CUDA only")
     if provider in COMPILED and mode == "qlora":
-        raise Skip("torch.compile of a QLoRA model is not measured (NF4 LoRA layers run eagerly)")
+        raise Skip(
+            "torch.compile in mode qlora is not measured (PEFT over bitsandbytes' Linear4bit is not traced "
+            "here; the compiled rows are mode lora's)"
+        )
     if mode == "moe" and base == "liger":
         raise Skip("liger's MoE kernels are not measured")
     if mode == "moe" and provider in COMPILED and not cfg.get("compile_moe"):

@@ -52,11 +52,17 @@ import shutil
 import sys
 import time
 
-import _e2e_cases as C
-import _e2e_report as R
-import _e2e_worker as W
 import _harness as H
-from _e2e_cases import (  # noqa: F401  (re-exported: bench_dpo.py builds the same Llama)
+
+# the checkout's fastft, not whichever one is installed: `python bench/bench_e2e.py` puts bench/ first
+# on sys.path, not the checkout (the fastft bench suite sets PYTHONPATH the same way)
+if H.REPO_ROOT not in sys.path:
+    sys.path.insert(1, H.REPO_ROOT)
+
+import _e2e_cases as C  # noqa: E402
+import _e2e_report as R  # noqa: E402
+import _e2e_worker as W  # noqa: E402
+from _e2e_cases import (  # noqa: E402, F401  (re-exported: bench_dpo.py builds the same Llama)
     DEFAULTS,
     MODES,
     PROVIDERS,
@@ -178,6 +184,9 @@ def drive(args: argparse.Namespace, argv) -> int:
     moe_total, moe_active = count_moe_params(cfg)
     cfg["params_by_mode"] = dict(lora=cfg["params"], qlora=cfg["params"], moe=moe_total, moe_active=moe_active)
     cfg["torch_threads"] = torch.get_num_threads()
+    import fastft
+
+    cfg["fastft_path"] = os.path.dirname(os.path.abspath(fastft.__file__))  # the library measured
     models = []
     if set(cfg["modes"]) & {"lora", "qlora"}:
         models.append(
