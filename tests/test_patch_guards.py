@@ -99,7 +99,9 @@ def test_patch_accepts_a_peft_model_around_a_plain_sequential():
     from peft import LoraConfig, get_peft_model
 
     torch.manual_seed(0)
-    model = get_peft_model(nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False))
+    model = get_peft_model(
+        nn.Sequential(nn.Linear(8, 8)), LoraConfig(r=2, target_modules=["0"], init_lora_weights=False)
+    )
     x = torch.randn(5, 8)
     want = model(x)
     report = fastft.patch(model)

@@ -125,7 +125,9 @@ class ModelMixin:
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
                 # 4-bit experts (qlora) are not parameters: PEFT's target_parameters cannot wrap them
                 four_bit = tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules())
-                frozen_4bit = "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed weights"
+                frozen_4bit = (
+                    "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed weights"
+                )
                 linear_dropout = cfg.dropout if (experts or four_bit) and cfg.dropout else 0.0
                 if experts:
                     text = f"LoRA on expert weights (target_parameters={experts})"
