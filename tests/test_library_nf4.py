@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from _bnb import bnb_quantize
 from _compile import compiled_matches_eager, model_step, no_graph_breaks, step_breaks, step_compiles_to_eager
 
 import fastft  # noqa: F401  (registers the operators)
@@ -113,21 +114,6 @@ def test_nf4_matmul_bf16_fullgraph():
 # --------------------------------------------------------------------------------------
 # a tiny Llama quantised with fastft.quantize, patched, no LoRA: its training step
 # --------------------------------------------------------------------------------------
-def _bnb_quantize(model):
-    """Every nn.Linear but the head as a bitsandbytes NF4 Linear4bit (double-quantised)."""
-    bnb = pytest.importorskip("bitsandbytes")
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=child.weight.dtype, quant_type="nf4", compress_statistics=True,
-                )  # fmt: skip
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
-                setattr(module, child_name, q.to(child.weight.device))
-    return model
 
 
 @pytest.mark.parametrize("variant", [*VARIANTS, "bitsandbytes"])
@@ -141,7 +127,7 @@ def test_quantized_patched_llama_step_compiles_fullgraph(variant):
     batch = tiny_batch(256, seq=12)
     model = tiny_model("llama")
     if variant == "bitsandbytes":  # bnb's Linear4bit, its forward replaced by fastft's (BnbNF4Forward)
-        _bnb_quantize(model)
+        bnb_quantize(model)
     else:
         fastft.quantize(model, double_quant=variant != "plain", cache_absmax=variant == "cached")
         assert sum(isinstance(m, Linear4bit) for m in model.modules()) > 0

@@ -15,6 +15,7 @@ import warnings
 
 import pytest
 import torch
+from _bnb import bnb_quantize
 from _compile import model_step, no_graph_breaks, step_breaks, step_compiles_to_eager
 
 import fastft
@@ -147,20 +148,6 @@ def test_lora_nf4_forced_backend_refuses_eagerly():
 # --------------------------------------------------------------------------------------
 # QLoRA: a tiny Llama on a 4-bit base + PEFT LoRA with dropout, patched: its training step
 # --------------------------------------------------------------------------------------
-def _bnb_quantize(model):
-    bnb = pytest.importorskip("bitsandbytes")
-    for module in list(model.modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is torch.nn.Linear and child_name != "lm_head":
-                q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=child.weight.dtype, quant_type="nf4", compress_statistics=True,
-                )  # fmt: skip
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
-                setattr(module, child_name, q.to(child.weight.device))
-    return model
 
 
 @pytest.mark.parametrize("variant", ["double_quant", "cached", "bitsandbytes"])
@@ -173,7 +160,7 @@ def test_qlora_patched_llama_step_compiles_fullgraph(variant):
     batch = tiny_batch(256, seq=12)
     model = tiny_model("llama")
     if variant == "bitsandbytes":
-        _bnb_quantize(model)
+        bnb_quantize(model)
     else:
         fastft.quantize(model, double_quant=True, cache_absmax=variant == "cached")
     cfg = LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1, init_lora_weights=False)

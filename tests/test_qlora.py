@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from _bnb import bnb_quantize
 from peft import LoraConfig, PeftModel, get_peft_model
 from torch import nn
 
@@ -33,24 +34,6 @@ def _assert_same(ref, got, rtol=1e-4):
     for n in g1:
         err = (g2[n] - g1[n]).abs().max() / g1[n].abs().max().clamp(min=1e-8)
         assert err <= rtol, f"{n}: {err:.2e}"
-
-
-def _bnb_quantize(model, skip=("lm_head",)):
-    bnb = pytest.importorskip("bitsandbytes")
-    for _name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if type(child) is nn.Linear and child_name not in skip:
-                q = bnb.nn.Linear4bit(
-                    child.in_features, child.out_features, bias=child.bias is not None,
-                    compute_dtype=child.weight.dtype, quant_type="nf4", compress_statistics=True,
-                )  # fmt: skip
-                q.weight = bnb.nn.Params4bit(
-                    child.weight.data.clone(), requires_grad=False, quant_type="nf4", compress_statistics=True
-                )
-                if child.bias is not None:
-                    q.bias = nn.Parameter(child.bias.data.clone())
-                setattr(module, child_name, q.to(child.weight.device))
-    return model
 
 
 def test_quantize_replaces_linears_and_keeps_the_head():
@@ -95,7 +78,7 @@ def test_qlora_on_fastft_quantized_base_matches_unpatched(family):
 
 @pytest.mark.parametrize("family", ["llama", "qwen2"])
 def test_qlora_on_bitsandbytes_base_matches_unpatched(family):
-    model = _lora(_bnb_quantize(tiny_model(family, vocab_size=VOCAB))).train()
+    model = _lora(bnb_quantize(tiny_model(family, vocab_size=VOCAB))).train()
     batch = tiny_batch(VOCAB, seq=20)
     ref = _step(model, batch)
     report = fastft.patch(model)
@@ -105,7 +88,7 @@ def test_qlora_on_bitsandbytes_base_matches_unpatched(family):
 
 
 def test_bare_bitsandbytes_layers_run_fastft_kernels():
-    model = _bnb_quantize(tiny_model("llama", vocab_size=VOCAB)).eval()
+    model = bnb_quantize(tiny_model("llama", vocab_size=VOCAB)).eval()
     batch = tiny_batch(VOCAB)
     ref = model(**batch).logits
     report = fastft.patch(model)
@@ -125,7 +108,7 @@ def test_adapter_trained_on_fastft_4bit_loads_on_bnb_and_dense_bases(tmp_path):
     model.eval()
     want = model(**batch).logits
     model.save_pretrained(tmp_path)
-    on_bnb = PeftModel.from_pretrained(_bnb_quantize(tiny_model("llama", vocab_size=VOCAB)), tmp_path).eval()
+    on_bnb = PeftModel.from_pretrained(bnb_quantize(tiny_model("llama", vocab_size=VOCAB)), tmp_path).eval()
     on_dense = PeftModel.from_pretrained(tiny_model("llama", vocab_size=VOCAB), tmp_path).eval()
     on_fastft = PeftModel.from_pretrained(fastft.quantize(tiny_model("llama", vocab_size=VOCAB)), tmp_path).eval()
     torch.testing.assert_close(on_fastft(**batch).logits, want, rtol=0, atol=0)
@@ -186,7 +169,7 @@ def test_lora_linear_quant_bad_input():
 
 def _odd_qlora(quantizer):
     model = tiny_model("llama", vocab_size=VOCAB, intermediate_size=96)
-    model = fastft.quantize(model) if quantizer == "fastft" else _bnb_quantize(model)
+    model = fastft.quantize(model) if quantizer == "fastft" else bnb_quantize(model)
     torch.manual_seed(5)
     return _lora(model).train()
 
@@ -228,7 +211,7 @@ def test_bare_4bit_layers_with_blocks_across_rows_are_reported():
 @pytest.mark.parametrize("quantizer", ["fastft", "bnb"])
 def test_patch_can_cache_the_fp32_absmax_reported_and_undone(quantizer):
     base = tiny_model("llama", vocab_size=VOCAB)
-    base = fastft.quantize(base) if quantizer == "fastft" else _bnb_quantize(base)
+    base = fastft.quantize(base) if quantizer == "fastft" else bnb_quantize(base)
     model = _lora(base).train()
     batch = tiny_batch(VOCAB, seq=20)
     ref = _step(model, batch)
