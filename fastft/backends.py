@@ -148,3 +148,33 @@ def dispatch(op: str, impls: dict[str, Callable], device, backend: str | None = 
     """Return the implementation chosen for ``op`` among ``impls`` (backend -> callable)."""
     choice = select(op, device, backend)
     return impls[choice.backend], choice
+
+
+# --------------------------------------------------------------------------------------
+# under torch.compile: trace the reference where it is what would run
+# --------------------------------------------------------------------------------------
+@torch.compiler.assume_constant_result
+def _reference_where_auto(op: str, device_type: str, backend: str) -> bool:
+    """Whether ``op`` with ``backend`` would run its pure-PyTorch reference on ``device_type``
+    (evaluated once at trace time: a constant of the graph)."""
+    if os.environ.get("FASTFT_COMPILE_OPAQUE", "0") not in ("", "0"):
+        return False
+    if requested(backend) != "auto":
+        return False
+    return select(op, torch.device(device_type), "auto").backend == "torch"
+
+
+def traces_reference(op: str, device: torch.device, backend: str | None = "auto") -> bool:
+    """True while torch.compile traces a call of ``op`` that would run the pure-PyTorch reference.
+
+    An operator whose code is the eager reference is opaque to inductor: its elementwise work
+    runs unfused, kernel by kernel (on a CPU, a patched Llama step ran ~560 such kernels that
+    inductor fuses in the unpatched model). So under tracing, where ``backend`` is ``"auto"``
+    (the argument and ``FASTFT_BACKEND``) and no Triton / C++ kernel would run on this device,
+    the elementwise ops (``rms_norm``, ``swiglu`` / ``geglu``, ``rope``, ``lora_linear`` without
+    dropout) emit their reference as plain PyTorch instead of the ``torch.ops.fastft`` node, and
+    inductor fuses it with its neighbours (forward and the derived backward). Where a kernel runs
+    (CUDA tensors), or a backend is forced, or ``FASTFT_COMPILE_OPAQUE=1``, the operator stays.
+    The decision is a constant of the compiled graph: set the environment before compiling.
+    Eager calls are never affected."""
+    return torch.compiler.is_compiling() and _reference_where_auto(op, torch.device(device).type, backend or "auto")

@@ -139,3 +139,60 @@ def test_patch_a_compiled_model():
     assert any("torch.ops.fastft" in g for g in graphs)
     torch.testing.assert_close(got, eager, atol=1e-5, rtol=1e-5)
     assert fastft.unpatch(compiled)
+
+
+def _fastft_nodes(model, batch) -> set[str]:
+    """The ``torch.ops.fastft`` operators in the graphs dynamo traces for the model's step."""
+    import re
+
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model_step(model), backend=record)(**batch)
+    return set(re.findall(r"torch\.ops\.fastft\.(\w+)", "\n".join(graphs)))
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_cpu_compile_traces_the_references(family, monkeypatch):
+    """On a CPU every elementwise op's backend is the PyTorch reference, so under compile the
+    patch emits that reference as plain PyTorch (inductor fuses it) instead of an opaque operator:
+    only the fused loss stays a fastft node, with no graph break and the eager loss and LoRA
+    gradients. With dropout, LoRA stays the operator (its masks are fastft's);
+    ``FASTFT_COMPILE_OPAQUE=1`` or a forced backend keeps every operator."""
+    from peft import LoraConfig, get_peft_model
+
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules="all-linear"))
+    report = fastft.patch(model)
+    assert {"lora", "loss"} <= report.features()
+    model_step(model)(**batch)
+    assert _fastft_nodes(model, batch) == {"flce"}
+    assert step_breaks(model, batch)[0] == 0
+    step_compiles_to_eager(model, batch, some_grads=True)
+
+    monkeypatch.setenv("FASTFT_COMPILE_OPAQUE", "1")
+    opaque = _fastft_nodes(model, batch)
+    assert {"flce", "lora_linear"} <= opaque
+    if "norms" in report.features():
+        assert "rms_norm_fwd" in opaque
+    if "mlp" in report.features():
+        assert "gated_act_fwd" in opaque
+    if "rope" in report.features():
+        assert "rope_rotate" in opaque
+    step_compiles_to_eager(model, batch, some_grads=True)
+    monkeypatch.delenv("FASTFT_COMPILE_OPAQUE")
+
+    forced = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules="all-linear"))
+    fastft.patch(forced, backend="torch")
+    model_step(forced)(**batch)
+    assert "lora_linear" in _fastft_nodes(forced, batch)
+
+    drop = get_peft_model(tiny_model(family), LoraConfig(r=4, target_modules="all-linear", lora_dropout=0.1))
+    fastft.patch(drop)
+    model_step(drop)(**batch)
+    assert "lora_linear" in _fastft_nodes(drop, batch)

@@ -167,6 +167,8 @@ def _check_inputs(op: str, gate, up) -> None:
 def _run(op: str, gate, up, act: str, backend: str) -> torch.Tensor:
     if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
         backends.select(op, gate.device, backend)
+    elif backends.traces_reference(op, gate.device, backend):  # inductor fuses it (see backends)
+        return _native_act(gate, act) * up
     return torch.ops.fastft.gated_act_fwd(gate, up, act, backend)
 
 

@@ -443,6 +443,22 @@ def _lora_grad(ctx, dy, _dxa):
 _lora_op.register_autograd(_lora_grad, setup_context=_lora_setup)
 
 
+def _lora_traced(x2d, weight, bias, lora_A, lora_B, lora_bias, s, fan_in_fan_out, precision):
+    """The operator's forward without dropout as plain PyTorch, for torch.compile to trace where the
+    torch backend would run (:func:`fastft.backends.traces_reference`): the same products in the same
+    dtypes (the branch in ``x``'s dtype with ``s`` folded into ``B``, or PEFT's promotion), the
+    backward derived by autograd (no base-weight gradient when it is frozen)."""
+    w = weight.t() if fan_in_fan_out else weight
+    base = nn.functional.linear(x2d, w, bias)
+    if precision == "activation" or lora_B.dtype == x2d.dtype:
+        dt = x2d.dtype
+        B = (lora_B * s if s != 1.0 else lora_B).to(dt)
+        y = base + nn.functional.linear(nn.functional.linear(x2d, lora_A.to(dt)), B)
+        return y + lora_bias.to(dt) * s if lora_bias is not None else y
+    lo = nn.functional.linear(nn.functional.linear(x2d.to(lora_A.dtype), lora_A), lora_B, lora_bias)
+    return (base + lo * s).to(x2d.dtype)
+
+
 # --------------------------------------------------------------------------------------
 # public function
 # --------------------------------------------------------------------------------------
@@ -565,6 +581,9 @@ def lora_linear(
         return y.reshape(*lead, y.shape[-1])
     if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
         backends.select(OP_LORA, x.device, backend)
+    elif p == 0.0 and backends.traces_reference(OP_LORA, x.device, backend):  # inductor fuses it (see backends)
+        y = _lora_traced(x2d, weight, bias, lora_A, lora_B, lora_bias, s, bool(fan_in_fan_out), precision)
+        return y.reshape(*lead, y.shape[-1])
     y, _ = torch.ops.fastft.lora_linear(
         x2d, weight, bias, lora_A, lora_B, lora_bias, s, p, seed, bool(fan_in_fan_out), precision, backend
     )

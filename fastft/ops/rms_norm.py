@@ -216,6 +216,8 @@ def rms_norm(
 
     if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
         backends.select(OP_RMS_NORM, x.device, backend)
+    elif backends.traces_reference(OP_RMS_NORM, x.device, backend):  # inductor fuses it (see backends)
+        return rms_norm_reference(x, weight, eps, offset)
     x2d = x.reshape(-1, N)
     if x2d.stride(-1) != 1:
         x2d = x2d.contiguous()

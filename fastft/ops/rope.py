@@ -201,5 +201,7 @@ def rope(
         return rope_reference(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
     q_dt = torch.promote_types(q.dtype, cos.dtype)
     k_dt = torch.promote_types(k.dtype, cos.dtype)
+    if backends.traces_reference(OP_ROPE, q.device, backend):  # inductor fuses it (see backends)
+        return rope_rows_torch(q, cos_q, sin_q, out_dtype=q_dt), rope_rows_torch(k, cos_k, sin_k, out_dtype=k_dt)
     rotate = torch.ops.fastft.rope_rotate
     return rotate(q, cos_q, sin_q, False, q_dt, backend), rotate(k, cos_k, sin_k, False, k_dt, backend)

@@ -60,7 +60,11 @@ class PatchReport:
         """One line: whether torch.compile sees only operators from fastft (no graph break added)."""
         eager = self.eager_under_compile()
         if not eager:
-            return "compile-ready: yes (every fastft feature patched here is a torch.library op)"
+            return (
+                "compile-ready: yes (every fastft feature patched here is a torch.library op; where an op's "
+                "backend is the PyTorch reference, e.g. norms, MLP, RoPE and LoRA on a CPU, compile traces "
+                "the reference so inductor fuses it)"
+            )
         return "compile-ready: no: " + "; ".join(
             f"{f} runs eager ({why}; a graph break each)" for f, why in eager.items()
         )
