@@ -28,6 +28,7 @@ from fastft.ops.cross_entropy import (
 )
 
 ce_mod = importlib.import_module("fastft.ops.cross_entropy")  # the module; fastft.ops.cross_entropy is the function
+chunked_mod = importlib.import_module("fastft.ops.ce_chunked")  # where the chunk loop looks its helpers up
 
 BACKENDS = ["torch", "triton"]
 REDUCTIONS = ["mean", "sum", "none"]
@@ -327,7 +328,7 @@ def test_padded_vocab():
 def test_flce_padded_row_stride(backend, reduction, small_chunks, monkeypatch):
     """The GPU layout (logits rows padded to ROW_ALIGN) forced on the CPU, with a vocabulary
     that is not a multiple of it: same results, and the GEMMs write into the padded buffer."""
-    monkeypatch.setattr(ce_mod, "padded_vocab", lambda v, device_type="cuda": -(-v // 64) * 64)
+    monkeypatch.setattr(chunked_mod, "padded_vocab", lambda v, device_type="cuda": -(-v // 64) * 64)
     # (wrapping the row kernel also takes the torch rows off their transposed CPU layout)
     strides = []
     real_rows = ce_mod._row_kernel(backend)
@@ -336,7 +337,7 @@ def test_flce_padded_row_stride(backend, reduction, small_chunks, monkeypatch):
         strides.append(logits.stride(0))
         return real_rows(logits, *a, **k)
 
-    monkeypatch.setattr(ce_mod, "_row_kernel", lambda b: rows)
+    monkeypatch.setattr(chunked_mod, "_row_kernel", lambda b: rows)
     h, w, b, t = _flce_inputs((2, 19), V=301)
     leaves = [x.clone().requires_grad_(True) for x in (h, w, b)]
     up = _upstream(reduction, t.shape)
@@ -363,7 +364,7 @@ def test_flce_gemms_skip_ignored_tokens(backend, reduction, small_chunks, monkey
         seen.append(logits.shape[0])
         return real_rows(logits, *a, **k)
 
-    monkeypatch.setattr(ce_mod, "_row_kernel", lambda b: rows)
+    monkeypatch.setattr(chunked_mod, "_row_kernel", lambda b: rows)
     h, w, b, t = _flce_inputs((50,))
     t[:30] = IGNORE
     t[30:] = torch.randint(0, 300, (20,))
@@ -388,7 +389,7 @@ def test_flce_frozen_head_has_no_grad_weight(backend, small_chunks, monkeypatch)
     """A frozen lm_head (every LoRA run): no grad_weight work at all, grad_hidden exact."""
     accumulations = []
     real = ce_mod._accumulate_grad_weight
-    monkeypatch.setattr(ce_mod, "_accumulate_grad_weight", lambda *a: accumulations.append(1) or real(*a))
+    monkeypatch.setattr(chunked_mod, "_accumulate_grad_weight", lambda *a: accumulations.append(1) or real(*a))
     h, w, b, t = _flce_inputs((3, 13), bias=False)
     hh = h.clone().requires_grad_(True)
     fused_linear_cross_entropy(hh, w, t, backend=backend).backward()
@@ -496,7 +497,7 @@ def test_flce_no_grad_forward(backend, reduction, small_chunks, monkeypatch):
         x.requires_grad_(True)
     accumulations = []
     real = ce_mod._accumulate_grad_weight
-    monkeypatch.setattr(ce_mod, "_accumulate_grad_weight", lambda *a: accumulations.append(1) or real(*a))
+    monkeypatch.setattr(chunked_mod, "_accumulate_grad_weight", lambda *a: accumulations.append(1) or real(*a))
     with torch.no_grad():
         loss = fused_linear_cross_entropy(h, w, t, b, reduction=reduction, backend=backend)
         ref = fused_linear_cross_entropy_reference(h, w, t, b, reduction=reduction)
