@@ -57,3 +57,36 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if item.path.name in _INTERPRETER_FILES and "gpu" not in item.keywords and "compile" not in item.name:
             item.add_marker(skip)
+
+
+# --------------------------------------------------------------------------------------
+# fixtures of the cross-entropy tests (test_cross_entropy*.py; their helpers are in _ce.py)
+# --------------------------------------------------------------------------------------
+@pytest.fixture
+def small_chunks(monkeypatch):
+    """A tiny chunk budget: chunk_rows hits its minimum of 16 rows."""
+    monkeypatch.setenv("FASTFT_CE_CHUNK_MB", "0.01")
+
+
+@pytest.fixture
+def narrow_tiles(monkeypatch):
+    """Interpreted Triton tiles of 64 along V: the ops' multi-tile paths with small vocabularies."""
+    from fastft.kernels import cross_entropy as kmod
+
+    monkeypatch.setattr(kmod, "_MAX_BLOCK_V_INTERPRET", 64)
+
+
+@pytest.fixture
+def count_triton(monkeypatch):
+    """Count the calls to the Triton row kernel (imported lazily by the ops)."""
+    from fastft.kernels import cross_entropy as kmod
+
+    calls = []
+    real = kmod.ce_rows_triton
+
+    def counting(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(kmod, "ce_rows_triton", counting)
+    return calls

@@ -19,6 +19,7 @@ from fastft.kernels import nf4 as k_triton
 from fastft.kernels import nf4_cpu as k_cpp
 from fastft.nn import Linear4bit
 from fastft.ops import nf4 as nf4mod
+from fastft.ops import nf4_state
 from fastft.ops.nf4 import (
     NF4State,
     as_nf4_state,
@@ -79,13 +80,13 @@ def launches(monkeypatch):
 @pytest.fixture
 def validations(monkeypatch):
     calls = []
-    inner = nf4mod._validate_state
+    inner = nf4_state._validate_state
 
     def counting(state):
         calls.append(state)
         return inner(state)
 
-    monkeypatch.setattr(nf4mod, "_validate_state", counting)
+    monkeypatch.setattr(nf4_state, "_validate_state", counting)
     return calls
 
 

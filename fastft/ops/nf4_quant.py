@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from .nf4 import _DQ_BLOCKSIZE, _LUT_SIZE, _ZERO_CODE, NF4State, _check_blocksize, dynamic_code, nf4_code
+from .nf4_state import _DQ_BLOCKSIZE, _LUT_SIZE, _ZERO_CODE, NF4State, _check_blocksize, dynamic_code, nf4_code
 
 __all__ = ["quantize_nf4"]
 
