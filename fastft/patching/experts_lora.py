@@ -19,6 +19,10 @@ checks). Otherwise PEFT's own forward runs (counted in ``report.fallbacks``): un
 
 from __future__ import annotations
 
+import contextlib
+
+import torch
+
 from .guard import GuardedForward
 
 FEATURE = "experts"
@@ -118,6 +122,17 @@ class FusedExpertsLoraForward(GuardedForward):
             lora_down=lora.get("down_proj"),
         )
 
+    def fall_back(self, reason: str, *args, **kwargs):
+        """PEFT's forward; over 4-bit experts with the adapters on, on a transient dequantised copy."""
+        from .experts import has_4bit_experts
+
+        m = self.experts_guard.module
+        if not _adapters_applied(self.chain) or not has_4bit_experts(m):
+            return super().fall_back(reason, *args, **kwargs)
+        self.count(f"{reason} (4-bit experts dequantised for PEFT's forward)")
+        with dequantized_experts(m):
+            return self.original(*args, **kwargs)
+
     def __call__(self, x, top_k_index, top_k_weights, *args, **kwargs):
         why = self.unfused_reason(args, kwargs)
         if why is None and not self.forced:
@@ -127,6 +142,34 @@ class FusedExpertsLoraForward(GuardedForward):
         return self.fused_or_fall_back(
             lambda: self._fused(x, top_k_index, top_k_weights), (x, top_k_index, top_k_weights, *args), kwargs
         )
+
+
+def _adapters_applied(chain) -> bool:
+    """PEFT's forward would parametrize an expert weight (adapters on and not merged)."""
+    return any(not w.disable_adapters and not w.merged and any(a in w.lora_A for a in w.active_adapters) for w in chain)
+
+
+@contextlib.contextmanager
+def dequantized_experts(module):
+    """For the call: ``module``'s 4-bit expert weights as frozen 16-bit parameters (what PEFT's
+    parametrization needs), the 4-bit ones put back after. The 16-bit copy lives as long as the
+    autograd graph that saved it: a fallback's cost, never the fused path's."""
+    from ..nn import ExpertsWeight4bit
+
+    saved = {}
+    try:
+        for pname in ("gate_up_proj", "down_proj"):
+            w = getattr(module, pname, None)
+            if isinstance(w, ExpertsWeight4bit):
+                saved[pname] = w
+                delattr(module, pname)
+                setattr(module, pname, torch.nn.Parameter(w.dequantize(), requires_grad=False))
+        yield module
+    finally:
+        for pname, w in saved.items():
+            if pname in module._parameters:
+                delattr(module, pname)
+            setattr(module, pname, w)
 
 
 def _ranks(chain) -> str:
@@ -140,6 +183,7 @@ def _ranks(chain) -> str:
 def apply(ctx, guards: dict) -> None:
     """Fuse every ParamWrapper chain around an experts module in ``guards`` (``id(module) -> guard``)."""
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    _check_4bit_targets(root)
     for name, outer, chain, base in chains(root):
         guard = guards.get(id(base))
         if guard is None:
@@ -167,7 +211,42 @@ def apply(ctx, guards: dict) -> None:
             if dts == [base_dt]
             else f"{'/'.join(dts)} adapters cast once per call, branch in the activation dtype"
         )
-        ctx.report.add(FEATURE, target, f"experts + LoRA (fused), {_ranks(chain)}, no delta weight formed, {prec}")
+        from .experts import has_4bit_experts
+
+        nf4 = (
+            ", 4-bit (NF4) base dequantised inside the GEMMs (fallback: PEFT's forward on a transient 16-bit copy)"
+            if has_4bit_experts(base)
+            else ""
+        )
+        ctx.report.add(FEATURE, target, f"experts + LoRA (fused), {_ranks(chain)}, no delta weight formed, {prec}{nf4}")
+
+
+def _check_4bit_targets(root) -> None:
+    """The order that cannot work: ``fastft.quantize`` before ``get_peft_model`` with ``target_parameters``
+    naming expert weights. PEFT then finds no parameter to wrap (a packed 4-bit weight is a module) and
+    the experts would silently train nothing: a clear error instead."""
+    from .experts import has_4bit_experts, is_experts_module
+
+    wanted = set()
+    for cfg in (getattr(root, "peft_config", None) or {}).values():
+        wanted |= set(getattr(cfg, "target_parameters", None) or ())
+    if not wanted:
+        return
+    wrapped = {id(base) for _, _, _, base in chains(root)}
+    for name, module in root.named_modules():
+        if id(module) in wrapped or not is_experts_module(module) or not has_4bit_experts(module):
+            continue
+        plain = name.replace(".base_layer", "")
+        for pname in ("gate_up_proj", "down_proj"):
+            key = f"{plain}.{pname}"
+            hit = sorted(t for t in wanted if key == t or key.endswith(f".{t}"))
+            if hit:
+                raise ValueError(
+                    f"LoRA target_parameters {hit} name {key}, a 4-bit (NF4) expert weight PEFT did not wrap: "
+                    "fastft.quantize ran before get_peft_model, and PEFT's target_parameters cannot wrap a packed "
+                    "weight. Build the adapter on the 16-bit model, then quantise the PEFT model: "
+                    "peft_model = get_peft_model(model, config); fastft.quantize(peft_model); fastft.patch(peft_model)"
+                )
 
 
 def is_expert_lora_layer(module) -> bool:
