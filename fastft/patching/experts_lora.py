@@ -20,6 +20,7 @@ checks). Otherwise PEFT's own forward runs (counted in ``report.fallbacks``): un
 from __future__ import annotations
 
 import contextlib
+import warnings
 
 import torch
 
@@ -183,7 +184,7 @@ def _ranks(chain) -> str:
 def apply(ctx, guards: dict) -> None:
     """Fuse every ParamWrapper chain around an experts module in ``guards`` (``id(module) -> guard``)."""
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
-    _check_4bit_targets(root)
+    _unwrapped_4bit_targets(ctx, root)
     for name, outer, chain, base in chains(root):
         guard = guards.get(id(base))
         if guard is None:
@@ -221,10 +222,12 @@ def apply(ctx, guards: dict) -> None:
         ctx.report.add(FEATURE, target, f"experts + LoRA (fused), {_ranks(chain)}, no delta weight formed, {prec}{nf4}")
 
 
-def _check_4bit_targets(root) -> None:
+def _unwrapped_4bit_targets(ctx, root) -> None:
     """The order that cannot work: ``fastft.quantize`` before ``get_peft_model`` with ``target_parameters``
-    naming expert weights. PEFT then finds no parameter to wrap (a packed 4-bit weight is a module) and
-    the experts would silently train nothing: a clear error instead."""
+    naming expert weights (given, or added by PEFT's own transformers-v5 MoE conversion of names such as
+    ``gate_proj`` / ``all-linear``). PEFT then finds no parameter to wrap (a packed 4-bit weight is a
+    module) and the experts train nothing: reported per weight, and one warning naming the right order.
+    Not an error: LoRA on the linear layers over frozen 4-bit experts is a valid QLoRA."""
     from .experts import has_4bit_experts, is_experts_module
 
     wanted = set()
@@ -233,6 +236,7 @@ def _check_4bit_targets(root) -> None:
     if not wanted:
         return
     wrapped = {id(base) for _, _, _, base in chains(root)}
+    missed = []
     for name, module in root.named_modules():
         if id(module) in wrapped or not is_experts_module(module) or not has_4bit_experts(module):
             continue
@@ -241,12 +245,19 @@ def _check_4bit_targets(root) -> None:
             key = f"{plain}.{pname}"
             hit = sorted(t for t in wanted if key == t or key.endswith(f".{t}"))
             if hit:
-                raise ValueError(
-                    f"LoRA target_parameters {hit} name {key}, a 4-bit (NF4) expert weight PEFT did not wrap: "
-                    "fastft.quantize ran before get_peft_model, and PEFT's target_parameters cannot wrap a packed "
-                    "weight. Build the adapter on the 16-bit model, then quantise the PEFT model: "
-                    "peft_model = get_peft_model(model, config); fastft.quantize(peft_model); fastft.patch(peft_model)"
-                )
+                missed.append(key)
+                ctx.report.skip(FEATURE, f"{key} (LoRA)", f"target_parameters {hit}: {_ORDER}")
+    if missed:
+        warnings.warn(f"fastft: {len(missed)} expert weights named by LoRA target_parameters are 4-bit: {_ORDER}",
+                      stacklevel=4)  # fmt: skip
+
+
+_ORDER = (
+    "a 4-bit (NF4) expert weight PEFT did not wrap (fastft.quantize ran before get_peft_model; PEFT's "
+    "target_parameters cannot wrap a packed weight), so it stays frozen. For LoRA on 4-bit experts build the "
+    "adapter on the 16-bit model, then quantise: peft_model = get_peft_model(model, config); "
+    "fastft.quantize(peft_model); fastft.patch(peft_model)"
+)
 
 
 def is_expert_lora_layer(module) -> bool:
