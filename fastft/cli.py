@@ -158,7 +158,8 @@ def _cmd_generate(args) -> int:
     if method == "qlora":  # the adapter was trained over an NF4 base: generate over the same one
         from . import quantize
 
-        quantize(model)
+        # the experts after the adapter: PEFT's target_parameters wraps 16-bit expert weights only
+        quantize(model, experts=args.adapter is None)
     if args.adapter is not None:
         from peft import PeftModel
 
@@ -171,6 +172,10 @@ def _cmd_generate(args) -> int:
             raise UsageError(
                 f"cannot load adapter {args.adapter!r} onto the model: {' '.join(str(e).split())[:300]}"
             ) from None
+        if method == "qlora":
+            from . import quantize
+
+            quantize(model)  # the experts, inside the adapter's wrappers (its LoRA layers are left alone)
     template = args.template
     if template == "auto":
         template = "alpaca" if base is None else ("chat" if getattr(tokenizer, "chat_template", None) else "none")

@@ -463,3 +463,7 @@ def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, s
         config = module.config
         if config._experts_implementation_internal not in ("eager", "fastft"):
             config._experts_implementation_internal = "eager"
+    if found:
+        from .patching.experts_lora import guard_4bit_wrappers
+
+        guard_4bit_wrappers(model)  # PEFT wrappers around them (adapter built on 16-bit experts) keep working

@@ -425,6 +425,7 @@ def test_cli_train_qlora_on_a_saved_moe_model(tmp_path, capsys):
     """``fastft train --method qlora --model DIR`` on a tiny Qwen3-MoE (CLI defaults: dropout > 0)."""
     import json
 
+    from peft import PeftModel
     from test_trainer import TOK, _records
 
     from fastft.cli import main
@@ -443,6 +444,22 @@ def test_cli_train_qlora_on_a_saved_moe_model(tmp_path, capsys):
     assert "experts + LoRA (fused)" in printed and "4-bit (NF4) base dequantised inside the GEMMs" in printed
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["steps"] == 3 and result["eval_loss"] < result["eval_loss_before"]
+    # generate over the same base: the adapter (experts' LoRA included) on the 16-bit model, then NF4
+    loaded = []
+    real = PeftModel.from_pretrained
+
+    def spy(*a, **k):
+        loaded.append(real(*a, **k))
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeftModel, "from_pretrained", spy)
+        args = ["generate", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "out" / "checkpoint-last")]
+        rc = main([*args, "--prompt", "hi", "--max-new-tokens", "3"])
+    assert rc == 0 and loaded
+    mods = _experts_modules(loaded[0])
+    assert mods and all(isinstance(m.gate_up_proj, ExpertsWeight4bit) for _, m in mods)
+    assert sum("experts" in n and "lora_B" in n for n, _ in loaded[0].named_parameters()) == 2 * len(mods)
 
 
 # --------------------------------------------------------------------------------------

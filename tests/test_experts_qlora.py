@@ -74,6 +74,25 @@ def test_patched_lora_on_4bit_experts_matches_peft_on_dequantised(family, target
     _no_16bit_experts(model)
 
 
+@pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
+def test_unpatched_peft_on_4bit_experts_matches_the_oracle(family):
+    """Without fastft.patch (``fastft generate``, user code): PEFT's own forward on a transient dequantised
+    copy per call (quantize gave the wrapper that forward); the 4-bit weights are back after every call."""
+    model = _qlora(family)
+    ref = _dense_copy(model)
+    batch = _batch(model)
+    loss, grads = _loss_and_lora_grads(model, batch)
+    ref_loss, ref_grads = _loss_and_lora_grads(ref, batch)
+    torch.testing.assert_close(loss, ref_loss, **FP32)
+    assert grads.keys() == ref_grads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], ref_grads[n], **FP32, msg=lambda m, n=n: f"{n}: {m}")
+    _no_16bit_experts(model)
+    fastft.patch(model)
+    assert fastft.unpatch(model)
+    torch.testing.assert_close(_loss_and_lora_grads(model, batch)[0], ref_loss, **FP32)  # unpatch keeps it
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_disable_adapter_and_enabled_match_the_oracle(family):
     """``disable_adapter()`` (a preference reference model): the 4-bit base experts' numbers; enabled again: LoRA's."""

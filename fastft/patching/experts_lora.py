@@ -173,6 +173,42 @@ def dequantized_experts(module):
             setattr(module, pname, w)
 
 
+class PeftForwardOn4bit:
+    """The ``forward`` :func:`fastft.quantize` gives the outermost PEFT ``ParamWrapper`` around experts it
+    quantised: PEFT's own forward, unpatched models included (``fastft generate``, user code without
+    ``fastft.patch``), which parametrizes the expert weight and so needs a tensor there. With adapters
+    applied the call runs on a transient dequantised 16-bit copy (:func:`dequantized_experts`); with
+    them disabled or merged the base experts run on the 4-bit weights. ``fastft.patch`` replaces it by
+    the fused :class:`FusedExpertsLoraForward` (and keeps it as that one's fallback)."""
+
+    def __init__(self, wrapper, chain, base):
+        self.wrapper, self.chain, self.base = wrapper, chain, base
+
+    def __call__(self, *args, **kwargs):
+        from .experts import has_4bit_experts
+
+        forward = type(self.wrapper).forward
+        if not _adapters_applied(self.chain) or not has_4bit_experts(self.base):
+            return forward(self.wrapper, *args, **kwargs)
+        with dequantized_experts(self.base):
+            return forward(self.wrapper, *args, **kwargs)
+
+
+def guard_4bit_wrappers(root) -> int:
+    """Give every ParamWrapper chain around 4-bit experts a :class:`PeftForwardOn4bit` (idempotent);
+    how many chains have one."""
+    from .experts import has_4bit_experts
+
+    n = 0
+    for _, outer, chain, base in chains(root):
+        if not has_4bit_experts(base):
+            continue
+        n += 1
+        if not isinstance(outer.__dict__.get("forward"), (PeftForwardOn4bit, FusedExpertsLoraForward)):
+            outer.forward = PeftForwardOn4bit(outer, chain, base)
+    return n
+
+
 def _ranks(chain) -> str:
     parts = []
     for w in chain:
@@ -272,4 +308,11 @@ def is_expert_lora_layer(module) -> bool:
     return is_experts_module(base)
 
 
-__all__ = ["apply", "chains", "FusedExpertsLoraForward", "is_expert_lora_layer"]
+__all__ = [
+    "apply",
+    "chains",
+    "dequantized_experts",
+    "FusedExpertsLoraForward",
+    "guard_4bit_wrappers",
+    "is_expert_lora_layer",
+]
