@@ -285,7 +285,7 @@ def _unwrapped_4bit_targets(ctx, root) -> None:
                 ctx.report.skip(FEATURE, f"{key} (LoRA)", f"target_parameters {hit}: {_ORDER}")
     if missed:
         warnings.warn(f"fastft: {len(missed)} expert weights named by LoRA target_parameters are 4-bit: {_ORDER}",
-                      stacklevel=4)  # fmt: skip
+                      stacklevel=5)  # fmt: skip
 
 
 _ORDER = (
