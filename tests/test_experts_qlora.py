@@ -19,15 +19,15 @@ from fastft.ops.nf4 import dequantize_nf4
 
 sys.path.insert(0, __file__.rsplit("/", 1)[0])
 from test_experts import FAMILIES, FP32, _batch, _experts_modules, _model  # noqa: E402
-from test_experts_lora import TARGETS, _count_fused, _lora_lines, _loss_and_lora_grads, _patch  # noqa: E402
+from test_experts_lora import TARGETS, _bf16_ok, _count_fused, _lora_lines, _loss_and_lora_grads, _patch  # noqa: E402
 from test_experts_nf4 import _dense_copy  # noqa: E402
 
 
-def _qlora(family, target="both", second=False):
+def _qlora(family, target="both", second=False, dtype=torch.float32):
     """PEFT LoRA (random A and B) on the 16-bit experts, then ``fastft.quantize`` of the PEFT model."""
     from peft import LoraConfig, get_peft_model
 
-    model = _model(family)
+    model = _model(family, dtype)
     model.config._experts_implementation = "eager"
     torch.manual_seed(2)
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=[], target_parameters=TARGETS[target], init_lora_weights=False)
@@ -72,6 +72,30 @@ def test_patched_lora_on_4bit_experts_matches_peft_on_dequantised(family, target
     for n in grads:
         torch.testing.assert_close(grads[n], ref_grads[n], **FP32, msg=lambda m, n=n: f"{n}: {m}")
     _no_16bit_experts(model)
+
+
+@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
+def test_bf16_rule(family):
+    """bf16 model over 4-bit experts, fp32 adapters (PEFT's autocast_adapter_dtype): logits and LoRA gradients
+    within twice plain bf16 PyTorch's error (PEFT over the bf16 dequantised experts) against the fp32 oracle
+    (the same 4-bit numbers, fp32 throughout)."""
+    fast = _qlora(family, dtype=torch.bfloat16)
+    assert all(p.dtype == torch.float32 for n, p in fast.named_parameters() if "lora_" in n)
+    plain = _dense_copy(fast)
+    oracle = _dense_copy(copy.deepcopy(fast).float())
+    batch = _batch(fast)
+    o_loss, o_grads = _loss_and_lora_grads(oracle, batch)
+    p_loss, p_grads = _loss_and_lora_grads(plain, batch)
+    report = _patch(fast)
+    f_loss, f_grads = _loss_and_lora_grads(fast, batch)
+    assert not report.fallbacks and "float32 adapters cast once per call" in _lora_lines(report)[0].detail
+    with torch.no_grad():
+        o_logits, p_logits, f_logits = (m(**batch).logits.float() for m in (oracle, plain, fast))
+    assert _bf16_ok(f_logits, p_logits, o_logits)
+    assert abs(f_loss.float() - o_loss) < 1e-2 * o_loss.abs()
+    for n in o_grads:
+        assert f_grads[n].dtype == torch.float32
+        assert _bf16_ok(f_grads[n], p_grads[n], o_grads[n]), n
 
 
 @pytest.mark.parametrize("family", ["mixtral", "deepseek_v3"])
