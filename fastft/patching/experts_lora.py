@@ -15,6 +15,16 @@ adapters enabled, not merged, exactly one active adapter and no LoRA variant; an
 experts module itself fits the fused experts op (:class:`~fastft.patching.experts.FusedExpertsForward`'s
 checks). Otherwise PEFT's own forward runs (counted in ``report.fallbacks``): under
 ``disable_adapter()`` that is the base experts module, itself fused by the experts patch.
+
+4-bit experts (QLoRA that trains them): PEFT wraps parameters only, so the adapter is built on the
+16-bit experts and :func:`fastft.quantize` then replaces them by ``ExpertsWeight4bit`` inside the
+wrappers (adapters left alone). The fused path passes the 4-bit weights to the op, which
+dequantises inside each GEMM (no persistent or saved 16-bit stack). PEFT's own forward
+parametrizes the weight and needs a tensor: ``quantize`` gives the outermost wrapper a
+:class:`PeftForwardOn4bit` (PEFT's forward on a transient dequantised copy, for unpatched models)
+and the fused forward's fallback does the same, reported. PEFT's merge raises a clear error
+(:class:`fastft.nn.ExpertsWeight4bit` has no in-place ``data``). The order that cannot work,
+``quantize`` before ``get_peft_model`` with expert ``target_parameters``, is reported and warned.
 """
 
 from __future__ import annotations
