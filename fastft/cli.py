@@ -157,9 +157,11 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"cannot load model {base!r}: {' '.join(str(e).split())[:300]}") from None
     if method == "qlora":  # the adapter was trained over an NF4 base: generate over the same one
         from . import quantize
+        from .patching.experts import is_experts_module
 
-        # the experts after the adapter: PEFT's target_parameters wraps 16-bit expert weights only
-        quantize(model, experts=args.adapter is None)
+        # MoE: the experts after the adapter (PEFT's target_parameters wraps 16-bit expert weights only)
+        experts_later = args.adapter is not None and any(is_experts_module(m) for m in model.modules())
+        quantize(model, experts=not experts_later)
     if args.adapter is not None:
         from peft import PeftModel
 
@@ -172,9 +174,7 @@ def _cmd_generate(args) -> int:
             raise UsageError(
                 f"cannot load adapter {args.adapter!r} onto the model: {' '.join(str(e).split())[:300]}"
             ) from None
-        if method == "qlora":
-            from . import quantize
-
+        if method == "qlora" and experts_later:
             quantize(model)  # the experts, inside the adapter's wrappers (its LoRA layers are left alone)
     template = args.template
     if template == "auto":
