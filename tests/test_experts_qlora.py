@@ -74,6 +74,33 @@ def test_patched_lora_on_4bit_experts_matches_peft_on_dequantised(family, target
     _no_16bit_experts(model)
 
 
+def test_quantize_after_get_peft_model_equals_the_usual_order_on_linear_layers():
+    """``quantize(peft_model)`` quantises the LoRA layers' bases (same bytes as quantising first) and never
+    the adapters: the one-call recipe and ``quantize(experts=False)`` -> PEFT -> ``quantize`` agree exactly."""
+    from peft import LoraConfig, get_peft_model
+
+    cfg = dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], target_parameters=TARGETS["both"])
+    models = []
+    for first in (False, True):
+        model = _model("qwen3_moe")
+        model.config._experts_implementation = "eager"
+        if first:
+            fastft.quantize(model, experts=False)
+        torch.manual_seed(2)
+        pm = get_peft_model(model, LoraConfig(**cfg, init_lora_weights=False))
+        fastft.quantize(pm)
+        models.append(pm)
+    for pm in models:
+        assert all(isinstance(m.base_layer, Linear4bit) for n, m in pm.named_modules() if n.endswith("q_proj"))
+        assert all(type(m) is torch.nn.Linear for n, m in pm.named_modules() if n.endswith("lora_A.default"))
+    batch = _batch(models[0])
+    (la, ga), (lb, gb) = (_loss_and_lora_grads(m, batch) for m in models)
+    torch.testing.assert_close(la, lb, rtol=0, atol=0)
+    assert ga.keys() == gb.keys() and any("q_proj" in n for n in ga)
+    for n in ga:
+        torch.testing.assert_close(ga[n], gb[n], rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])
 def test_bf16_rule(family):
     """bf16 model over 4-bit experts, fp32 adapters (PEFT's autocast_adapter_dtype): logits and LoRA gradients
