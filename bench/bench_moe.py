@@ -203,6 +203,18 @@ def main(argv=None) -> int:
             summary["nf4_over_frozen_total_peak"] = H.ratio(
                 a["weights_mib"] + a["peak_mib"], b["weights_mib"] + b["peak_mib"]
             )
+        if args.lora_rank > 0:  # QLoRA on the experts vs LoRA on 16-bit experts: same adapters, fused op
+            for prov in ("lora_16bit", "lora_nf4"):
+                cmd = raw + ["--_mem-worker", prov]
+                memory[prov] = H.run_isolated(script, cmd, env=H.worker_env(device), timeout=1800)
+                print(f"  {prov} memory: {memory[prov]}", flush=True)
+            a, b = memory["lora_nf4"], memory["lora_16bit"]
+            if a.get("status") == "ok" and b.get("status") == "ok":
+                summary["qlora_over_lora_resident_weights"] = H.ratio(a["weights_mib"], b["weights_mib"])
+                summary["qlora_over_lora_step_peak"] = H.ratio(a["peak_mib"], b["peak_mib"])
+                summary["qlora_over_lora_total_peak"] = H.ratio(
+                    a["weights_mib"] + a["peak_mib"], b["weights_mib"] + b["peak_mib"]
+                )
     print(
         H.markdown_table(
             rows,
@@ -355,20 +367,34 @@ def _mem_worker(args) -> int:
     before = H.current_bytes(device)
     w1 = torch.randn(E, 2 * In, Hd, device=device, dtype=dtype) * Hd**-0.5
     w2 = torch.randn(E, Hd, In, device=device, dtype=dtype) * In**-0.5
-    if args.mem_worker == "fastft_nf4":
+    if args.mem_worker in ("fastft_nf4", "lora_nf4"):
         w1, w2 = ExpertsWeight4bit.from_weight(w1), ExpertsWeight4bit.from_weight(w2)  # the dense ones freed
         tiny = [ExpertsWeight4bit.from_weight(t) for t in tiny]
+    lora, tiny_lora = {}, {}
+    if args.mem_worker.startswith("lora_"):  # LoRA r on both expert weights (QLoRA's adapters; fp32 as PEFT's)
+        from fastft.ops.experts import ExpertsLora
+
+        r = args.lora_rank
+
+        def factors(e, out_f, in_f):
+            a = (torch.randn(e, r, in_f, device=device) * in_f**-0.5).requires_grad_()
+            return ExpertsLora(a, (torch.randn(e, out_f, r, device=device) * r**-0.5).requires_grad_(), 2.0)
+
+        lora = dict(lora_gate_up=factors(E, 2 * In, Hd), lora_down=factors(E, Hd, In))
+        tiny_lora = dict(lora_gate_up=factors(2, 64, 64), lora_down=factors(2, 64, 32))
     gc.collect()
     weights = (H.current_bytes(device) - before) / 2**20 if before is not None else None
 
     def step():
         x.grad = w.grad = None
-        experts(x, idx, w, w1, w2).backward(dout)
+        for f in lora.values():
+            f.A.grad = f.B.grad = None
+        experts(x, idx, w, w1, w2, **lora).backward(dout)
 
     def prime():  # tiny: pages in the code paths without leaving full-size blocks cached
         xt = torch.randn(4, 64, device=device, dtype=dtype, requires_grad=True)
         ones = torch.ones(4, 1, device=device, dtype=dtype)
-        experts(xt, torch.zeros(4, 1, dtype=torch.long, device=device), ones, *tiny).sum().backward()
+        experts(xt, torch.zeros(4, 1, dtype=torch.long, device=device), ones, *tiny, **tiny_lora).sum().backward()
 
     peak = H.measure_peak_memory(step, device, prime=prime)
     payload = dict(status="ok", provider=args.mem_worker, weights_mib=weights, peak_mib=peak["peak_mib"])

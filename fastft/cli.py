@@ -157,8 +157,11 @@ def _cmd_generate(args) -> int:
             raise UsageError(f"cannot load model {base!r}: {' '.join(str(e).split())[:300]}") from None
     if method == "qlora":  # the adapter was trained over an NF4 base: generate over the same one
         from . import quantize
+        from .patching.experts import is_experts_module
 
-        quantize(model)
+        # MoE: the experts after the adapter (PEFT's target_parameters wraps 16-bit expert weights only)
+        experts_later = args.adapter is not None and any(is_experts_module(m) for m in model.modules())
+        quantize(model, experts=not experts_later)
     if args.adapter is not None:
         from peft import PeftModel
 
@@ -171,6 +174,8 @@ def _cmd_generate(args) -> int:
             raise UsageError(
                 f"cannot load adapter {args.adapter!r} onto the model: {' '.join(str(e).split())[:300]}"
             ) from None
+        if method == "qlora" and experts_later:
+            quantize(model)  # the experts, inside the adapter's wrappers (its LoRA layers are left alone)
     template = args.template
     if template == "auto":
         template = "alpaca" if base is None else ("chat" if getattr(tokenizer, "chat_template", None) else "none")

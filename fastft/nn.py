@@ -138,6 +138,13 @@ class Linear4bit(nn.Linear):
         )
 
 
+_MERGE_4BIT = (
+    "cannot merge a LoRA adapter into 4-bit (NF4) expert weights (ExpertsWeight4bit has no in-place data: "
+    "merging would quantise the weight again). Save the adapter (save_pretrained) and merge it on the 16-bit "
+    "model: PeftModel.from_pretrained(model_16bit, path).merge_and_unload()"
+)
+
+
 class ExpertsWeight4bit(nn.Module):
     """A 3-D expert weight (``gate_up_proj`` / ``down_proj`` of a transformers experts module) in NF4.
 
@@ -316,6 +323,18 @@ class ExpertsWeight4bit(nn.Module):
         w = dequantize_nf4(self.weight[e], self.slice_state(e), dtype=self.weight_dtype)
         return w.t() if self.transposed else w
 
+    # -- PEFT's merge of a ParamWrapper adapter reads and writes ``param.data`` -------------
+    @property
+    def data(self):
+        """Not a tensor to read or write in place: PEFT's ``ParamWrapper.merge`` (``merge_adapter``,
+        ``merge_and_unload``) does ``param.data += delta``, which on packed NF4 could only merge by
+        quantising again - a rounding error as large as a small adapter's effect. It raises instead."""
+        raise ValueError(_MERGE_4BIT)
+
+    @data.setter
+    def data(self, value) -> None:
+        raise ValueError(_MERGE_4BIT)
+
     @property
     def nbytes(self) -> int:
         """Bytes of the packed weight and its statistics (tables included)."""
@@ -385,10 +404,13 @@ def quantize(
         skip = (skip,)
     if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
+    adapters = _adapter_module_ids(model)
     targets = []
     for name, module in model.named_modules():
         for child_name, child in module.named_children():
             full = f"{name}.{child_name}" if name else child_name
+            if id(child) in adapters:
+                continue
             if _is_linear_like(child) and not (set(full.split(".")) & set(skip)):
                 targets.append((module, child_name, child))
     for parent, child_name, child in targets:
@@ -397,6 +419,21 @@ def quantize(
     if experts:
         _quantize_experts(model, blocksize=blocksize, double_quant=double_quant, skip=skip, cache_absmax=cache_absmax)
     return model
+
+
+def _adapter_module_ids(model: nn.Module) -> set[int]:
+    """Ids of every module inside a PEFT model's trainable parts (the LoRA ``lora_A`` / ``lora_B``
+    linears, ``modules_to_save`` copies): a PEFT model is quantised around its adapters, never them."""
+    out = set()
+    for module in model.modules():
+        names = [n for n in getattr(module, "adapter_layer_names", ()) if isinstance(n, str)]
+        if isinstance(getattr(module, "modules_to_save", None), nn.Module):
+            names.append("modules_to_save")
+        for n in names:
+            container = getattr(module, n, None)
+            if isinstance(container, nn.Module):
+                out.update(id(m) for m in container.modules())
+    return out
 
 
 def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, skip, cache_absmax: bool) -> None:
@@ -426,3 +463,7 @@ def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, s
         config = module.config
         if config._experts_implementation_internal not in ("eager", "fastft"):
             config._experts_implementation_internal = "eager"
+    if found:
+        from .patching.experts_lora import guard_4bit_wrappers
+
+        guard_4bit_wrappers(model)  # PEFT wrappers around them (adapter built on 16-bit experts) keep working

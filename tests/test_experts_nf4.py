@@ -397,10 +397,12 @@ def test_qlora_by_hand_trains_and_matches_dequantised_reference(family):
     assert not report.fallbacks
 
 
-def test_trainer_qlora_on_moe_keeps_4bit_experts_frozen(tmp_path, capsys):
+def test_trainer_qlora_on_a_quantized_moe_keeps_its_4bit_experts_frozen(tmp_path, capsys):
+    """A model quantised before the trainer: PEFT cannot wrap its packed experts, and the report says so
+    (a 16-bit model gets LoRA on its experts, then 4-bit: tests/test_experts_qlora.py)."""
     from test_trainer import TOK, _adapter, _cfg, _records
 
-    model = _model("qwen3_moe")
+    model = _quantized("qwen3_moe")
     result = fastft.train(
         _cfg(tmp_path, method="qlora", max_steps=4, eval_every=4, quiet=False),
         model=model,
@@ -409,7 +411,7 @@ def test_trainer_qlora_on_moe_keeps_4bit_experts_frozen(tmp_path, capsys):
         eval_data=_records(2, seed=1),
     )
     printed = capsys.readouterr().out
-    assert "4-bit (NF4) expert weights stay frozen" in printed
+    assert "4-bit (NF4) expert weights quantised before the trainer stay frozen" in printed
     assert "NF4 weights dequantised inside the GEMMs" in printed
     assert "experts module (3-D expert weights): see the experts patch" in printed  # the MLP patch leaves it
     assert "probe failed" not in printed
@@ -423,6 +425,7 @@ def test_cli_train_qlora_on_a_saved_moe_model(tmp_path, capsys):
     """``fastft train --method qlora --model DIR`` on a tiny Qwen3-MoE (CLI defaults: dropout > 0)."""
     import json
 
+    from peft import PeftModel
     from test_trainer import TOK, _records
 
     from fastft.cli import main
@@ -437,9 +440,26 @@ def test_cli_train_qlora_on_a_saved_moe_model(tmp_path, capsys):
     )  # fmt: skip
     printed = capsys.readouterr().out
     assert rc == 0
-    assert "4-bit (NF4) expert weights stay frozen" in printed and "NF4 weights dequantised inside the GEMMs" in printed
+    assert "LoRA on expert weights" in printed and "on 4-bit (NF4) experts" in printed
+    assert "experts + LoRA (fused)" in printed and "4-bit (NF4) base dequantised inside the GEMMs" in printed
     result = json.loads((tmp_path / "out" / "result.json").read_text())
     assert result["steps"] == 3 and result["eval_loss"] < result["eval_loss_before"]
+    # generate over the same base: the adapter (experts' LoRA included) on the 16-bit model, then NF4
+    loaded = []
+    real = PeftModel.from_pretrained
+
+    def spy(*a, **k):
+        loaded.append(real(*a, **k))
+        return loaded[-1]
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(PeftModel, "from_pretrained", spy)
+        args = ["generate", "--model", str(tmp_path / "model"), "--adapter", str(tmp_path / "out" / "checkpoint-last")]
+        rc = main([*args, "--prompt", "hi", "--max-new-tokens", "3"])
+    assert rc == 0 and loaded
+    mods = _experts_modules(loaded[0])
+    assert mods and all(isinstance(m.gate_up_proj, ExpertsWeight4bit) for _, m in mods)
+    assert sum("experts" in n and "lora_B" in n for n, _ in loaded[0].named_parameters()) == 2 * len(mods)
 
 
 # --------------------------------------------------------------------------------------

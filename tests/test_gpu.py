@@ -162,6 +162,39 @@ def test_qlora_patch_on_device():
             assert _rel(p.grad, ref_grads[n]) < 1e-3, n
 
 
+def test_qlora_on_4bit_experts_patch_on_device():
+    """LoRA on 4-bit MoE experts (PEFT target_parameters, then fastft.quantize): the fused op on the device
+    against PEFT's own forward on the dequantised experts (unpatched: quantize's transient-copy forward)."""
+    import sys
+
+    from peft import LoraConfig, get_peft_model
+
+    sys.path.insert(0, __file__.rsplit("/", 1)[0])
+    from test_experts import _batch, _model
+
+    model = _model("qwen3_moe").to(DEV)
+    model.config._experts_implementation = "eager"
+    targets = ["experts.gate_up_proj", "experts.down_proj"]
+    cfg = LoraConfig(r=8, target_modules="all-linear", target_parameters=targets, init_lora_weights=False)
+    model = get_peft_model(model, cfg).train()
+    fastft.quantize(model)
+    batch = {k: v.to(DEV) for k, v in _batch(model).items()}
+    ref = model(**batch).loss
+    ref.backward()
+    ref_grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    assert any("experts" in n for n in ref_grads)
+    model.zero_grad()
+    report = fastft.patch(model)
+    assert any("4-bit (NF4) base" in p.detail for p in report.patched)
+    out = model(**batch)
+    out.loss.backward()
+    assert not report.fallbacks
+    torch.testing.assert_close(out.loss, ref, rtol=1e-4, atol=1e-4)
+    for n, p in model.named_parameters():
+        if p.grad is not None:
+            assert _rel(p.grad, ref_grads[n]) < 1e-3, n
+
+
 # --------------------------------------------------------------------------------------
 # CUDA C++ NF4 kernels (csrc/cuda, fastft.kernels.nf4_cuda), forced with backend="cuda".
 # The first test JIT-builds the extension (a minute or two, cached afterwards) unless

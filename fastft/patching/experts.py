@@ -222,8 +222,9 @@ def expert_target_parameters(model) -> list[str]:
 
     What the trainer adds to ``target_modules="all-linear"`` so LoRA trains the experts too
     (``all-linear`` alone wraps only ``nn.Linear`` layers and leaves 3-D expert weights frozen).
-    4-bit experts (:class:`fastft.nn.ExpertsWeight4bit`, QLoRA) are not parameters and are left
-    out: PEFT's parameter LoRA cannot wrap packed weights, so they stay frozen."""
+    4-bit experts (:class:`fastft.nn.ExpertsWeight4bit`) are not parameters and are left out:
+    PEFT's parameter LoRA cannot wrap packed weights. For QLoRA on them the trainer asks this of
+    the 16-bit model, builds the adapter, then quantises the experts inside PEFT's wrappers."""
     out = set()
     for name, module in model.named_modules():
         if is_experts_module(module):

@@ -15,9 +15,24 @@ adapters enabled, not merged, exactly one active adapter and no LoRA variant; an
 experts module itself fits the fused experts op (:class:`~fastft.patching.experts.FusedExpertsForward`'s
 checks). Otherwise PEFT's own forward runs (counted in ``report.fallbacks``): under
 ``disable_adapter()`` that is the base experts module, itself fused by the experts patch.
+
+4-bit experts (QLoRA that trains them): PEFT wraps parameters only, so the adapter is built on the
+16-bit experts and :func:`fastft.quantize` then replaces them by ``ExpertsWeight4bit`` inside the
+wrappers (adapters left alone). The fused path passes the 4-bit weights to the op, which
+dequantises inside each GEMM (no persistent or saved 16-bit stack). PEFT's own forward
+parametrizes the weight and needs a tensor: ``quantize`` gives the outermost wrapper a
+:class:`PeftForwardOn4bit` (PEFT's forward on a transient dequantised copy, for unpatched models)
+and the fused forward's fallback does the same, reported. PEFT's merge raises a clear error
+(:class:`fastft.nn.ExpertsWeight4bit` has no in-place ``data``). The order that cannot work,
+``quantize`` before ``get_peft_model`` with expert ``target_parameters``, is reported and warned.
 """
 
 from __future__ import annotations
+
+import contextlib
+import warnings
+
+import torch
 
 from .guard import GuardedForward
 
@@ -118,6 +133,17 @@ class FusedExpertsLoraForward(GuardedForward):
             lora_down=lora.get("down_proj"),
         )
 
+    def fall_back(self, reason: str, *args, **kwargs):
+        """PEFT's forward; over 4-bit experts with the adapters on, on a transient dequantised copy."""
+        from .experts import has_4bit_experts
+
+        m = self.experts_guard.module
+        if not _adapters_applied(self.chain) or not has_4bit_experts(m):
+            return super().fall_back(reason, *args, **kwargs)
+        self.count(f"{reason} (4-bit experts dequantised for PEFT's forward)")
+        with dequantized_experts(m):
+            return self.original(*args, **kwargs)
+
     def __call__(self, x, top_k_index, top_k_weights, *args, **kwargs):
         why = self.unfused_reason(args, kwargs)
         if why is None and not self.forced:
@@ -127,6 +153,70 @@ class FusedExpertsLoraForward(GuardedForward):
         return self.fused_or_fall_back(
             lambda: self._fused(x, top_k_index, top_k_weights), (x, top_k_index, top_k_weights, *args), kwargs
         )
+
+
+def _adapters_applied(chain) -> bool:
+    """PEFT's forward would parametrize an expert weight (adapters on and not merged)."""
+    return any(not w.disable_adapters and not w.merged and any(a in w.lora_A for a in w.active_adapters) for w in chain)
+
+
+@contextlib.contextmanager
+def dequantized_experts(module):
+    """For the call: ``module``'s 4-bit expert weights as frozen 16-bit parameters (what PEFT's
+    parametrization needs), the 4-bit ones put back after. The 16-bit copy lives as long as the
+    autograd graph that saved it: a fallback's cost, never the fused path's."""
+    from ..nn import ExpertsWeight4bit
+
+    saved = {}
+    try:
+        for pname in ("gate_up_proj", "down_proj"):
+            w = getattr(module, pname, None)
+            if isinstance(w, ExpertsWeight4bit):
+                saved[pname] = w
+                delattr(module, pname)
+                setattr(module, pname, torch.nn.Parameter(w.dequantize(), requires_grad=False))
+        yield module
+    finally:
+        for pname, w in saved.items():
+            if pname in module._parameters:
+                delattr(module, pname)
+            setattr(module, pname, w)
+
+
+class PeftForwardOn4bit:
+    """The ``forward`` :func:`fastft.quantize` gives the outermost PEFT ``ParamWrapper`` around experts it
+    quantised: PEFT's own forward, unpatched models included (``fastft generate``, user code without
+    ``fastft.patch``), which parametrizes the expert weight and so needs a tensor there. With adapters
+    applied the call runs on a transient dequantised 16-bit copy (:func:`dequantized_experts`); with
+    them disabled or merged the base experts run on the 4-bit weights. ``fastft.patch`` replaces it by
+    the fused :class:`FusedExpertsLoraForward` (and keeps it as that one's fallback)."""
+
+    def __init__(self, wrapper, chain, base):
+        self.wrapper, self.chain, self.base = wrapper, chain, base
+
+    def __call__(self, *args, **kwargs):
+        from .experts import has_4bit_experts
+
+        forward = type(self.wrapper).forward
+        if not _adapters_applied(self.chain) or not has_4bit_experts(self.base):
+            return forward(self.wrapper, *args, **kwargs)
+        with dequantized_experts(self.base):
+            return forward(self.wrapper, *args, **kwargs)
+
+
+def guard_4bit_wrappers(root) -> int:
+    """Give every ParamWrapper chain around 4-bit experts a :class:`PeftForwardOn4bit` (idempotent);
+    how many chains have one."""
+    from .experts import has_4bit_experts
+
+    n = 0
+    for _, outer, chain, base in chains(root):
+        if not has_4bit_experts(base):
+            continue
+        n += 1
+        if not isinstance(outer.__dict__.get("forward"), (PeftForwardOn4bit, FusedExpertsLoraForward)):
+            outer.forward = PeftForwardOn4bit(outer, chain, base)
+    return n
 
 
 def _ranks(chain) -> str:
@@ -140,6 +230,7 @@ def _ranks(chain) -> str:
 def apply(ctx, guards: dict) -> None:
     """Fuse every ParamWrapper chain around an experts module in ``guards`` (``id(module) -> guard``)."""
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
+    _unwrapped_4bit_targets(ctx, root)
     for name, outer, chain, base in chains(root):
         guard = guards.get(id(base))
         if guard is None:
@@ -167,7 +258,52 @@ def apply(ctx, guards: dict) -> None:
             if dts == [base_dt]
             else f"{'/'.join(dts)} adapters cast once per call, branch in the activation dtype"
         )
-        ctx.report.add(FEATURE, target, f"experts + LoRA (fused), {_ranks(chain)}, no delta weight formed, {prec}")
+        from .experts import has_4bit_experts
+
+        nf4 = (
+            ", 4-bit (NF4) base dequantised inside the GEMMs (fallback: PEFT's forward on a transient 16-bit copy)"
+            if has_4bit_experts(base)
+            else ""
+        )
+        ctx.report.add(FEATURE, target, f"experts + LoRA (fused), {_ranks(chain)}, no delta weight formed, {prec}{nf4}")
+
+
+def _unwrapped_4bit_targets(ctx, root) -> None:
+    """The order that cannot work: ``fastft.quantize`` before ``get_peft_model`` with ``target_parameters``
+    naming expert weights (given, or added by PEFT's own transformers-v5 MoE conversion of names such as
+    ``gate_proj`` / ``all-linear``). PEFT then finds no parameter to wrap (a packed 4-bit weight is a
+    module) and the experts train nothing: reported per weight, and one warning naming the right order.
+    Not an error: LoRA on the linear layers over frozen 4-bit experts is a valid QLoRA."""
+    from .experts import has_4bit_experts, is_experts_module
+
+    wanted = set()
+    for cfg in (getattr(root, "peft_config", None) or {}).values():
+        wanted |= set(getattr(cfg, "target_parameters", None) or ())
+    if not wanted:
+        return
+    wrapped = {id(base) for _, _, _, base in chains(root)}
+    missed = []
+    for name, module in root.named_modules():
+        if id(module) in wrapped or not is_experts_module(module) or not has_4bit_experts(module):
+            continue
+        plain = name.replace(".base_layer", "")
+        for pname in ("gate_up_proj", "down_proj"):
+            key = f"{plain}.{pname}"
+            hit = sorted(t for t in wanted if key == t or key.endswith(f".{t}"))
+            if hit:
+                missed.append(key)
+                ctx.report.skip(FEATURE, f"{key} (LoRA)", f"target_parameters {hit}: {_ORDER}")
+    if missed:
+        warnings.warn(f"fastft: {len(missed)} expert weights named by LoRA target_parameters are 4-bit: {_ORDER}",
+                      stacklevel=5)  # fmt: skip
+
+
+_ORDER = (
+    "a 4-bit (NF4) expert weight PEFT did not wrap (fastft.quantize ran before get_peft_model; PEFT's "
+    "target_parameters cannot wrap a packed weight), so it stays frozen. For LoRA on 4-bit experts build the "
+    "adapter on the 16-bit model, then quantise: peft_model = get_peft_model(model, config); "
+    "fastft.quantize(peft_model); fastft.patch(peft_model)"
+)
 
 
 def is_expert_lora_layer(module) -> bool:
@@ -182,4 +318,11 @@ def is_expert_lora_layer(module) -> bool:
     return is_experts_module(base)
 
 
-__all__ = ["apply", "chains", "FusedExpertsLoraForward", "is_expert_lora_layer"]
+__all__ = [
+    "apply",
+    "chains",
+    "dequantized_experts",
+    "FusedExpertsLoraForward",
+    "guard_4bit_wrappers",
+    "is_expert_lora_layer",
+]

@@ -110,8 +110,6 @@ class ModelMixin:
             hf = model.get_base_model()
         else:
             hf = model.to(device)
-            if cfg.method == "qlora":
-                quantize(hf)
             if cfg.method in ("lora", "qlora"):
                 from peft import LoraConfig, get_peft_model
 
@@ -123,19 +121,25 @@ class ModelMixin:
                 # dropout the adapter is built without it and the dropout is set on the nn.Linear
                 # LoRA layers only (what PEFT itself builds there); the experts train without it
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
-                # 4-bit experts (qlora) are not parameters: PEFT's target_parameters cannot wrap them
-                four_bit = tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules())
-                frozen_4bit = (
-                    "4-bit (NF4) expert weights stay frozen: PEFT target_parameters cannot wrap packed weights"
-                )
-                linear_dropout = cfg.dropout if (experts or four_bit) and cfg.dropout else 0.0
+                # qlora: the linear layers go 4-bit before PEFT wraps them; PEFT's target_parameters
+                # cannot wrap a packed weight, so the experts' adapters are built on the 16-bit
+                # experts and those are quantised inside PEFT's wrappers afterwards
+                if cfg.method == "qlora":
+                    quantize(hf, experts=not experts)
+                linear_dropout = cfg.dropout if experts and cfg.dropout else 0.0
                 if experts:
                     text = f"LoRA on expert weights (target_parameters={experts})"
+                    if cfg.method == "qlora":
+                        text += ", on 4-bit (NF4) experts (quantised inside PEFT's wrappers)"
                     if linear_dropout:
                         text += f"; dropout {cfg.dropout} on the linear layers only (none on expert weights in PEFT)"
                     experts_note = ("add", text)
-                elif four_bit:
-                    experts_note = ("skip", f"{frozen_4bit} (LoRA on the linear layers only)")
+                elif tm == "all-linear" and any(has_4bit_experts(m) for m in hf.modules()):
+                    experts_note = (
+                        "skip",
+                        "4-bit (NF4) expert weights quantised before the trainer stay frozen: PEFT "
+                        "target_parameters cannot wrap packed weights (pass the 16-bit model for LoRA on them)",
+                    )
                 lcfg = LoraConfig(
                     r=cfg.rank,
                     lora_alpha=cfg.alpha,
@@ -152,6 +156,8 @@ class ModelMixin:
                     raise ValueError(f"LoRA target_modules {tm!r}: {_one_line(e)}") from None
                 if linear_dropout:
                     _set_linear_lora_dropout(model, linear_dropout)
+                if cfg.method == "qlora" and experts:
+                    quantize(model)  # the experts, inside the wrappers (the LoRA adapters are left alone)
             else:
                 model = hf
                 for p in model.parameters():
