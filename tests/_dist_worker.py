@@ -126,17 +126,41 @@ def train(model, batch, *, rank: int = 0, world_size: int = 1, trainable=None):
     return losses, norms
 
 
+def _compiled(wrapper, model, rank: int, world_size: int):
+    """``wrapper`` under torch.compile (aot_eager: the tracing without code generation), after one
+    eager no-grad forward of this rank's share, as the trainer runs before its first compiled step
+    (fastft's one-time loss check needs values); dynamo's counters are reset so the mode's
+    ``compile`` record counts only what this wrapper compiles."""
+    from torch._dynamo.utils import counters
+
+    batch = global_batch()
+    share = batch["input_ids"].shape[0] // world_size
+    with torch.no_grad():
+        model(**{k: v[rank * share : (rank + 1) * share] for k, v in batch.items()})
+    torch._dynamo.reset()
+    counters.clear()
+    return torch.compile(wrapper, backend="aot_eager")
+
+
+def _compile_record() -> dict:
+    from torch._dynamo.utils import counters
+
+    return {"graphs": int(counters["stats"]["unique_graphs"]), "breaks": dict(counters["graph_break"])}
+
+
 def _run(mode: str, rank: int, world_size: int):
 
     strategy, kind = mode.split("-", 1)
     model = build(kind)
-    if strategy == "ddp":
+    if strategy in ("ddp", "ddpcompile"):
         from torch.nn.parallel import DistributedDataParallel
 
         wrapped = DistributedDataParallel(model)
+        if strategy == "ddpcompile":  # what fastft train --compile does under torchrun: compile the DDP wrapper
+            wrapped = _compiled(wrapped, model, rank, world_size)
         losses, norms = train(wrapped, global_batch(), rank=rank, world_size=world_size)
         return losses, norms, lora_params(model)
-    if strategy == "fsdp":
+    if strategy in ("fsdp", "fsdpcompile"):
         from torch.distributed.device_mesh import init_device_mesh
         from torch.distributed.fsdp import fully_shard
 
@@ -151,7 +175,8 @@ def _run(mode: str, rank: int, world_size: int):
         assert not not_sharded, not_sharded
         n4 = sum(isinstance(m, Linear4bit) for m in model.modules())
         assert n4 == (14 if kind == "qlora" else 0)
-        losses, norms = train(model, global_batch(), rank=rank, world_size=world_size)
+        run = _compiled(model, model, rank, world_size) if strategy == "fsdpcompile" else model
+        losses, norms = train(run, global_batch(), rank=rank, world_size=world_size)
         return losses, norms, lora_params(model)
     raise ValueError(mode)
 
@@ -168,6 +193,7 @@ def main(argv: list[str]) -> int:
         try:
             losses, norms, params = _run(mode, rank, world_size)
             results[mode] = {
+                **({"compile": _compile_record()} if "compile" in mode else {}),
                 "losses": losses,
                 "grad_norms": norms,
                 "params": {k: v.tolist() for k, v in params.items()},

@@ -22,7 +22,8 @@ import pytest
 import torch
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
-MODES = ["ddp-lora", "ddp-qlora", "fsdp-lora", "fsdp-qlora"]
+# ...compile: the wrapper under torch.compile (aot_eager), as the trainer's --compile under torchrun
+MODES = ["ddp-lora", "ddp-qlora", "fsdp-lora", "fsdp-qlora", "ddpcompile-lora", "ddpcompile-qlora", "fsdpcompile-lora"]
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -87,6 +88,11 @@ def test_data_parallel_training_equals_single_process(distributed, mode):
     if "error" in got:  # the thing under test failed: a failure, never a skip
         pytest.fail(f"{mode} failed in the worker:\n{got['traceback']}")
     kind = mode.split("-", 1)[1]
+    if "compile" in mode:  # it did compile, and no graph break is fastft's (DDP's own skipped
+        # _inside_ddp_forward is one, by torch's design: dynamo compiles the module inside it)
+        assert got["compile"]["graphs"] >= 1, got["compile"]
+        ours = [why for why in got["compile"]["breaks"] if "fastft" in why]
+        assert not ours, ours
     ref_losses, ref_norms, ref_params, init = _single_process(kind)
     assert len(got["losses"]) == len(ref_losses) == W.STEPS
     torch.testing.assert_close(torch.tensor(got["losses"]), torch.tensor(ref_losses), rtol=1e-5, atol=1e-6)
