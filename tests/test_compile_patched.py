@@ -97,7 +97,7 @@ def test_grouped_lora_step_compiles_fullgraph(dropout):
 
 def test_report_says_whether_the_model_is_compile_ready():
     """The report's compile-ready line tells the truth: "yes" where patching added no graph break,
-    "no" naming the feature where it does (fastft's activation checkpointing, per decoder layer)."""
+    "no" naming the feature where it does (activation checkpointing with offload, per decoder layer)."""
     warnings.filterwarnings("ignore")
     batch = tiny_batch(256, seq=12)
     model = tiny_model("llama")
@@ -106,7 +106,7 @@ def test_report_says_whether_the_model_is_compile_ready():
     assert report.to_dict()["compile_ready"] == report.compile_ready() and not report.eager_under_compile()
 
     model = tiny_model("llama")
-    report = fastft.patch(model, checkpointing="recompute")
+    report = fastft.patch(model, checkpointing="offload")
     line = report.compile_ready()
     assert line.startswith("compile-ready: no: checkpointing runs eager") and line in str(report)
     assert set(report.eager_under_compile()) == {"checkpointing"}
@@ -114,6 +114,39 @@ def test_report_says_whether_the_model_is_compile_ready():
     model_step(model)(**batch)
     breaks, _ = step_breaks(model, batch)
     assert breaks > 0
+
+
+@pytest.mark.parametrize("lora", [False, True], ids=["plain", "peft-lora"])
+@pytest.mark.parametrize("family", ["llama", "gemma2"])
+def test_checkpointed_step_compiles_fullgraph(family, lora):
+    """checkpointing="recompute" under torch.compile: each decoder layer's checkpoint is traced (a
+    higher-order op), the fused ops inside it included, so the step has no graph break and compiles
+    with fullgraph=True to the eager checkpointed loss and gradients; the report says compile-ready."""
+    warnings.filterwarnings("ignore")
+    batch = tiny_batch(256, seq=12)
+    model = tiny_model(family)
+    if lora:
+        from peft import LoraConfig, get_peft_model
+
+        model = get_peft_model(model, LoraConfig(r=4, target_modules="all-linear"))
+    report = fastft.patch(model, checkpointing="recompute")
+    assert {"checkpointing", "rope", "loss"} <= report.features()
+    assert report.compile_ready().startswith("compile-ready: yes"), report.compile_ready()
+    model.train()
+    model_step(model)(**batch)  # the first call checks the loss convention, eagerly
+    breaks, reasons = step_breaks(model, batch)
+    assert breaks == 0, reasons
+    step_compiles_to_eager(model, batch, some_grads=True)
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model_step(model), fullgraph=True, backend=record)(**batch)
+    code = "".join(graphs)  # one checkpoint per decoder layer, the fused ops traced inside
+    assert code.count("tag_activation_checkpoint(") == model.config.num_hidden_layers, code.count("checkpoint")
 
 
 def test_patch_a_compiled_model():

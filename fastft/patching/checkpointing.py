@@ -275,10 +275,16 @@ class CheckpointedForward:
             fn, kwargs = functools.partial(fn, **kwargs), {}
         self.checkpointed_calls += 1
         checkpoint = _checkpoint_module.checkpoint
-        if self.offloader is None:
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
-        with self.offloader.hooks():
-            return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        from .fused_ops import enter_rope_scopes, exit_rope_scopes  # side effects outside the checkpoint
+
+        entered = enter_rope_scopes(layer)
+        try:
+            if self.offloader is None:
+                return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+            with self.offloader.hooks():
+                return checkpoint(fn, *args, use_reentrant=False, **kwargs)
+        finally:
+            exit_rope_scopes(entered)
 
 
 # --------------------------------------------------------------------------------------

@@ -341,11 +341,34 @@ class RopeScope(GuardedForward):
         scopes = getattr(_ACTIVE, "scopes", None)
         if scopes is None:
             scopes = _ACTIVE.scopes = []
+        if self in scopes:  # entered already, by the checkpointed layer around it (rope_scopes_entered)
+            return self.original(*args, **kwargs)
         scopes.append(self)
         try:
             return self.original(*args, **kwargs)
         finally:
             scopes.pop()
+
+
+def enter_rope_scopes(layer) -> int:
+    """Enter the rope scopes of ``layer``'s attention modules ahead of a call that cannot hold a side
+    effect; returns how many to :func:`exit_rope_scopes` after it. torch.compile traces activation
+    checkpointing as a higher-order op that refuses any mutation of outside state, such as
+    :class:`RopeScope`'s push onto the scope stack, so the checkpointed layer pushes its scopes
+    before the checkpoint and pops them after; inside, each scope finds itself entered and only
+    reads the stack."""
+    mine = [m.__dict__["forward"] for m in layer.modules() if isinstance(m.__dict__.get("forward"), RopeScope)]
+    if mine:
+        scopes = getattr(_ACTIVE, "scopes", None)
+        if scopes is None:
+            scopes = _ACTIVE.scopes = []
+        scopes.extend(mine)
+    return len(mine)
+
+
+def exit_rope_scopes(n: int) -> None:
+    if n:
+        del _ACTIVE.scopes[-n:]
 
 
 def _rope_probe(fn) -> bool:

@@ -10,8 +10,14 @@ from dataclasses import asdict, dataclass, field
 # operators only (issue 15): patching adds no graph break. Checked by tests/test_compile_patched.py.
 EAGER_UNDER_COMPILE = {
     "experts": "an autograd Function, not yet an operator",
-    "checkpointing": "fastft's per-layer activation checkpointing breaks the graph at each decoder layer",
 }
+# Features eager under compile only in some modes: feature -> (what its patched detail starts with, why).
+# Checkpointing's recompute traces (torch.utils.checkpoint becomes a higher-order op, the layer's rope
+# scopes are entered outside it); offload's saved-tensor hooks are not traced by dynamo.
+EAGER_UNDER_COMPILE_MODE = {
+    "checkpointing": ("offload:", "checkpointing='offload' installs saved-tensor hooks, which dynamo does not trace, "
+                      "at each decoder layer; 'recompute' compiles"),
+}  # fmt: skip
 
 
 @dataclass(frozen=True)
@@ -54,7 +60,11 @@ class PatchReport:
 
     def eager_under_compile(self) -> dict[str, str]:
         """Features that patched something and run eagerly under torch.compile -> why."""
-        return {f: EAGER_UNDER_COMPILE[f] for f in sorted(self.features()) if f in EAGER_UNDER_COMPILE}
+        eager = {f: EAGER_UNDER_COMPILE[f] for f in sorted(self.features()) if f in EAGER_UNDER_COMPILE}
+        for f, (prefix, why) in EAGER_UNDER_COMPILE_MODE.items():
+            if any(p.feature == f and p.detail.startswith(prefix) for p in self.patched):
+                eager[f] = why
+        return dict(sorted(eager.items()))
 
     def compile_ready(self) -> str:
         """One line: whether torch.compile sees only operators from fastft (no graph break added)."""
