@@ -126,6 +126,26 @@ class Linear4bit(nn.Linear):
         super()._load_from_state_dict(*args, **kwargs)
         self._nf4_state = None  # the buffers were overwritten in place: validate (and decode) again
 
+    def _apply(self, fn, recurse=True):
+        # model.to(torch.bfloat16) / .half() must not cast the NF4 statistics (code tables, nested
+        # absmax and offset: the weight itself would change): a casting ``fn`` moves them to its
+        # device only, casts the bias as nn.Linear's, and sets the dtype the weight dequantises to
+        probe = fn(torch.empty(0, dtype=torch.float32, device=self.weight.device))
+        to_dtype = fn(torch.empty(0, dtype=self.weight_dtype, device=self.weight.device)).dtype
+        if probe.dtype == torch.float32:  # fp32 stays fp32 (a move, .float(), share_memory_, ...)
+            super()._apply(fn, recurse)
+        else:
+            stats = {k: self._buffers.pop(k) for k in list(self._buffers)}
+            try:
+                super()._apply(fn, recurse)  # the packed uint8 weight is not floating: only moved
+            finally:
+                for k, t in stats.items():
+                    self._buffers[k] = t.to(device=probe.device) if t is not None else None
+        if to_dtype.is_floating_point and to_dtype != self.weight_dtype:
+            self.weight_dtype = to_dtype
+            self._nf4_state = None
+        return self
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         bias = self.bias.to(x.dtype) if self.bias is not None and self.bias.dtype != x.dtype else self.bias
         return nf4_matmul(x, self.weight, self.quant_state, bias)

@@ -63,6 +63,31 @@ def test_quantize_gpt2_conv1d_and_bad_options():
         fastft.quantize("llama")
 
 
+@pytest.mark.parametrize("double_quant", [True, False], ids=["dq", "no-dq"])
+@pytest.mark.parametrize("cast", ["to_bf16", "half", "to_fp64"])
+def test_casting_a_quantized_model_keeps_the_4bit_weights(cast, double_quant):
+    """``model.to(torch.bfloat16)`` / ``.half()`` after ``fastft.quantize`` casts the biases and the
+    dequantisation dtype, never the NF4 statistics (fp32 code tables, absmax, nested absmax and
+    offset: casting them would change every weight); ``.float()`` back restores fp32 compute."""
+    model = tiny_model("llama", vocab_size=VOCAB)
+    fastft.quantize(model, double_quant=double_quant)
+    layers = [m for m in model.modules() if isinstance(m, Linear4bit)]
+    before = [dequantize_nf4(m.weight, m.quant_state) for m in layers]
+    stats = [{k: b.clone() for k, b in m.named_buffers()} for m in layers]
+    dtype = {"to_bf16": torch.bfloat16, "half": torch.float16, "to_fp64": torch.float64}[cast]
+    model = model.half() if cast == "half" else model.to(dtype)
+    for m, st, w in zip(layers, stats, before):
+        assert m.weight.dtype == torch.uint8 and m.weight_dtype == dtype and m.quant_state.dtype == dtype
+        for k, b in m.named_buffers():
+            assert b.dtype == st[k].dtype and torch.equal(b, st[k]), k
+        assert torch.equal(dequantize_nf4(m.weight, m.quant_state).float(), w.to(dtype).float())
+    assert model(**tiny_batch(VOCAB)).logits.dtype == dtype  # the model runs in its new dtype
+    model.float()
+    assert all(m.weight_dtype == torch.float32 for m in layers)
+    for m, w in zip(layers, before):
+        assert torch.equal(dequantize_nf4(m.weight, m.quant_state), w)
+
+
 @pytest.mark.parametrize("family", ["llama", "qwen2", "gpt2"])
 def test_qlora_on_fastft_quantized_base_matches_unpatched(family):
     model = _lora(fastft.quantize(tiny_model(family, vocab_size=VOCAB))).train()
