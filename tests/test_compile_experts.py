@@ -211,6 +211,36 @@ def test_patched_peft_moe_lora_step_compiles_fullgraph(family):
     assert not report.fallbacks
 
 
+def test_peft_all_linear_moe_breaks_only_in_peft():
+    """What fastft's trainer builds (``all-linear`` plus the experts' ``target_parameters``): PEFT also
+    wraps the router's 2-D weight in a ParamWrapper, whose parametrization breaks the graph, patched
+    or not (fastft keeps PEFT's forward there). No break is in fastft's code, and every experts
+    module is one fastft::experts_fwd node."""
+    from peft import LoraConfig, get_peft_model
+
+    from fastft.patching.experts import expert_target_parameters
+
+    warnings.filterwarnings("ignore")
+    base = _model("qwen3_moe")
+    cfg = LoraConfig(r=4, target_modules="all-linear", target_parameters=expert_target_parameters(base))
+    model = get_peft_model(base, cfg)
+    batch = _batch(model)
+    report = fastft.patch(model)
+    assert report.compile_ready().startswith("compile-ready: yes")
+    model.train()
+    model_step(model)(**batch)
+    torch._dynamo.reset()
+    explain = torch._dynamo.explain(model_step(model))(**batch)
+    in_fastft = [
+        str(b.reason).splitlines()[0]
+        for b in explain.break_reasons
+        if any("/fastft/" in f.filename for f in b.user_stack)
+    ]
+    assert not in_fastft
+    nodes = re.findall(r"torch\.ops\.fastft\.(\w+)", "".join(g.code for g in explain.graphs))
+    assert nodes.count("experts_fwd") == _n_experts_modules(model)
+
+
 def test_4bit_experts_keep_a_graph_break_and_the_report_says_so(monkeypatch):
     """A 4-bit weight is no tensor, so no operator argument: the autograd Function runs, which breaks
     the graph; the patch report's compile-ready line says so instead of claiming compile-ready."""
