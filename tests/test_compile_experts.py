@@ -4,7 +4,7 @@
 (:mod:`fastft.ops.experts_op`): ``opcheck`` passes (fp32 and bf16, biases, the transposed gpt-oss
 layout, LoRA on either GEMM with adapters in another dtype, odd sizes that take the per-expert
 loop), the public function compiles with ``fullgraph=True``, and a patched tiny Qwen3-MoE /
-Mixtral / OLMoE training step compiles with ``fullgraph=True`` where the unpatched model with
+Mixtral / OLMoE (and gpt-oss) training step compiles with ``fullgraph=True`` where the unpatched model with
 transformers' ``grouped_mm`` experts does, to the eager patched loss and gradients. With PEFT
 LoRA on the experts (``target_parameters``) the unpatched step breaks in PEFT's parametrization
 (17 breaks at these sizes, measured); the patched one replaces that forward and compiles as one
@@ -169,7 +169,7 @@ def _n_experts_modules(model) -> int:
     return sum(1 for m in model.modules() if is_experts_module(m))
 
 
-@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("family", [*FAMILIES, "gpt_oss"])  # gpt-oss: transposed weights, biases, its activation
 def test_patched_moe_step_compiles_fullgraph(family):
     warnings.filterwarnings("ignore")
     plain = _model(family)
