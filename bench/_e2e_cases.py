@@ -273,11 +273,12 @@ def build(cfg: dict, mode: str, provider: str):
     if mode == "moe" and base == "liger":
         raise Skip("liger's MoE kernels are not measured")
     if mode == "moe" and provider in COMPILED and not cfg.get("compile_moe"):
-        # measured at the --quick shape: PEFT's target_parameters wrapper and the routing break the graph
-        # (Tensor.item(), uninitialised nn.Module) and recompile per layer; --compile-moe measures it anyway
+        # PEFT's ParamWrapper on the router's 2-D weight (all-linear wraps it) breaks the graph in its
+        # parametrization, patched or not (fastft's experts op itself is an operator: no break); --compile-moe
+        # measures it anyway
         raise Skip(
-            "torch.compile of the MoE model is not measured by default (graph breaks and recompiles in the "
-            "experts' routing and PEFT's target_parameters wrapper); --compile-moe to run it"
+            "torch.compile of the MoE model is not measured by default (graph breaks in PEFT's ParamWrapper "
+            "on the router weight); --compile-moe to run it"
         )
     if cfg["compile_mode"] not in COMPILE_MODES:
         raise Skip(f"unknown torch.compile mode {cfg['compile_mode']!r}; choose from {', '.join(COMPILE_MODES)}")

@@ -44,6 +44,10 @@ weights get no gradient (frozen).
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
 the oracle of the tests and the baseline of the benchmark (it reads a 4-bit weight one
 dequantised expert slice at a time).
+
+Tensor weights run :class:`_Experts`' forward and backward as the ``torch.library`` operators
+``fastft::experts_fwd`` / ``experts_bwd`` (:mod:`fastft.ops.experts_op`), so ``torch.compile``
+traces the block without a graph break; 4-bit weights (not tensors) run the autograd Function.
 """
 
 from __future__ import annotations
@@ -334,7 +338,13 @@ def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
         raise ValueError(f"experts: gate_up bias must be {(E, two_i)}, got {tuple(b1.shape)}")
     if b2 is not None and tuple(b2.shape) != (E, H):
         raise ValueError(f"experts: down bias must be {(E, H)}, got {tuple(b2.shape)}")
-    if idx.device.type == "cpu" and idx.numel() and (int(idx.min()) < 0 or int(idx.max()) >= E):
+    # the range reads data: skipped while tracing (fastft::experts_fwd checks it at run time, on CPU)
+    if (
+        idx.device.type == "cpu"
+        and idx.numel()
+        and not torch.compiler.is_compiling()
+        and (int(idx.min()) < 0 or int(idx.max()) >= E)
+    ):
         raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{int(idx.min())}, {int(idx.max())}]")
 
 
@@ -376,10 +386,19 @@ def experts(
         if wt.device != x.device:
             raise ValueError(f"experts: {name} is on {wt.device} but the hidden states are on {x.device}")
     _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
-    backends.select(OP_EXPERTS, x.device, backend)
+    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+        backends.select(OP_EXPERTS, x.device, backend)
+    if torch.is_tensor(gate_up_proj) and torch.is_tensor(down_proj):  # the operators (torch.compile traces them)
+        return _op.experts_op_call(
+            x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
+            lora_gate_up, lora_down,
+        )  # fmt: skip
     l1, l2 = lora_gate_up, lora_down
     return _Experts.apply(
         x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
         *((l1.A, l1.B) if l1 is not None else (None, None)), *((l2.A, l2.B) if l2 is not None else (None, None)),
         (float(l1.scaling) if l1 is not None else 1.0, float(l2.scaling) if l2 is not None else 1.0),
     )  # fmt: skip
+
+
+from . import experts_op as _op  # noqa: E402  (registers fastft::experts_fwd / experts_bwd)

@@ -210,6 +210,8 @@ def apply(ctx) -> None:
             f"experts (grouped GEMM), E={w1.shape[0]}, act={act.kind}, bias={bool(module.has_bias)}, "
             f"was {prev or 'eager'}{nf4}",
         )
+        if four_bit:  # a 4-bit weight is no tensor, so no operator argument: the autograd Function runs
+            ctx.report.runs_eager("experts", "4-bit (NF4) experts run an autograd Function, not an operator")
     for config in configs.values():
         ctx.swap(config, "_experts_implementation_internal", _IMPL)
     from . import experts_lora

@@ -8,9 +8,9 @@ from dataclasses import asdict, dataclass, field
 # Features whose patched path is not (yet) made of torch.library operators: under torch.compile
 # each module they patched runs eagerly (a graph break each). Every other feature is
 # operators only (issue 15): patching adds no graph break. Checked by tests/test_compile_patched.py.
-EAGER_UNDER_COMPILE = {
-    "experts": "an autograd Function, not yet an operator",
-}
+# A feature eager for only some of what it patches (4-bit experts) says so per patch, through
+# PatchReport.runs_eager (tests/test_compile_experts.py).
+EAGER_UNDER_COMPILE: dict[str, str] = {}  # none today
 # Features eager under compile only in some modes: feature -> (what its patched detail starts with, why).
 # Checkpointing's recompute traces (torch.utils.checkpoint becomes a higher-order op, the layer's rope
 # scopes are entered outside it); offload's saved-tensor hooks are not traced by dynamo.
@@ -42,6 +42,9 @@ class PatchReport:
     # calls a patched module ran with its original forward because that call did not fit the
     # fused op (shape, dtype, extra arguments): "feature | target | reason" -> number of calls
     fallbacks: dict[str, int] = field(default_factory=dict)
+    # what this patch put in that runs eagerly under torch.compile, beyond EAGER_UNDER_COMPILE:
+    # feature -> why (see runs_eager)
+    eager_parts: dict[str, str] = field(default_factory=dict)
 
     def add(self, feature: str, target: str, detail: str) -> None:
         self.patched.append(Patched(feature, target, detail))
@@ -54,17 +57,21 @@ class PatchReport:
         key = f"{feature} | {target} | {reason}"
         self.fallbacks[key] = self.fallbacks.get(key, 0) + 1
 
+    def runs_eager(self, feature: str, why: str) -> None:
+        """Note that something ``feature`` patched runs eagerly under torch.compile (a graph break each)."""
+        self.eager_parts[feature] = why
+
     def features(self) -> set[str]:
         """Features that patched at least one module."""
         return {p.feature for p in self.patched}
 
     def eager_under_compile(self) -> dict[str, str]:
         """Features that patched something and run eagerly under torch.compile -> why."""
-        eager = {f: EAGER_UNDER_COMPILE[f] for f in sorted(self.features()) if f in EAGER_UNDER_COMPILE}
+        eager = {**EAGER_UNDER_COMPILE, **self.eager_parts}
         for f, (prefix, why) in EAGER_UNDER_COMPILE_MODE.items():
             if any(p.feature == f and p.detail.startswith(prefix) for p in self.patched):
                 eager[f] = why
-        return dict(sorted(eager.items()))
+        return {f: eager[f] for f in sorted(self.features()) if f in eager}
 
     def compile_ready(self) -> str:
         """One line: whether torch.compile sees only operators from fastft (no graph break added)."""
