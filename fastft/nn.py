@@ -273,8 +273,13 @@ class ExpertsWeight4bit(nn.Module):
         src = self._stats()
         return decode_experts_absmax(src[0], src[1], code2=src[3], offset=src[2]).contiguous(), src
 
-    def dequantize(self, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
-        """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor."""
+    def dequantize(
+        self, dtype: torch.dtype | None = None, *, backend: str = "auto", experts: tuple[int, int] | None = None
+    ) -> torch.Tensor:
+        """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor.
+
+        ``experts=(start, stop)``: only those experts, ``[stop - start, *shape[1:]]`` (the same bits
+        as that slice of the whole; what :func:`fastft.ops.experts` dequantises a chunk at a time)."""
         from .ops.experts_nf4 import dequantize_nf4_experts
 
         w = dequantize_nf4_experts(
@@ -287,6 +292,7 @@ class ExpertsWeight4bit(nn.Module):
             dtype=self.weight_dtype if dtype is None else dtype,
             scales=self.scales(),
             backend=backend,
+            experts=experts,
         )
         return w.transpose(-2, -1) if self.transposed else w
 
