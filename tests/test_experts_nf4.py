@@ -322,6 +322,23 @@ def test_chunked_dequant_gemms_equal_the_whole_stack(H, IN, routing, budget, dty
     assert sorted((id(q), r) for q, r in bwd) == sorted((id(q), r) for q, r in fwd)  # the same chunks again
 
 
+@pytest.mark.parametrize("double_quant,cache_absmax", [(False, False), (True, True)])
+def test_chunked_dequant_without_double_quant_or_with_cached_scales(double_quant, cache_absmax, monkeypatch):
+    """One-expert chunks read the scales as they are kept (fp32 absmax, or the decoded cache): same bits."""
+    import fastft.ops.experts as op
+
+    E, T, H, IN = 4, 9, 32, 32
+    kw = dict(double_quant=double_quant, cache_absmax=cache_absmax)
+    q1, q2 = (ExpertsWeight4bit.from_weight(_w3d(E, a, b), **kw) for a, b in ((2 * IN, H), (H, IN)))
+    x = torch.randn(T, H, requires_grad=True)
+    idx, w = torch.randint(0, E, (T, 2)), torch.rand(T, 2)
+    ref = experts(x, idx, w, q1.dequantize(), q2.dequantize())
+    monkeypatch.setattr(op, "DEQUANT_CHUNK_BYTES", 0)
+    out = experts(x, idx, w, q1, q2)
+    assert torch.equal(out, ref)
+    assert torch.equal(*(torch.autograd.grad(o, x, torch.ones_like(o))[0] for o in (out, ref)))
+
+
 def test_chunk_budget_env_and_bad_values(monkeypatch):
     import fastft.ops.experts as op
 

@@ -212,19 +212,31 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _materialise(w, dtype: torch.dtype, transposed: bool, experts: tuple[int, int] | None = None) -> torch.Tensor:
+def _materialise(w, dtype: torch.dtype, transposed: bool, experts=None, scales=None) -> torch.Tensor:
     """Expert weight ``w`` as the ``(E, in, out)`` operand of the grouped GEMM: a view of a 16-bit
     weight, or a 4-bit one (:class:`fastft.nn.ExpertsWeight4bit`) dequantised to ``dtype``, a
     transient each GEMM makes afresh (forward and backward), one weight at a time; ``experts=(start,
-    stop)``: only those experts of a 4-bit weight (a chunk, :func:`_gmm_4bit_chunked`)."""
+    stop)``: only those experts of a 4-bit weight (a chunk, :func:`_gmm_4bit_chunked`), with its
+    ``scales`` decoded once for all the chunks."""
     if not torch.is_tensor(w):
-        w = w.dequantize(dtype, experts=experts)
+        w = w.dequantize(dtype, experts=experts, scales=scales)
     return w if transposed else w.transpose(-2, -1)
 
 
 # Bytes of dense (dequantised) 4-bit expert weight a CPU GEMM holds at a time: a chunk of whole
 # experts, one expert at least (so 0 means one at a time); FASTFT_EXPERTS_CHUNK_MB overrides it.
-# Measured at the bench shape (see the module doc): ...
+# Measured on the 2-core bench CPU at E 8, H 1024, I 2816, 2048 tokens (one expert: gate_up 22 MiB,
+# down 11 MiB in fp32), fwd+bwd of the 4-bit block (bench_moe memory workers; times interleaved):
+#   budget          0 (one)   32 MiB   64 MiB   128 MiB   unbounded   whole stack (before)
+#   step peak MiB   372       372      394      454       526         526     (frozen 16-bit: 358)
+#   fp32 ms         652       784      690      -         907         914     (frozen 601; load ~1.8)
+#   bf16 ms         231       235      243      -         249         259     (frozen 208)
+# The peak grows with the chunk; the time does not get worse below 32 MiB (timing noise on this
+# shared machine is +-20%). 32 MiB: the peak of one expert at a time here, but fewer dequantisation
+# calls where experts are small (each is a parallel region, milliseconds on a loaded CPU), and no
+# larger than glibc's biggest dynamic mmap threshold, so a chunk is recycled from the heap instead
+# of being faulted in afresh every GEMM (with MALLOC_MMAP_THRESHOLD_=16384 forcing fresh pages the
+# chunked runs lost their edge over the whole stack: 839-978 vs 701 ms).
 DEQUANT_CHUNK_BYTES = 32 * 2**20
 CHUNK_ENV = "FASTFT_EXPERTS_CHUNK_MB"
 
@@ -258,6 +270,12 @@ def _gmm_4bit_chunked(a, w, offs, dtype: torch.dtype, transposed: bool, grad: bo
     n_in, n_out = (d1, d2) if transposed else (d2, d1)  # of the forward operand W_e (in, out)
     cap = max(1, dequant_chunk_bytes() // (d1 * d2 * dtype.itemsize))
     out = a.new_empty(a.shape[0], n_in if grad else n_out)
+    # the fp32 block scales of the whole weight (1/32 of its bf16 bytes), decoded once for all its chunks:
+    # decoding per chunk is a handful of small ops per chunk, each a parallel region on a CPU (~4 ms
+    # apiece on the loaded 2-core bench machine, which made one-expert chunks 1.9x slower in bf16)
+    scales = w.scales()
+    if scales is None and w.double_quant:  # (without double quantisation absmax is the fp32 scales)
+        scales = w.decode_scales()[0]
     e = 0
     while e < E:
         if ends[e] <= starts[e]:
@@ -266,7 +284,7 @@ def _gmm_4bit_chunked(a, w, offs, dtype: torch.dtype, transposed: bool, grad: bo
         stop = e + 1
         while stop < E and stop - e < cap and ends[stop] > starts[stop]:
             stop += 1
-        wc = _materialise(w, dtype, transposed, (e, stop))  # (stop - e, in, out)
+        wc = _materialise(w, dtype, transposed, (e, stop), scales)  # (stop - e, in, out)
         if grad:
             wc = wc.transpose(-2, -1)
         for j in range(e, stop):
