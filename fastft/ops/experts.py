@@ -46,8 +46,9 @@ gradient (frozen). How much of it is dense at a time depends on the device:
   with no rows are never dequantised), dequantises just those slices and runs one ``mm`` per expert
   over its sorted rows into its rows of the output - the very calls ``torch._grouped_mm``'s CPU
   path makes on the whole stack, so the bits are the same. At the bench shape (E 8, H 1024,
-  I 2816, 2048 tokens, fp32) this took the 4-bit block's step peak from 526 to 372 MiB (the frozen
-  16-bit block's: 358); see :data:`DEQUANT_CHUNK_BYTES` for the budget.
+  I 2816, 2048 tokens, fp32) this took the 4-bit block's step peak from 526 to 375 MiB (the frozen
+  16-bit block's: 358) and its time from 1.54-1.59x to 1.07-1.38x the frozen block's; see
+  :data:`DEQUANT_CHUNK_BYTES` for the budget.
 * CUDA (and any other device): the whole ``(E, out, in)`` stack, one flat dequantisation, no host
   sync, one weight at a time. Chunking there needs each chunk's first row on the host (a sync per
   GEMM): ``torch._grouped_mm``'s groups tile the rows from row 0, so a subset of experts can only
@@ -231,7 +232,8 @@ def _materialise(w, dtype: torch.dtype, transposed: bool, experts=None, scales=N
 #   step peak MiB   372       372      394      454       526         526     (frozen 16-bit: 358)
 #   fp32 ms         652       784      690      -         907         914     (frozen 601; load ~1.8)
 #   bf16 ms         231       235      243      -         249         259     (frozen 208)
-# The peak grows with the chunk; the time does not get worse below 32 MiB (timing noise on this
+# (Measured with the scales decoded per chunk; decoded once per GEMM, as now, 32 MiB: 375 MiB,
+# the whole weight's fp32 scales, 2.8 MiB, being alive over the GEMM.) The peak grows with the chunk; the time does not get worse below 32 MiB (timing noise on this
 # shared machine is +-20%). 32 MiB: the peak of one expert at a time here, but fewer dequantisation
 # calls where experts are small (each is a parallel region, milliseconds on a loaded CPU), and no
 # larger than glibc's biggest dynamic mmap threshold, so a chunk is recycled from the heap instead
