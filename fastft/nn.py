@@ -293,8 +293,20 @@ class ExpertsWeight4bit(nn.Module):
         src = self._stats()
         return decode_experts_absmax(src[0], src[1], code2=src[3], offset=src[2]).contiguous(), src
 
-    def dequantize(self, dtype: torch.dtype | None = None, *, backend: str = "auto") -> torch.Tensor:
-        """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor."""
+    def dequantize(
+        self,
+        dtype: torch.dtype | None = None,
+        *,
+        backend: str = "auto",
+        experts: tuple[int, int] | None = None,
+        scales: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """The whole weight, of :attr:`shape`, in ``dtype`` (default the original dtype); a new tensor.
+
+        ``experts=(start, stop)``: only those experts, ``[stop - start, *shape[1:]]`` (the same bits
+        as that slice of the whole; what :func:`fastft.ops.experts` dequantises a chunk at a time).
+        ``scales``: the whole weight's fp32 ``[E, nblocks]`` scales already decoded
+        (``decode_scales()[0]``), so that chunk after chunk does not decode them again."""
         from .ops.experts_nf4 import dequantize_nf4_experts
 
         w = dequantize_nf4_experts(
@@ -305,8 +317,9 @@ class ExpertsWeight4bit(nn.Module):
             shape=(self.num_experts, self.out_features, self.in_features),
             blocksize=self.blocksize,
             dtype=self.weight_dtype if dtype is None else dtype,
-            scales=self.scales(),
+            scales=self.scales() if scales is None else scales,
             backend=backend,
+            experts=experts,
         )
         return w.transpose(-2, -1) if self.transposed else w
 

@@ -226,6 +226,7 @@ def test_backward_dequantises_again_and_saves_no_16bit_weight(monkeypatch):
     )
     x = torch.randn(T, H, requires_grad=True)
     idx = torch.stack([torch.randperm(E)[:2] for _ in range(T)])
+    idx[:E, 0] = torch.arange(E)  # every expert has rows: at this size each GEMM is one chunk of all E
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t.shape) or t, lambda t: t):
         out = experts(x, idx, torch.rand(T, 2), q1, q2)
@@ -233,6 +234,135 @@ def test_backward_dequantises_again_and_saves_no_16bit_weight(monkeypatch):
     assert torch.Size((E, 2 * IN, H)) not in saved and torch.Size((E, H, IN)) not in saved
     out.sum().backward()
     assert calls == [q1, q2, q2, q1]
+
+
+# --------------------------------------------------------------------------------------
+# CPU: each GEMM dequantises a bounded chunk of experts at a time, same bits as the whole stack
+# --------------------------------------------------------------------------------------
+def _chunk_routing(routing, T, E):
+    """``(top_k_index, K)``: ``spread`` (random top-2, experts 1 and E-1 get no rows) or ``one_expert``
+    (top-1, every token to expert 2: one chunk holds all the rows, every other expert is empty)."""
+    if routing == "one_expert":
+        return torch.full((T, 1), 2, dtype=torch.long), 1
+    live = torch.tensor([e for e in range(E) if e not in (1, E - 1)])
+    return torch.stack([live[torch.randperm(len(live))[:2]] for _ in range(T)]), 2
+
+
+def _spy_dequantize(monkeypatch):
+    calls = []
+    real = ExpertsWeight4bit.dequantize
+    monkeypatch.setattr(
+        ExpertsWeight4bit,
+        "dequantize",
+        lambda self, *a, **k: calls.append((self, k.get("experts"))) or real(self, *a, **k),
+    )
+    return calls
+
+
+def _check_chunks(calls, order, idx, E, cap):
+    """Per GEMM (weights in ``order``) the chunks are runs of consecutive experts with rows, at most
+    ``cap`` experts each (maximal runs where the cap allows), covering every expert with rows once."""
+    has_rows = torch.bincount(idx.reshape(-1), minlength=E) > 0
+    want, run = [], []
+    for e in range(E + 1):
+        if e < E and has_rows[e] and len(run) < cap:
+            run.append(e)
+            continue
+        if run:
+            want.append((run[0], run[-1] + 1))
+        run = [e] if e < E and has_rows[e] else []
+    got = [(q, tuple(r)) for q, r in calls]
+    assert got == [(q, r) for q in order for r in want]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+@pytest.mark.parametrize("budget", ["one", "two", "all"])
+@pytest.mark.parametrize("routing", ["spread", "one_expert"])
+@pytest.mark.parametrize("H,IN", [(32, 48), (13, 7)])
+def test_chunked_dequant_gemms_equal_the_whole_stack(H, IN, routing, budget, dtype, monkeypatch):
+    """The four weight GEMMs on a CPU dequantise a chunk of experts at a time (``DEQUANT_CHUNK_BYTES``:
+    one expert, two, or all of them): output and every gradient equal, bit for bit, the same op on the
+    whole dequantised stacks (one ``torch._grouped_mm`` each), for experts with no rows and for one
+    expert taking every token; (13, 7): gpt-oss layout (transposed, biases), blocks that do not tile."""
+    import fastft.ops.experts as op
+
+    E, T = 6, 21
+    transposed = H == 13
+    act = ExpertsActivation("gpt_oss", limit=1.5) if transposed else ExpertsActivation("silu")
+    w1 = _w3d(E, H, 2 * IN, dtype) if transposed else _w3d(E, 2 * IN, H, dtype)
+    w2 = _w3d(E, IN, H, dtype, seed=1) if transposed else _w3d(E, H, IN, dtype, seed=1)
+    q1, q2 = (ExpertsWeight4bit.from_weight(w, transposed=transposed) for w in (w1, w2))
+    d1, d2 = q1.dequantize(), q2.dequantize()
+    idx, K = _chunk_routing(routing, T, E)
+    x = torch.randn(T, H, dtype=dtype, requires_grad=True)
+    w = torch.rand(T, K, dtype=dtype).softmax(-1).requires_grad_()
+    b1 = (torch.randn(E, 2 * IN, dtype=dtype) * 0.1).requires_grad_() if transposed else None
+    b2 = (torch.randn(E, H, dtype=dtype) * 0.1).requires_grad_() if transposed else None
+    leaves = [t for t in (x, w, b1, b2) if t is not None]
+    dout = torch.randn(T, H, dtype=dtype)
+    kw = dict(act=act, transposed=transposed)
+    ref = experts(x, idx, w, d1, d2, b1, b2, **kw)
+    ref_grads = torch.autograd.grad(ref, leaves, dout)
+
+    per1 = 2 * IN * H * dtype.itemsize  # bytes of one dense expert of gate_up (down: half)
+    monkeypatch.setattr(op, "DEQUANT_CHUNK_BYTES", {"one": 0, "two": 2 * per1, "all": 1 << 40}[budget])
+    calls = _spy_dequantize(monkeypatch)
+    out = experts(x, idx, w, q1, q2, b1, b2, **kw)
+    grads = torch.autograd.grad(out, leaves, dout)
+    assert torch.equal(out, ref)
+    for g, r in zip(grads, ref_grads):
+        assert torch.equal(g, r)
+    fwd, bwd = calls[: len(calls) // 2], calls[len(calls) // 2 :]
+    cap1 = {"one": 1, "two": 2, "all": E}[budget]
+    cap2 = {"one": 1, "two": 4, "all": E}[budget]
+    _check_chunks([c for c in fwd if c[0] is q1], [q1], idx, E, cap1)
+    _check_chunks([c for c in fwd if c[0] is q2], [q2], idx, E, cap2)
+    assert [q for q, _ in fwd] == sorted((q for q, _ in fwd), key=lambda q: q is q2)  # gate_up, then down
+    assert [q for q, _ in bwd] == sorted((q for q, _ in bwd), key=lambda q: q is q1)  # down, then gate_up
+    assert sorted((id(q), r) for q, r in bwd) == sorted((id(q), r) for q, r in fwd)  # the same chunks again
+
+
+@pytest.mark.parametrize("double_quant,cache_absmax", [(False, False), (True, True)])
+def test_chunked_dequant_without_double_quant_or_with_cached_scales(double_quant, cache_absmax, monkeypatch):
+    """One-expert chunks read the scales as they are kept (fp32 absmax, or the decoded cache): same bits."""
+    import fastft.ops.experts as op
+
+    E, T, H, IN = 4, 9, 32, 32
+    kw = dict(double_quant=double_quant, cache_absmax=cache_absmax)
+    q1, q2 = (ExpertsWeight4bit.from_weight(_w3d(E, a, b), **kw) for a, b in ((2 * IN, H), (H, IN)))
+    x = torch.randn(T, H, requires_grad=True)
+    idx, w = torch.randint(0, E, (T, 2)), torch.rand(T, 2)
+    ref = experts(x, idx, w, q1.dequantize(), q2.dequantize())
+    monkeypatch.setattr(op, "DEQUANT_CHUNK_BYTES", 0)
+    out = experts(x, idx, w, q1, q2)
+    assert torch.equal(out, ref)
+    assert torch.equal(*(torch.autograd.grad(o, x, torch.ones_like(o))[0] for o in (out, ref)))
+
+
+def test_chunk_budget_env_and_bad_values(monkeypatch):
+    import fastft.ops.experts as op
+
+    monkeypatch.setenv("FASTFT_EXPERTS_CHUNK_MB", "1.5")
+    assert op.dequant_chunk_bytes() == int(1.5 * 2**20)
+    monkeypatch.setenv("FASTFT_EXPERTS_CHUNK_MB", "0")
+    assert op.dequant_chunk_bytes() == 0
+    E, T, H, IN = 4, 9, 32, 32
+    q1, q2 = ExpertsWeight4bit.from_weight(_w3d(E, 2 * IN, H)), ExpertsWeight4bit.from_weight(_w3d(E, H, IN))
+    idx = torch.arange(T).remainder(E).view(T, 1)
+    calls = _spy_dequantize(monkeypatch)
+    experts(torch.randn(T, H), idx, torch.rand(T, 1), q1, q2)
+    assert [r for _, r in calls] == [(e, e + 1) for e in range(E)] * 2  # env 0: one expert at a time
+    for bad in ("-1", "abc", "inf", "nan"):
+        monkeypatch.setenv("FASTFT_EXPERTS_CHUNK_MB", bad)
+        with pytest.raises(ValueError, match="FASTFT_EXPERTS_CHUNK_MB must be a finite number of MiB >= 0"):
+            experts(torch.randn(T, H), idx, torch.rand(T, 1), q1, q2)
+    monkeypatch.delenv("FASTFT_EXPERTS_CHUNK_MB")
+    assert op.dequant_chunk_bytes() == op.DEQUANT_CHUNK_BYTES
+    # a range of experts: the same bits as those slices of the whole; bad ranges are a ValueError
+    torch.testing.assert_close(q1.dequantize(experts=(1, 3)), q1.dequantize()[1:3], rtol=0, atol=0)
+    for bad in ((2, 2), (-1, 2), (0, E + 1), (1.0, 2), 3, (1, 2, 3)):
+        with pytest.raises(ValueError, match=r"experts must be \(start, stop\) with 0 <= start < stop <= 4"):
+            q1.dequantize(experts=bad)
 
 
 # --------------------------------------------------------------------------------------

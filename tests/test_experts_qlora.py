@@ -238,6 +238,50 @@ def test_no_16bit_expert_stack_saved_in_a_patched_step():
     assert lora and all(p.grad is not None and p.grad.abs().max() > 0 for p in lora)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_lora_on_4bit_experts_in_one_expert_chunks_equals_the_whole_stack(dtype, monkeypatch):
+    """LoRA r4 on both GEMMs over 4-bit experts with a one-expert dequantisation budget (CPU): output and
+    the gradients of x, the routing weights and the four factors equal the same op over the whole
+    dequantised stacks bit for bit (experts 1 and 5 get no rows, expert 4 is in every token's top-2), and
+    the largest dense weight formed in the step is one expert's (the unbounded budget: three)."""
+    import fastft.ops.experts as op
+    from fastft.ledger import Ledger
+    from fastft.ops.experts import ExpertsLora, experts
+
+    E, T, H, IN, r = 6, 24, 32, 48, 4
+    g = torch.Generator().manual_seed(3)
+    q1 = ExpertsWeight4bit.from_weight((torch.randn(E, 2 * IN, H, generator=g) * H**-0.5).to(dtype))
+    q2 = ExpertsWeight4bit.from_weight((torch.randn(E, H, IN, generator=g) * IN**-0.5).to(dtype))
+    d1, d2 = q1.dequantize(), q2.dequantize()
+
+    def factors(out_f, in_f):  # fp32 adapters, as PEFT keeps them
+        A = (torch.randn(E, r, in_f, generator=g) * in_f**-0.5).requires_grad_()
+        return ExpertsLora(A, (torch.randn(E, out_f, r, generator=g) * r**-0.5).requires_grad_(), 2.0)
+
+    lora = dict(lora_gate_up=factors(2 * IN, H), lora_down=factors(H, IN))
+    idx = torch.stack((torch.full((T,), 4), torch.tensor([0, 2, 3])[torch.randint(0, 3, (T,), generator=g)]), 1)
+    x = torch.randn(T, H, generator=g).to(dtype).requires_grad_()
+    w = torch.rand(T, 2, generator=g).to(dtype).softmax(-1).requires_grad_()
+    leaves = [x, w] + [t for f in lora.values() for t in (f.A, f.B)]
+    dout = torch.randn(T, H, generator=g).to(dtype)
+
+    def step(a, b):
+        out = experts(x, idx, w, a, b, **lora)
+        return [out.detach(), *torch.autograd.grad(out, leaves, dout)]
+
+    ref = step(d1, d2)
+    one = 2 * IN * H  # one expert of gate_up dequantised
+    # per GEMM: experts 0, 2, 3, 4 one at a time; unbounded: expert 0, then experts 2-4 as one chunk
+    for budget, chunks, largest in ((0, 4, one), (1 << 40, 2, 3 * one)):
+        monkeypatch.setattr(op, "DEQUANT_CHUNK_BYTES", budget)
+        with Ledger(min_numel=one) as led:
+            got = step(q1, q2)
+        for a, b in zip(got, ref):
+            assert torch.equal(a, b)
+        dense = [o.numel for k in led.launches if k.name == "dequantize_nf4" for o in k.outputs]
+        assert len(dense) == 4 * chunks and max(dense) == largest, led.table()
+
+
 def _dequantised_16bit(family, qmodel):
     """A fresh 16-bit model holding the numbers ``qmodel``'s 4-bit layers and experts stand for."""
     fresh = _model(family)

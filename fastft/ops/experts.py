@@ -36,10 +36,26 @@ delta ``s B_e A_e`` is never formed (:mod:`fastft.ops.experts_lora` holds that m
 4-bit weights. ``gate_up_proj`` / ``down_proj`` may be :class:`fastft.nn.ExpertsWeight4bit`
 (NF4 per expert, what :func:`fastft.quantize` puts in an experts module; format in
 :mod:`fastft.ops.experts_nf4`). Each GEMM that reads a weight (two in forward, ``dout W2^T``
-and ``dh W1`` in backward) dequantises it right there, in the activation dtype (one flat
-dequantisation, no host sync), and drops it after the GEMM (:func:`_materialise`): at most
-one expert weight is dense at a time, nothing 16-bit is saved for backward, and 4-bit
-weights get no gradient (frozen).
+and ``dh W1^T`` in backward) dequantises it right there, in the activation dtype, and drops it
+after the GEMM (:func:`_wgemm`): nothing 16-bit is saved for backward, and 4-bit weights get no
+gradient (frozen). How much of it is dense at a time depends on the device:
+
+* CPU: a bounded chunk of experts (:func:`_gmm_4bit_chunked`). The offsets are host memory there,
+  so each GEMM takes consecutive experts that have rows while their dense slices fit
+  :data:`DEQUANT_CHUNK_BYTES` (``FASTFT_EXPERTS_CHUNK_MB`` overrides; one expert at least; experts
+  with no rows are never dequantised), dequantises just those slices and runs one ``mm`` per expert
+  over its sorted rows into its rows of the output - the very calls ``torch._grouped_mm``'s CPU
+  path makes on the whole stack, so the bits are the same. At the bench shape (E 8, H 1024,
+  I 2816, 2048 tokens, fp32) this took the 4-bit block's step peak from 526 to 375 MiB (the frozen
+  16-bit block's: 358) and its time from 1.54-1.59x to 1.07-1.38x the frozen block's; see
+  :data:`DEQUANT_CHUNK_BYTES` for the budget.
+* CUDA (and any other device): the whole ``(E, out, in)`` stack, one flat dequantisation, no host
+  sync, one weight at a time. Chunking there needs each chunk's first row on the host (a sync per
+  GEMM): ``torch._grouped_mm``'s groups tile the rows from row 0, so a subset of experts can only
+  be given its rows by slicing at a host offset, and the sync-free stand-ins cost FLOPs (a dummy
+  group over the rows before the chunk, or a fixed capacity of all ``S`` rows per chunk, multiply
+  the GEMM work by up to the number of chunks). The GPU answer is a grouped GEMM that
+  dequantises NF4 tiles inside the kernel (not written yet).
 
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
 the oracle of the tests and the baseline of the benchmark (it reads a 4-bit weight one
@@ -52,6 +68,7 @@ traces the block without a graph break; 4-bit weights (not tensors) run the auto
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -200,13 +217,98 @@ def _gmm(a: torch.Tensor, b: torch.Tensor, offs: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _materialise(w, dtype: torch.dtype, transposed: bool) -> torch.Tensor:
+def _materialise(w, dtype: torch.dtype, transposed: bool, experts=None, scales=None) -> torch.Tensor:
     """Expert weight ``w`` as the ``(E, in, out)`` operand of the grouped GEMM: a view of a 16-bit
     weight, or a 4-bit one (:class:`fastft.nn.ExpertsWeight4bit`) dequantised to ``dtype``, a
-    transient each GEMM makes afresh (forward and backward), one weight at a time."""
+    transient each GEMM makes afresh (forward and backward), one weight at a time; ``experts=(start,
+    stop)``: only those experts of a 4-bit weight (a chunk, :func:`_gmm_4bit_chunked`), with its
+    ``scales`` decoded once for all the chunks."""
     if not torch.is_tensor(w):
-        w = w.dequantize(dtype)
+        w = w.dequantize(dtype, experts=experts, scales=scales)
     return w if transposed else w.transpose(-2, -1)
+
+
+# Bytes of dense (dequantised) 4-bit expert weight a CPU GEMM holds at a time: a chunk of whole
+# experts, one expert at least (so 0 means one at a time); FASTFT_EXPERTS_CHUNK_MB overrides it.
+# Measured on the 2-core bench CPU at E 8, H 1024, I 2816, 2048 tokens (one expert: gate_up 22 MiB,
+# down 11 MiB in fp32), fwd+bwd of the 4-bit block (bench_moe memory workers; times interleaved):
+#   budget          0 (one)   32 MiB   64 MiB   128 MiB   unbounded   whole stack (before)
+#   step peak MiB   372       372      394      454       526         526     (frozen 16-bit: 358)
+#   fp32 ms         652       784      690      -         907         914     (frozen 601; load ~1.8)
+#   bf16 ms         231       235      243      -         249         259     (frozen 208)
+# (Measured with the scales decoded per chunk; decoded once per GEMM, as now, 32 MiB: 375 MiB,
+# the whole weight's fp32 scales, 2.8 MiB, being alive over the GEMM.) The peak grows with the chunk; the time does not get worse below 32 MiB (timing noise on this
+# shared machine is +-20%). 32 MiB: the peak of one expert at a time here, but fewer dequantisation
+# calls where experts are small (each is a parallel region, milliseconds on a loaded CPU), and no
+# larger than glibc's biggest dynamic mmap threshold, so a chunk is recycled from the heap instead
+# of being faulted in afresh every GEMM (with MALLOC_MMAP_THRESHOLD_=16384 forcing fresh pages the
+# chunked runs lost their edge over the whole stack: 839-978 vs 701 ms).
+DEQUANT_CHUNK_BYTES = 32 * 2**20
+CHUNK_ENV = "FASTFT_EXPERTS_CHUNK_MB"
+
+
+def dequant_chunk_bytes() -> int:
+    """The chunk budget in bytes: ``$FASTFT_EXPERTS_CHUNK_MB`` (MiB, >= 0) if set, else :data:`DEQUANT_CHUNK_BYTES`."""
+    env = os.environ.get(CHUNK_ENV, "").strip()
+    if not env:
+        return int(DEQUANT_CHUNK_BYTES)
+    try:
+        mb = float(env)
+    except ValueError:
+        mb = float("nan")
+    if not mb >= 0 or mb == float("inf"):
+        raise ValueError(f"{CHUNK_ENV} must be a finite number of MiB >= 0 (0: one expert at a time), got {env!r}")
+    return int(mb * 2**20)
+
+
+def _gmm_4bit_chunked(a, w, offs, dtype: torch.dtype, transposed: bool, grad: bool) -> torch.Tensor:
+    """:func:`_wgemm` for a 4-bit weight on a CPU: a bounded chunk of experts dequantised at a time.
+
+    The offsets are host memory: consecutive experts with rows are taken while their dense slices
+    fit :func:`dequant_chunk_bytes` (one at least; experts with no rows are never dequantised), the
+    chunk is dequantised (the same bits as those slices of the whole stack) and each expert's sorted
+    rows are one ``mm`` into its rows of the output: the calls ``torch._grouped_mm``'s CPU path
+    makes on the whole stack, so the same result."""
+    ends = offs.tolist()
+    starts = [0] + ends[:-1]
+    E = len(ends)
+    _, d1, d2 = w.shape
+    n_in, n_out = (d1, d2) if transposed else (d2, d1)  # of the forward operand W_e (in, out)
+    cap = max(1, dequant_chunk_bytes() // (d1 * d2 * dtype.itemsize))
+    out = a.new_empty(a.shape[0], n_in if grad else n_out)
+    # the fp32 block scales of the whole weight (1/32 of its bf16 bytes), decoded once for all its chunks:
+    # decoding per chunk is a handful of small ops per chunk, each a parallel region on a CPU (~4 ms
+    # apiece on the loaded 2-core bench machine, which made one-expert chunks 1.9x slower in bf16)
+    scales = w.scales()
+    if scales is None and w.double_quant:  # (without double quantisation absmax is the fp32 scales)
+        scales = w.decode_scales()[0]
+    e = 0
+    while e < E:
+        if ends[e] <= starts[e]:
+            e += 1
+            continue
+        stop = e + 1
+        while stop < E and stop - e < cap and ends[stop] > starts[stop]:
+            stop += 1
+        wc = _materialise(w, dtype, transposed, (e, stop), scales)  # (stop - e, in, out)
+        if grad:
+            wc = wc.transpose(-2, -1)
+        for j in range(e, stop):
+            torch.mm(a[starts[j] : ends[j]], wc[j - e], out=out[starts[j] : ends[j]])
+        del wc
+        e = stop
+    return out
+
+
+def _wgemm(a: torch.Tensor, w, offs: torch.Tensor, dtype: torch.dtype, transposed: bool, grad: bool = False):
+    """The grouped GEMM of the sorted rows ``a`` with their experts' weight ``w``: ``a_e W_e`` with
+    ``W_e`` the ``(in, out)`` operand of the forward GEMM, or ``a_e W_e^T`` (``grad``: the backward
+    GEMMs ``dout W2^T`` and ``dh W1^T``). A 4-bit weight on a CPU is dequantised a chunk of experts
+    at a time (:func:`_gmm_4bit_chunked`), elsewhere as a whole stack for the one grouped GEMM."""
+    if torch.is_tensor(w) or a.device.type != "cpu":
+        wt = _materialise(w, dtype, transposed)
+        return _gmm(a, wt.transpose(-2, -1) if grad else wt, offs)
+    return _gmm_4bit_chunked(a, w, offs, dtype, transposed, grad)
 
 
 def _saveable(*ws):
@@ -233,7 +335,7 @@ class _Experts(torch.autograd.Function):
         tok = perm // K  # (S,) token of each sorted row
         ws = top_k_weights.reshape(-1)[perm]  # (S,)
         xs = x[tok].to(dtype)  # (S, H)
-        h = _gmm(xs, _materialise(w1, dtype, transposed), offs)  # (S, 2I)
+        h = _wgemm(xs, w1, offs, dtype, transposed)  # (S, 2I)
         lora = []  # LoRA (experts_lora): per adapted GEMM its cast factors and u = x A^T, saved for backward
         grp = _lo.Groups(offs, sorted_ids, _gmm) if A1 is not None or A2 is not None else None
         if A1 is not None:
@@ -242,7 +344,7 @@ class _Experts(torch.autograd.Function):
         if b1 is not None:
             h += b1[sorted_ids]
         a = act_forward(h, act)
-        y = _gmm(a, _materialise(w2, dtype, transposed), offs)  # (S, H)
+        y = _wgemm(a, w2, offs, dtype, transposed)  # (S, H)
         if A2 is not None:
             At2, Bs2 = _lo.prepare(A2, B2, lora_s[1], dtype)
             lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, grp)]
@@ -272,7 +374,7 @@ class _Experts(torch.autograd.Function):
         need = ctx.needs_input_grad
         tok = perm // K
         dout_s = dout[tok].to(dtype)  # (S, H)
-        g = _gmm(dout_s, _materialise(w2, dtype, transposed).transpose(-2, -1), offs)  # (S, I) = dout W2^T
+        g = _wgemm(dout_s, w2, offs, dtype, transposed, grad=True)  # (S, I) = dout W2^T
         if lora2 is not None:  # g += (dout s B2) A2
             t2 = _lo.lora_t(dout_s, lora2[1], grp)  # (S, r), before the routing weight
             _lo.lora_dx_(g, t2, lora2[0], grp)
@@ -306,7 +408,7 @@ class _Experts(torch.autograd.Function):
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
-            dxs = _gmm(dh, _materialise(w1, dtype, transposed).transpose(-2, -1), offs)  # (S, H)
+            dxs = _wgemm(dh, w1, offs, dtype, transposed, grad=True)  # (S, H)
             if t1 is not None:
                 _lo.lora_dx_(dxs, t1, lora1[0], grp)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
@@ -393,6 +495,7 @@ def experts(
             x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
             lora_gate_up, lora_down,
         )  # fmt: skip
+    dequant_chunk_bytes()  # 4-bit: a bad FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any kernel
     l1, l2 = lora_gate_up, lora_down
     return _Experts.apply(
         x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,

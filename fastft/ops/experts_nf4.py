@@ -23,7 +23,8 @@ bnb, so the same bits; skipped when the fp32 scales are kept), then the flat byt
 experts are one ``fastft::dequantize_nf4`` call (one kernel launch on the fused backends, no
 host sync), since with ``out*in % blocksize == 0`` the per-expert blocks tile the flat array.
 Slices whose blocks do not tile (``out*in`` not a multiple of ``blocksize``: tiny test shapes
-only) are dequantised one expert at a time.
+only) are dequantised one expert at a time. ``experts=(start, stop)`` dequantises a contiguous
+range of experts only (the same bits as those slices of the whole: the experts op's chunks).
 """
 
 from __future__ import annotations
@@ -100,16 +101,32 @@ def dequantize_nf4_experts(
     dtype: torch.dtype,
     scales: torch.Tensor | None = None,
     backend: str = "auto",
+    experts: tuple[int, int] | None = None,
 ) -> torch.Tensor:
     """The weight ``[E, out, in]`` in ``dtype`` (each slice equal to bnb's ``dequantize_4bit`` of it).
 
-    ``scales``: the fp32 ``[E, nblocks]`` absmax if already decoded (then no decode ops run)."""
+    ``scales``: the fp32 ``[E, nblocks]`` absmax if already decoded (then no decode ops run).
+    ``experts=(start, stop)``: only experts ``start .. stop - 1``, ``[stop - start, out, in]``, the
+    same bits as those slices of the whole (row views of the stacked tensors, the same elementwise
+    ops): what the experts op dequantises a chunk of experts at a time with."""
     E, n_out, n_in = shape
     n = n_out * n_in
     if packed.dim() != 2 or packed.shape[0] != E or packed.shape[1] != -(-n // 2) or packed.dtype != torch.uint8:
         raise ValueError(
             f"packed expert weight must be uint8 (E={E}, {-(-n // 2)}), got {tuple(packed.shape)} {packed.dtype}"
         )
+    if experts is not None:
+        ok = isinstance(experts, tuple) and len(experts) == 2 and all(type(i) is int for i in experts)
+        if not ok or not 0 <= experts[0] < experts[1] <= E:
+            raise ValueError(f"experts must be (start, stop) with 0 <= start < stop <= {E}, got {experts!r}")
+        start, stop = experts
+        if (start, stop) != (0, E):
+            rows = slice(start, stop)
+            packed, absmax = packed[rows], absmax[rows]
+            absmax2 = absmax2[rows] if absmax2 is not None else None
+            offset = offset[rows] if offset is not None else None
+            scales = scales[rows] if scales is not None else None
+            E, shape = stop - start, (stop - start, n_out, n_in)
     if n % blocksize == 0:  # the experts' blocks tile the flat bytes: one dequantisation
         am = scales if scales is not None else decode_experts_absmax(absmax, absmax2, code2, offset)
         state = NF4State(shape=torch.Size((E * n,)), dtype=dtype, blocksize=blocksize, absmax=am.reshape(-1), code=code)
