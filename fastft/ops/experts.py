@@ -388,15 +388,19 @@ class _Experts(torch.autograd.Function):
             dw = torch.empty_like(dws)
             dw[perm] = dws
             dw = dw.view(-1, K).to(ws.dtype)
+        del g  # each intermediate is dropped at its last use: backward's peak holds h, dh and dX only
         dy = dout_s * wcol  # (S, H)
+        del dout_s
         dw2 = db2 = dw1 = db1 = dx = dA1 = dB1 = dA2 = dB2 = None
         if lora2 is not None and (need[11] or need[12]):
             dA2, dB2 = _lo.lora_grads(t2 * wcol, dy, a, lora2[2], ctx.lora_s[1], grp, need[11], need[12], dtypes2)
         if need[4]:
             dw2 = _gmm(a.T, dy, offs) if transposed else _gmm(dy.T, a, offs)
+        del a
         if need[6]:
             db2 = torch.zeros(E, dy.shape[1], device=dy.device, dtype=torch.float32)
             db2 = db2.index_add_(0, sorted_ids, dy.float()).to(b2.dtype)
+        del dy
         t1 = _lo.lora_t(dh, lora1[1], grp) if lora1 is not None and (need[0] or need[9]) else None
         if need[3] or need[0] or (lora1 is not None and (need[9] or need[10])):
             xs = x[tok].to(dtype)
@@ -404,11 +408,13 @@ class _Experts(torch.autograd.Function):
                 dw1 = _gmm(xs.T, dh, offs) if transposed else _gmm(dh.T, xs, offs)
             if lora1 is not None:
                 dA1, dB1 = _lo.lora_grads(t1, dh, xs, lora1[2], ctx.lora_s[0], grp, need[9], need[10], dtypes1)
+            del xs
         if need[5]:
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
             dxs = _wgemm(dh, w1, offs, dtype, transposed, grad=True)  # (S, H)
+            del dh
             if t1 is not None:
                 _lo.lora_dx_(dxs, t1, lora1[0], grp)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
