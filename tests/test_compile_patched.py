@@ -116,8 +116,7 @@ def test_report_says_whether_the_model_is_compile_ready():
     assert breaks > 0
 
 
-@pytest.mark.parametrize("lora", [False, True], ids=["plain", "peft-lora"])
-@pytest.mark.parametrize("family", ["llama", "gemma2"])
+@pytest.mark.parametrize(("family", "lora"), [("llama", True), ("gemma2", False)], ids=["llama-peft-lora", "gemma2"])
 def test_checkpointed_step_compiles_fullgraph(family, lora):
     """checkpointing="recompute" under torch.compile: each decoder layer's checkpoint is traced (a
     higher-order op), the fused ops inside it included, so the step has no graph break and compiles
