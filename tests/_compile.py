@@ -67,3 +67,23 @@ def step_compiles_to_eager(model, batch, *, wrap=lambda step: step, some_grads=F
     for name, g in grads.items():
         torch.testing.assert_close(g, eager_grads[name], atol=1e-4, rtol=1e-4, msg=lambda m, name=name: f"{name}: {m}")
     return eager_grads
+
+
+def traced_code(model, batch, *, fullgraph: bool = False) -> str:
+    """The code of the graphs dynamo traces for the model's step on ``batch`` (run once, not compiled further)."""
+    graphs = []
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return gm.forward
+
+    torch._dynamo.reset()
+    torch.compile(model_step(model), fullgraph=fullgraph, backend=record)(**batch)
+    return "\n".join(graphs)
+
+
+def fastft_nodes(model, batch) -> list[str]:
+    """The ``torch.ops.fastft`` operators called in the model's traced step, in order, repeats included."""
+    import re
+
+    return re.findall(r"torch\.ops\.fastft\.(\w+)", traced_code(model, batch))

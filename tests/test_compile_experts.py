@@ -19,7 +19,14 @@ import warnings
 
 import pytest
 import torch
-from _compile import compiled_matches_eager, model_step, no_graph_breaks, step_breaks, step_compiles_to_eager
+from _compile import (
+    compiled_matches_eager,
+    fastft_nodes,
+    model_step,
+    no_graph_breaks,
+    step_breaks,
+    step_compiles_to_eager,
+)
 
 import fastft
 from fastft.ops.experts import ExpertsActivation, experts
@@ -151,18 +158,6 @@ def _batch(model, T=10):
     return tiny_batch(model.config.vocab_size, seq=T)
 
 
-def _fastft_nodes(model, batch) -> list[str]:
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model_step(model), backend=record)(**batch)
-    return re.findall(r"torch\.ops\.fastft\.(\w+)", "\n".join(graphs))
-
-
 def _n_experts_modules(model) -> int:
     from fastft.patching.experts import is_experts_module
 
@@ -183,7 +178,7 @@ def test_patched_moe_step_compiles_fullgraph(family):
     model_step(model)(**batch)  # the loss convention check, eagerly
     breaks, reasons = step_breaks(model, batch)
     assert breaks == 0, reasons
-    assert _fastft_nodes(model, batch).count("experts_fwd") == _n_experts_modules(model)
+    assert fastft_nodes(model, batch).count("experts_fwd") == _n_experts_modules(model)
     step_compiles_to_eager(model, batch, some_grads=True)
 
 
@@ -205,7 +200,7 @@ def test_patched_peft_moe_lora_step_compiles_fullgraph(family):
     model_step(model)(**batch)
     breaks, reasons = step_breaks(model, batch)
     assert breaks == 0, reasons
-    assert _fastft_nodes(model, batch).count("experts_fwd") == _n_experts_modules(model)
+    assert fastft_nodes(model, batch).count("experts_fwd") == _n_experts_modules(model)
     grads = step_compiles_to_eager(model, batch, some_grads=True)
     assert sum("experts" in n and "lora_" in n for n in grads) == 4 * _n_experts_modules(model)
     assert not report.fallbacks

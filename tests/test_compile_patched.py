@@ -13,7 +13,7 @@ import warnings
 
 import pytest
 import torch
-from _compile import model_step, step_breaks, step_compiles_to_eager
+from _compile import fastft_nodes, model_step, step_breaks, step_compiles_to_eager, traced_code
 
 import fastft
 from fastft.testing import tiny_batch, tiny_model
@@ -136,15 +136,7 @@ def test_checkpointed_step_compiles_fullgraph(family, lora):
     breaks, reasons = step_breaks(model, batch)
     assert breaks == 0, reasons
     step_compiles_to_eager(model, batch, some_grads=True)
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model_step(model), fullgraph=True, backend=record)(**batch)
-    code = "".join(graphs)  # one checkpoint per decoder layer, the fused ops traced inside
+    code = traced_code(model, batch, fullgraph=True)  # one checkpoint per decoder layer, the fused ops inside
     assert code.count("tag_activation_checkpoint(") == model.config.num_hidden_layers, code.count("checkpoint")
 
 
@@ -175,17 +167,7 @@ def test_patch_a_compiled_model():
 
 def _fastft_nodes(model, batch) -> set[str]:
     """The ``torch.ops.fastft`` operators in the graphs dynamo traces for the model's step."""
-    import re
-
-    graphs = []
-
-    def record(gm, example_inputs):
-        graphs.append(gm.code)
-        return gm.forward
-
-    torch._dynamo.reset()
-    torch.compile(model_step(model), backend=record)(**batch)
-    return set(re.findall(r"torch\.ops\.fastft\.(\w+)", "\n".join(graphs)))
+    return set(fastft_nodes(model, batch))
 
 
 @pytest.mark.parametrize("family", FAMILIES)
