@@ -165,6 +165,13 @@ _MERGE_4BIT = (
 )
 
 
+_NOT_A_TENSOR = (
+    "transformers' 'grouped_mm' / 'batched_mm' experts implementations read the expert weights as whole "
+    "tensors; over 4-bit experts run fastft's ('fastft', what fastft.patch(model) sets) or 'eager' (one expert "
+    "dequantised at a time): model.set_experts_implementation('eager'), or call .dequantize() for a 16-bit copy"
+)
+
+
 class ExpertsWeight4bit(nn.Module):
     """A 3-D expert weight (``gate_up_proj`` / ``down_proj`` of a transformers experts module) in NF4.
 
@@ -340,13 +347,26 @@ class ExpertsWeight4bit(nn.Module):
             n.get("offset"),
         )
 
+    def __getattr__(self, name: str):
+        try:
+            return super().__getattr__(name)
+        except AttributeError:
+            if hasattr(torch.Tensor, name):  # code that takes the 4-bit weight for the 16-bit tensor
+                raise AttributeError(
+                    f"ExpertsWeight4bit has no tensor attribute {name!r}: it is a 4-bit weight. " + _NOT_A_TENSOR
+                ) from None
+            raise
+
     def __getitem__(self, e) -> torch.Tensor:
         """Expert ``e``'s slice dequantised, as the 16-bit weight's ``w[e]`` (``[out, in]``, or ``[in, out]``)."""
         from .ops.nf4 import dequantize_nf4
 
         if torch.is_tensor(e):
             if e.numel() != 1 or e.is_floating_point():
-                raise TypeError(f"ExpertsWeight4bit[e] takes one integer expert index, got a tensor {tuple(e.shape)}")
+                raise TypeError(
+                    f"ExpertsWeight4bit[e] takes one integer expert index, got a tensor {tuple(e.shape)}. "
+                    + _NOT_A_TENSOR
+                )
             e = int(e)  # the eager fallback's expert loop: one host read per expert, as its own loop does
         if not isinstance(e, int) or isinstance(e, bool):
             raise TypeError(f"ExpertsWeight4bit[e] takes one integer expert index, got {type(e).__name__}")

@@ -400,6 +400,25 @@ def test_quantized_model_matches_dequantised_eager(family, monkeypatch):
     torch.testing.assert_close(_loss_and_grads(model, batch)[0], ref_loss, **FP32)
 
 
+@pytest.mark.parametrize("impl", ["grouped_mm", "batched_mm"])
+def test_whole_tensor_experts_implementations_say_why_they_cannot_read_4bit_weights(impl):
+    """transformers' grouped_mm / batched_mm take the experts' weights as whole tensors: over 4-bit
+    experts they stop with an error that names the implementations that can run (fastft's, eager),
+    never a bare missing-attribute; the model then runs again under eager."""
+    model = _quantized("qwen3_moe")
+    batch = _batch(model)
+    model.set_experts_implementation(impl)
+    with pytest.raises((AttributeError, TypeError), match="4-bit experts run fastft's"):
+        model(**batch)
+    w = _experts_modules(model)[0][1].gate_up_proj
+    assert not hasattr(w, "storage_offset") and not hasattr(w, "no_such_attribute")  # hasattr keeps working
+    with pytest.raises(AttributeError, match="no_such_attribute") as err:
+        getattr(w, "no_such_attribute")  # noqa: B009
+    assert "4-bit" not in str(err.value)  # only tensor attributes get the explanation
+    model.set_experts_implementation("eager")
+    assert torch.isfinite(model(**batch).loss)
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_quantized_module_grads_fp32_and_bf16_rule(family):
     """One experts module: output and input / top-k weight / bias grads, fp32 tight and bf16 by the bf16 rule."""
