@@ -321,6 +321,15 @@ def _packed(*ws):
     return tuple(None if torch.is_tensor(w) else w for w in ws)
 
 
+def set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, packed=(None, None)) -> None:
+    """What :meth:`_Experts.backward` reads off ``ctx`` besides the saved tensors (also set by the
+    ``fastft::experts_bwd`` operator on its stand-in ``ctx``, :mod:`fastft.ops.experts_op`)."""
+    ctx.packed = packed
+    ctx.act, ctx.transposed, ctx.K = act, transposed, K
+    ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, lora_s
+    ctx.lora_dtypes = [(t.dtype, u.dtype) for t, u in ((A1, B1), (A2, B2)) if t is not None]
+
+
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed, A1=None, B1=None, A2=None,
@@ -354,11 +363,7 @@ class _Experts(torch.autograd.Function):
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
         ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, *_saveable(w1, w2), b2, *lora)
-        ctx.packed = _packed(w1, w2)
-        ctx.act, ctx.transposed, ctx.K = act, transposed, K
-        ctx.has_b1 = b1 is not None
-        ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, lora_s
-        ctx.lora_dtypes = [(t.dtype, u.dtype) for t, u in ((A1, B1), (A2, B2)) if t is not None]
+        set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, _packed(w1, w2))
         return out.to(x.dtype)
 
     @staticmethod
@@ -422,7 +427,8 @@ class _Experts(torch.autograd.Function):
         return dx, None, dw, dw1, dw2, db1, db2, None, None, dA1, dB1, dA2, dB2, None
 
 
-def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
+def _check(x, idx, w, w1, w2, b1, b2, transposed, ids: bool = True) -> None:
+    """Shapes and dtypes; with ``ids`` also the expert ids' range (tensor weights leave that to their operator)."""
     if x.dim() != 2:
         raise ValueError(f"experts: hidden states must be (tokens, hidden), got {tuple(x.shape)}")
     if idx.dim() != 2 or idx.shape[0] != x.shape[0] or w.shape != idx.shape:
@@ -446,14 +452,16 @@ def _check(x, idx, w, w1, w2, b1, b2, transposed) -> None:
         raise ValueError(f"experts: gate_up bias must be {(E, two_i)}, got {tuple(b1.shape)}")
     if b2 is not None and tuple(b2.shape) != (E, H):
         raise ValueError(f"experts: down bias must be {(E, H)}, got {tuple(b2.shape)}")
-    # the range reads data: skipped while tracing (fastft::experts_fwd checks it at run time, on CPU)
-    if (
-        idx.device.type == "cpu"
-        and idx.numel()
-        and not torch.compiler.is_compiling()
-        and (int(idx.min()) < 0 or int(idx.max()) >= E)
-    ):
-        raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{int(idx.min())}, {int(idx.max())}]")
+    if ids and not torch.compiler.is_compiling():  # reads data: fastft::experts_fwd checks it at run time
+        check_ids(idx, E)
+
+
+def check_ids(idx: torch.Tensor, E: int) -> None:
+    """``ValueError`` for an expert id outside ``[0, E)``: CPU tensors only (on a device it would sync)."""
+    if idx.device.type == "cpu" and idx.numel():
+        lo, hi = int(idx.min()), int(idx.max())
+        if lo < 0 or hi >= E:
+            raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{lo}, {hi}]")
 
 
 def _check_lora(w1, w2, transposed, lora_gate_up, lora_down) -> None:
@@ -489,14 +497,15 @@ def experts(
     for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if not torch.is_tensor(wt) and not hasattr(wt, "dequantize"):
             raise TypeError(f"experts: {name} must be a tensor or a 4-bit ExpertsWeight4bit, got {type(wt).__name__}")
-    _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed)
+    tensors = torch.is_tensor(gate_up_proj) and torch.is_tensor(down_proj)  # else 4-bit: the autograd Function
+    _check(x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, transposed, ids=not tensors)
     for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if wt.device != x.device:
             raise ValueError(f"experts: {name} is on {wt.device} but the hidden states are on {x.device}")
     _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
     if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
         backends.select(OP_EXPERTS, x.device, backend)
-    if torch.is_tensor(gate_up_proj) and torch.is_tensor(down_proj):  # the operators (torch.compile traces them)
+    if tensors:  # the operators (torch.compile traces them; they check the ids' range at run time)
         return _op.experts_op_call(
             x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
             lora_gate_up, lora_down,

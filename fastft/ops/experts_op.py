@@ -17,8 +17,9 @@ CPU ``Groups`` of the LoRA products) run there, at run time, never under tracing
 implementations give shapes and dtypes only (every real output is contiguous, as they say).
 
 Validation stays outside, in :func:`fastft.ops.experts` (shapes, dtypes, devices, ``ValueError`` /
-``TypeError`` before any kernel); the one check that reads data, the expert ids' range, is skipped
-there while tracing and done here instead on CPU tensors (a ``ValueError`` at run time). On CUDA
+``TypeError`` before any kernel); the one check that reads data, the expert ids' range, is left
+to the operator: done here, eager or compiled, on CPU tensors (a ``ValueError`` at run time,
+before any GEMM). On CUDA
 it is never done (a host sync), as in eager.
 
 4-bit weights (:class:`fastft.nn.ExpertsWeight4bit`) are not tensors and cannot be operator
@@ -50,14 +51,6 @@ def _act(kind: str, alpha: float, limit: float):
     return ExpertsActivation(kind, alpha, limit)
 
 
-def check_range(idx: torch.Tensor, E: int) -> None:
-    """``ValueError`` for an expert id outside ``[0, E)``: CPU tensors only (on a device it would sync)."""
-    if idx.device.type == "cpu" and idx.numel():
-        lo, hi = int(idx.min()), int(idx.max())
-        if lo < 0 or hi >= E:
-            raise ValueError(f"experts: top_k_index values must lie in [0, {E}), got [{lo}, {hi}]")
-
-
 _EMPTY = (0,)
 
 
@@ -84,9 +77,9 @@ def _experts_fwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """``(out, perm, sorted_ids, offs, ws, h, u1, u2)``: the output, then what backward reads."""
-    from .experts import _Experts
+    from .experts import _Experts, check_ids
 
-    check_range(top_k_index, w1.shape[0])
+    check_ids(top_k_index, w1.shape[0])
     ctx = _Ctx()
     out = _Experts.forward(
         ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, _act(act, alpha, limit), transposed, A1, B1, A2, B2, (s1, s2)
@@ -151,7 +144,7 @@ def _experts_bwd(
 ]:  # fmt: skip
     """``(dx, dtop_k_weights, dw1, dw2, db1, db2, dA1, dB1, dA2, dB2)`` (``needs`` in that order);
     one not needed is an empty tensor."""
-    from .experts import _Experts
+    from .experts import _Experts, set_ctx_meta
 
     dtype = w1.dtype
     lora = []
@@ -161,10 +154,7 @@ def _experts_bwd(
         lora += [*_lo.prepare(A2, B2, s2, dtype), u2]
     ctx = _Ctx()
     ctx.saved_tensors = (x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora)
-    ctx.packed = (None, None)
-    ctx.act, ctx.transposed, ctx.K = _act(act, alpha, limit), transposed, top_k
-    ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, (s1, s2)
-    ctx.lora_dtypes = [(a.dtype, b.dtype) for a, b in ((A1, B1), (A2, B2)) if a is not None]
+    set_ctx_meta(ctx, _act(act, alpha, limit), transposed, top_k, A1, B1, A2, B2, (s1, s2))
     need = [False] * 14
     for i, n in zip(_FN_INDEX, needs):
         need[i] = bool(n)

@@ -226,6 +226,7 @@ class CheckpointedForward:
         self.report = report
         self.checkpointed_calls = 0  # for tests and benchmarks
         self.deferred_calls = 0  # left to transformers' own gradient checkpointing
+        self._rope_scopes = None  # the RopeScopes inside the layer, found at its first checkpointed call
         self._noted: set[str] = set()
         self.__wrapped__ = original
         self.__doc__ = getattr(original, "__doc__", None)
@@ -275,9 +276,11 @@ class CheckpointedForward:
             fn, kwargs = functools.partial(fn, **kwargs), {}
         self.checkpointed_calls += 1
         checkpoint = _checkpoint_module.checkpoint
-        from .fused_ops import enter_rope_scopes, exit_rope_scopes  # side effects outside the checkpoint
+        from .fused_ops import enter_rope_scopes, exit_rope_scopes, rope_scopes_of  # side effects outside it
 
-        entered = enter_rope_scopes(layer)
+        if self._rope_scopes is None:  # the layer's patched attention modules (fixed once patched)
+            self._rope_scopes = rope_scopes_of(layer)
+        entered = enter_rope_scopes(self._rope_scopes)
         try:
             if self.offloader is None:
                 return checkpoint(fn, *args, use_reentrant=False, **kwargs)
@@ -311,6 +314,11 @@ def apply(ctx) -> None:
     mode_text = "recompute: torch.utils.checkpoint (non-reentrant) around the layer's forward"
     if mode == "offload":
         offloader = ActivationOffloader()
+        report.runs_eager(
+            FEATURE,
+            "checkpointing='offload' installs saved-tensor hooks, which dynamo does not trace, at each decoder "
+            "layer; 'recompute' compiles",
+        )
         mode_text = (
             "offload: non-reentrant checkpoint; the layer's saved input goes to pinned host memory "
             "(side CUDA stream) and is prefetched back ahead of the recompute (double-buffered)"

@@ -350,20 +350,24 @@ class RopeScope(GuardedForward):
             scopes.pop()
 
 
-def enter_rope_scopes(layer) -> int:
-    """Enter the rope scopes of ``layer``'s attention modules ahead of a call that cannot hold a side
+def rope_scopes_of(layer) -> list:
+    """The :class:`RopeScope` forwards of ``layer``'s attention modules."""
+    return [m.__dict__["forward"] for m in layer.modules() if isinstance(m.__dict__.get("forward"), RopeScope)]
+
+
+def enter_rope_scopes(scopes: list) -> int:
+    """Enter ``scopes`` (a layer's, :func:`rope_scopes_of`) ahead of a call that cannot hold a side
     effect; returns how many to :func:`exit_rope_scopes` after it. torch.compile traces activation
     checkpointing as a higher-order op that refuses any mutation of outside state, such as
     :class:`RopeScope`'s push onto the scope stack, so the checkpointed layer pushes its scopes
     before the checkpoint and pops them after; inside, each scope finds itself entered and only
     reads the stack."""
-    mine = [m.__dict__["forward"] for m in layer.modules() if isinstance(m.__dict__.get("forward"), RopeScope)]
-    if mine:
-        scopes = getattr(_ACTIVE, "scopes", None)
-        if scopes is None:
-            scopes = _ACTIVE.scopes = []
-        scopes.extend(mine)
-    return len(mine)
+    if scopes:
+        stack = getattr(_ACTIVE, "scopes", None)
+        if stack is None:
+            stack = _ACTIVE.scopes = []
+        stack.extend(scopes)
+    return len(scopes)
 
 
 def exit_rope_scopes(n: int) -> None:

@@ -5,19 +5,10 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, field
 
-# Features whose patched path is not (yet) made of torch.library operators: under torch.compile
-# each module they patched runs eagerly (a graph break each). Every other feature is
-# operators only (issue 15): patching adds no graph break. Checked by tests/test_compile_patched.py.
-# A feature eager for only some of what it patches (4-bit experts) says so per patch, through
-# PatchReport.runs_eager (tests/test_compile_experts.py).
-EAGER_UNDER_COMPILE: dict[str, str] = {}  # none today
-# Features eager under compile only in some modes: feature -> (what its patched detail starts with, why).
-# Checkpointing's recompute traces (torch.utils.checkpoint becomes a higher-order op, the layer's rope
-# scopes are entered outside it); offload's saved-tensor hooks are not traced by dynamo.
-EAGER_UNDER_COMPILE_MODE = {
-    "checkpointing": ("offload:", "checkpointing='offload' installs saved-tensor hooks, which dynamo does not trace, "
-                      "at each decoder layer; 'recompute' compiles"),
-}  # fmt: skip
+# Every feature's patched path is made of torch.library operators (issue 15): under torch.compile
+# patching adds no graph break (tests/test_compile_patched.py). What a feature puts in that still
+# runs eagerly (4-bit experts, checkpointing="offload") it says so per patch, through
+# PatchReport.runs_eager (tests/test_compile_experts.py, tests/test_compile_patched.py).
 
 
 @dataclass(frozen=True)
@@ -42,7 +33,7 @@ class PatchReport:
     # calls a patched module ran with its original forward because that call did not fit the
     # fused op (shape, dtype, extra arguments): "feature | target | reason" -> number of calls
     fallbacks: dict[str, int] = field(default_factory=dict)
-    # what this patch put in that runs eagerly under torch.compile, beyond EAGER_UNDER_COMPILE:
+    # what this patch put in that runs eagerly under torch.compile:
     # feature -> why (see runs_eager)
     eager_parts: dict[str, str] = field(default_factory=dict)
 
@@ -67,11 +58,7 @@ class PatchReport:
 
     def eager_under_compile(self) -> dict[str, str]:
         """Features that patched something and run eagerly under torch.compile -> why."""
-        eager = {**EAGER_UNDER_COMPILE, **self.eager_parts}
-        for f, (prefix, why) in EAGER_UNDER_COMPILE_MODE.items():
-            if any(p.feature == f and p.detail.startswith(prefix) for p in self.patched):
-                eager[f] = why
-        return {f: eager[f] for f in sorted(self.features()) if f in eager}
+        return {f: self.eager_parts[f] for f in sorted(self.features()) if f in self.eager_parts}
 
     def compile_ready(self) -> str:
         """One line: whether torch.compile sees only operators from fastft (no graph break added)."""
