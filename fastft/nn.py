@@ -19,7 +19,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .ops.nf4 import NF4State, nf4_matmul, quantize_nf4
+from .ops.nf4 import NF4State, dequantize_nf4, nf4_matmul, quantize_nf4
 
 __all__ = ["Linear4bit", "ExpertsWeight4bit", "quantize"]
 
@@ -121,6 +121,29 @@ class Linear4bit(nn.Linear):
             st = st.with_absmax_cache()
         self._nf4_state = st
         return st
+
+    def dequantize(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The weight as a dense ``[out_features, in_features]`` tensor in ``dtype`` (default the
+        layer's dequantisation dtype); a new tensor, bit-identical to bitsandbytes' ``dequantize_4bit``."""
+        return dequantize_nf4(self.weight, self.quant_state, dtype=self.weight_dtype if dtype is None else dtype)
+
+    @torch.no_grad()
+    def requantize_(self, weight: torch.Tensor) -> None:
+        """Quantise the dense ``weight`` (``[out_features, in_features]``) into this layer, in place, with
+        its blocksize and double quantisation (the bytes bitsandbytes' ``quantize_4bit`` gives): what merging
+        a LoRA adapter into the 4-bit weight does (:mod:`fastft.patching.merge_4bit`). The packed bytes and
+        statistics are replaced; the ``weight`` Parameter object stays the same."""
+        if not torch.is_tensor(weight) or not weight.dtype.is_floating_point:
+            raise TypeError(f"requantize_ takes a floating-point tensor, got {getattr(weight, 'dtype', weight)!r}")
+        if tuple(weight.shape) != (self.out_features, self.in_features):
+            raise ValueError(
+                f"requantize_ takes a weight of shape {(self.out_features, self.in_features)}, got {tuple(weight.shape)}"
+            )
+        packed, state = quantize_nf4(
+            weight.to(self.weight.device).contiguous(), blocksize=self.blocksize, double_quant=self.double_quant
+        )
+        self.load_state(packed, state)
+        self._nf4_state = None
 
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)

@@ -197,6 +197,29 @@ def test_merge_into_4bit_experts_is_a_clear_error():
         torch.testing.assert_close(model(**batch).logits, before, rtol=0, atol=0)
 
 
+def test_merge_with_4bit_experts_raises_before_any_linear_layer_merges():
+    """LoRA on the attention (over fastft's 4-bit linears, which do merge) and on 4-bit experts (which do
+    not): the patched model refuses before PEFT merges the first layer, not half-way through it."""
+    from peft import LoraConfig, get_peft_model
+
+    model = _model("qwen3_moe")
+    model.config._experts_implementation = "eager"
+    cfg = LoraConfig(r=4, target_modules=["q_proj", "o_proj"], target_parameters=TARGETS["both"],
+                     init_lora_weights=False)  # fmt: skip
+    pm = fastft.quantize(get_peft_model(model, cfg))
+    _patch(pm)
+    linears = [m for m in pm.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, Linear4bit)]
+    bytes_before = [m.base_layer.weight.clone() for m in linears]
+    assert linears
+    for merge in (pm.merge_adapter, pm.merge_and_unload):
+        with pytest.raises(ValueError, match="experts.*cannot merge a LoRA adapter into 4-bit"):
+            merge()
+    assert not any(m.merged for m in linears)
+    assert all(torch.equal(m.base_layer.weight, b) for m, b in zip(linears, bytes_before))
+    fastft.unpatch(pm)
+    assert "_check_merge_allowed" not in pm.base_model.__dict__
+
+
 def test_quantize_before_get_peft_model_says_why_the_experts_stay_frozen():
     """PEFT cannot wrap a packed weight: target_parameters then match nothing; fastft.patch warns with the
     order that works and reports each 4-bit expert weight left frozen (LoRA on the linear layers still runs)."""

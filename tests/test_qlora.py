@@ -1,5 +1,7 @@
 """QLoRA: fastft.quantize and bitsandbytes Linear4bit bases, wrapped by PEFT, patched by fastft."""
 
+import copy
+
 import pytest
 import torch
 from _bnb import bnb_quantize
@@ -145,6 +147,88 @@ def test_adapter_trained_on_fastft_4bit_loads_on_bnb_and_dense_bases(tmp_path):
         assert (got - want).abs().max() < 0.25 * want.abs().max()
         fastft.patch(other, norms=False, mlp=False, rope=False)
         torch.testing.assert_close(other(**batch).logits, got, rtol=tol, atol=tol)
+
+
+def _trained_adapter(model, seed=3):
+    """Give every LoRA layer non-zero A and B, as training would."""
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            if "lora_" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_merge_and_unload_on_fastft_4bit_equals_peft_on_bitsandbytes(double_quant):
+    """PEFT merges an adapter into bitsandbytes' 4-bit weight by dequantise + add + quantise again; the
+    patched PEFT model over fastft's 4-bit base merges the same way, to the same bytes (the oracle:
+    PEFT's own bnb merge of the same adapter on the same quantised weights)."""
+    dense = tiny_model("qwen2", vocab_size=VOCAB)  # q/k/v with a bias
+    ours = _lora(fastft.quantize(copy.deepcopy(dense), double_quant=double_quant))
+    theirs = bnb_quantize(copy.deepcopy(dense), double_quant=double_quant)
+    theirs.is_loaded_in_4bit = True  # what from_pretrained(quantization_config=...) sets: PEFT's bnb LoRA layers
+    theirs = _lora(theirs)
+    _trained_adapter(ours)
+    theirs.load_state_dict({k: v for k, v in ours.state_dict().items() if "lora_" in k}, strict=False)
+    fastft.patch(ours)
+    batch = {k: v for k, v in tiny_batch(VOCAB).items() if k != "labels"}  # logits, not the fused loss
+    with torch.no_grad():
+        adapted = ours(**batch).logits
+        with ours.disable_adapter():
+            base = ours(**batch).logits
+    with pytest.warns(UserWarning, match="quantises again"):
+        merged = ours.merge_and_unload()
+    oracle = theirs.merge_and_unload()
+    got = {n: m for n, m in merged.named_modules() if isinstance(m, Linear4bit)}
+    want = {n: m for n, m in oracle.named_modules() if type(m).__name__ == "Linear4bit" and n in got}
+    assert got and got.keys() == want.keys()
+    for n, m in got.items():
+        bnb_w = want[n].weight
+        torch.testing.assert_close(m.dequantize(), dequantize_nf4(bnb_w.data, bnb_w.quant_state), rtol=0, atol=0)
+        torch.testing.assert_close(m.bias, want[n].bias, rtol=0, atol=0)
+    with torch.no_grad():  # quantising again rounds: the adapter's effect, not exactly
+        out = merged(**batch).logits
+    assert not any(hasattr(m, "lora_A") for m in merged.modules())
+    assert (out - adapted).norm() < 0.5 * (base - adapted).norm()
+
+
+def test_merge_adapter_and_unmerge_on_fastft_4bit():
+    model = _lora(fastft.quantize(tiny_model("llama", vocab_size=VOCAB)))
+    _trained_adapter(model)
+    report = fastft.patch(model)
+    layer = next(m for m in model.modules() if hasattr(m, "lora_A") and isinstance(m.base_layer, Linear4bit))
+    w0 = layer.base_layer.dequantize()
+    delta = layer.get_delta_weight("default")
+    batch = {k: v for k, v in tiny_batch(VOCAB).items() if k != "labels"}
+    with torch.no_grad():
+        adapted = model(**batch).logits
+        with model.disable_adapter():
+            base = model(**batch).logits
+    with pytest.warns(UserWarning, match="quantises again"):
+        model.merge_adapter(safe_merge=True)
+    assert layer.merged
+    requant = lambda w: dequantize_nf4(*quantize_nf4(w.detach(), blocksize=64))  # noqa: E731
+    merged = layer.base_layer.dequantize()
+    torch.testing.assert_close(merged, requant(w0 + delta), rtol=0, atol=0)
+    with torch.no_grad():  # merged: the base alone (PEFT's forward), the adapter's effect within the rounding
+        out = model(**batch).logits
+    assert (out - adapted).norm() < 0.5 * (base - adapted).norm()
+    model.unmerge_adapter()
+    assert not layer.merged  # not exactly w0 again: the subtraction is quantised too
+    torch.testing.assert_close(layer.base_layer.dequantize(), requant(merged - delta), rtol=0, atol=0)
+    assert report.patched and fastft.unpatch(model)
+    assert "merge" not in layer.__dict__ and "unmerge" not in layer.__dict__
+
+
+def test_requantize_checks_its_input():
+    layer = Linear4bit.from_linear(nn.Linear(64, 8))
+    with pytest.raises(ValueError, match=r"shape \(8, 64\)"):
+        layer.requantize_(torch.zeros(64, 8))
+    with pytest.raises(TypeError, match="floating-point"):
+        layer.requantize_(torch.zeros(8, 64, dtype=torch.int32))
+    w = torch.randn(8, 64)
+    layer.requantize_(w)
+    torch.testing.assert_close(layer.dequantize(), dequantize_nf4(*quantize_nf4(w, blocksize=64)), rtol=0, atol=0)
 
 
 def test_quant_false_keeps_peft_forward_on_4bit_bases():

@@ -229,8 +229,14 @@ def _ranks(chain) -> str:
 
 def apply(ctx, guards: dict) -> None:
     """Fuse every ParamWrapper chain around an experts module in ``guards`` (``id(module) -> guard``)."""
+    from .experts import has_4bit_experts
+
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
     _unwrapped_4bit_targets(ctx, root)
+    if any(has_4bit_experts(base) for _, _, _, base in chains(root)):
+        from .merge_4bit import guard_experts_merge
+
+        guard_experts_merge(ctx)  # merging raises before any layer merges, not half-way through the model
     for name, outer, chain, base in chains(root):
         guard = guards.get(id(base))
         if guard is None:
@@ -258,8 +264,6 @@ def apply(ctx, guards: dict) -> None:
             if dts == [base_dt]
             else f"{'/'.join(dts)} adapters cast once per call, branch in the activation dtype"
         )
-        from .experts import has_4bit_experts
-
         nf4 = (
             ", 4-bit (NF4) base dequantised inside the GEMMs (fallback: PEFT's forward on a transient 16-bit copy)"
             if has_4bit_experts(base)

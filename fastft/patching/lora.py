@@ -17,6 +17,7 @@ from torch import nn
 
 from .. import backends
 from ..ops.lora import OP_LORA, lora_linear
+from . import merge_4bit
 from .experts_lora import is_expert_lora_layer
 from .guard import GuardedForward
 
@@ -225,6 +226,8 @@ def apply(ctx) -> None:
         if not isinstance(getattr(module, "lora_dropout", None), nn.ModuleDict):
             ctx.report.skip(FEATURE, name, f"{type(module).__name__} is not a LoRA linear layer")
             continue
+        if kind == "nf4":  # PEFT's merge would add the delta to the packed bytes: merge as for bitsandbytes
+            merge_4bit.install(ctx, module)
         variants = [a for a in module.lora_A if a in getattr(module, "lora_variant", {})]
         if variants:
             v = type(module.lora_variant[variants[0]]).__name__
