@@ -209,6 +209,8 @@ def _launcher(**kw):
         (dict(absmax=torch.ones(2, 32).half()), TypeError, "absmax must be torch.float32"),
         (dict(blocksize=0), ValueError, "blocksize must be a positive int"),
         (dict(absmax2=torch.ones(2, 1)), TypeError, "absmax must be torch.uint8"),
+        (dict(offs=torch.tensor([3, 1], dtype=torch.int32)), ValueError, "offs must be non-decreasing"),
+        (dict(offs=torch.tensor([1, 5], dtype=torch.int32)), ValueError, r"end rows in \[0, 4\]"),
     ],
 )
 def test_launcher_checks(kw, err, match):

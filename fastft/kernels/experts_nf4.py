@@ -219,7 +219,8 @@ def nf4_grouped_mm_triton(
 
     ``grad=False``: ``a (M, in) -> (M, out)``, each expert's rows times ``W_e^T``; ``grad=True``:
     ``a (M, out) -> (M, in)``, times ``W_e``. ``offs`` int32 ``[E]``: the end row of each expert
-    (non-decreasing, the last ``<= M``; rows past it are left unwritten), on ``a``'s device.
+    (non-decreasing, the last ``<= M``; rows past it are left unwritten; checked on CPU tensors only),
+    on ``a``'s device.
     ``packed`` uint8 ``[E, out*in/2]``, ``absmax`` ``[E, out*in/blocksize]`` fp32, or uint8 with
     ``absmax2`` fp32 ``[E, ceil(nblocks / blocksize2)]``, ``code2`` fp32 ``[256]``, ``offset`` fp32
     ``[E]`` (double quantisation); ``code`` fp32 ``[16]``; ``in_features % blocksize == 0``.
@@ -261,6 +262,10 @@ def nf4_grouped_mm_triton(
         _check_tensor("offset", offset, torch.float32, (E,), dev)
     if E == 0:
         raise ValueError("packed must hold at least one expert, got E = 0")
+    if dev.type == "cpu":  # host memory: check the offsets (on a GPU that would be a sync per GEMM)
+        ends = offs.tolist()
+        if any(hi < lo for lo, hi in zip([0] + ends, ends)) or ends[-1] > a.shape[0]:
+            raise ValueError(f"offs must be non-decreasing end rows in [0, {a.shape[0]}], got {ends}")
     _check_runnable(dev, "nf4_grouped_mm_triton")
 
     # allocate
