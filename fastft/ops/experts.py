@@ -555,7 +555,9 @@ def experts(
     ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``.
     ``lora_gate_up`` / ``lora_down``: LoRA on that GEMM, ``ExpertsLora(A (E, r, in), B (E, out, r), s)``,
     fused (:mod:`fastft.ops.experts_lora`; gradients flow to ``A`` and ``B``).
-    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs)."""
+    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs);
+    ``backend`` then picks how their GEMMs run (:data:`OP_EXPERTS_NF4`: ``"triton"``, the in-kernel NF4
+    grouped GEMM, or ``"torch"``, dequantise then GEMM)."""
     for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if not torch.is_tensor(wt) and not hasattr(wt, "dequantize"):
             raise TypeError(f"experts: {name} must be a tensor or a 4-bit ExpertsWeight4bit, got {type(wt).__name__}")
