@@ -15,7 +15,10 @@ on the same tokens and the same random top-k routing (weights and input require 
   path (:class:`fastft.nn.ExpertsWeight4bit`, frozen), dequantised inside the GEMMs forward and
   backward; its error is against ``fastft_frozen`` on the dequantised weights. The summary has
   the 4-bit weight memory / bf16's (target <= 0.3x) and the time ratios to ``fastft_frozen`` and
-  ``fastft``.
+  ``fastft``. On CUDA its GEMMs are the Triton NF4 grouped GEMM (tiles dequantised in-kernel).
+* ``fastft_nf4_dequant`` (CUDA only): the same 4-bit op with ``backend="torch"``, the path before
+  that kernel (each GEMM dequantises the whole weight stack, then ``torch._grouped_mm``): the
+  summary has the kernel's time and (memory workers) step peak over it.
 
 Reports median / p20 / p80 ms, each provider's time / fastft's, fastft's time / the bare GEMMs,
 and the max relative error of fastft's output and gradients against ``eager``.
@@ -52,7 +55,8 @@ DEFAULTS = {
     "cuda": dict(experts=8, top_k=2, hidden=4096, intermediate=14336, tokens=8192, dtype="bf16", reps=10),
     "quick": dict(experts=4, top_k=2, hidden=64, intermediate=96, tokens=128, dtype="fp32", reps=3),
 }
-PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm", "fastft_frozen", "fastft_nf4")
+PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm", "fastft_frozen", "fastft_nf4", "fastft_nf4_dequant")
+CUDA_ONLY = ("fastft_nf4_dequant",)  # on a CPU the torch path is what fastft_nf4 itself runs
 
 
 def main(argv=None) -> int:
@@ -95,10 +99,12 @@ def main(argv=None) -> int:
     dout = torch.randn(T, Hd, device=device, dtype=dtype)
     params = [x, w, mod.gate_up_proj, mod.down_proj]
     wanted = args.providers.split(",")
+    if not device.startswith("cuda"):
+        wanted = [p for p in wanted if p not in CUDA_ONLY]
     from fastft.nn import ExpertsWeight4bit
 
     q1 = q2 = None
-    if "fastft_nf4" in wanted or "fastft_frozen" in wanted:  # the 4-bit weights and what they stand for
+    if {"fastft_nf4", "fastft_nf4_dequant", "fastft_frozen"} & set(wanted):  # the 4-bit weights and what they stand for
         q1, q2 = (ExpertsWeight4bit.from_weight(t.detach()) for t in (mod.gate_up_proj, mod.down_proj))
         d1, d2 = q1.dequantize(), q2.dequantize()
 
@@ -108,6 +114,8 @@ def main(argv=None) -> int:
                 t.grad = None
             if impl == "fastft_nf4":
                 out = fastft_experts(x, idx, w, q1, q2)
+            elif impl == "fastft_nf4_dequant":  # CUDA: the dequantise-the-stack path, not the Triton kernel
+                out = fastft_experts(x, idx, w, q1, q2, backend="torch")
             elif impl == "fastft_frozen":
                 out = fastft_experts(x, idx, w, d1, d2)
             elif impl == "fastft":
@@ -155,9 +163,9 @@ def main(argv=None) -> int:
     rows = []
     for prov, r in results.items():
         err = err_dq = None
-        if prov in grads and "eager" in grads and prov not in ("fastft_frozen", "fastft_nf4"):
+        if prov in grads and "eager" in grads and prov not in ("fastft_frozen", "fastft_nf4", "fastft_nf4_dequant"):
             err = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["eager"]))
-        if prov == "fastft_nf4" and "fastft_frozen" in grads:  # vs the same op on the dequantised weights
+        if prov.startswith("fastft_nf4") and "fastft_frozen" in grads:  # vs the same op on the dequantised weights
             err_dq = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["fastft_frozen"]) if a is not None)
         rows.append(
             dict(
@@ -190,6 +198,8 @@ def main(argv=None) -> int:
             for base16 in ("fastft_frozen", "fastft"):
                 if base16 in results:
                     summary[f"nf4_time_over_{base16}"] = H.ratio(t4, results[base16]["median_ms"])
+            if "fastft_nf4_dequant" in results:  # the Triton NF4 grouped GEMM vs dequantise-the-stack
+                summary["nf4_kernel_time_over_dequant"] = H.ratio(t4, results["fastft_nf4_dequant"]["median_ms"])
     memory = {}
     if not args.skip_memory and {"fastft_frozen", "fastft_nf4"} <= set(results):
         script, raw = os.path.abspath(__file__), list(sys.argv[1:] if argv is None else argv)
@@ -203,6 +213,13 @@ def main(argv=None) -> int:
             summary["nf4_over_frozen_total_peak"] = H.ratio(
                 a["weights_mib"] + a["peak_mib"], b["weights_mib"] + b["peak_mib"]
             )
+        if "fastft_nf4_dequant" in results:  # CUDA: the step peak of the kernel vs dequantise-the-stack
+            prov = "fastft_nf4_dequant"
+            memory[prov] = H.run_isolated(script, raw + ["--_mem-worker", prov], env=H.worker_env(device), timeout=1800)
+            print(f"  {prov} memory: {memory[prov]}", flush=True)
+            a, b = memory["fastft_nf4"], memory[prov]
+            if a.get("status") == "ok" and b.get("status") == "ok":
+                summary["nf4_kernel_step_peak_over_dequant"] = H.ratio(a["peak_mib"], b["peak_mib"])
         if args.lora_rank > 0:  # QLoRA on the experts vs LoRA on 16-bit experts: same adapters, fused op
             for prov in ("lora_16bit", "lora_nf4"):
                 cmd = raw + ["--_mem-worker", prov]
@@ -367,7 +384,7 @@ def _mem_worker(args) -> int:
     before = H.current_bytes(device)
     w1 = torch.randn(E, 2 * In, Hd, device=device, dtype=dtype) * Hd**-0.5
     w2 = torch.randn(E, Hd, In, device=device, dtype=dtype) * In**-0.5
-    if args.mem_worker in ("fastft_nf4", "lora_nf4"):
+    if args.mem_worker in ("fastft_nf4", "fastft_nf4_dequant", "lora_nf4"):
         w1, w2 = ExpertsWeight4bit.from_weight(w1), ExpertsWeight4bit.from_weight(w2)  # the dense ones freed
         tiny = [ExpertsWeight4bit.from_weight(t) for t in tiny]
     lora, tiny_lora = {}, {}
@@ -389,13 +406,15 @@ def _mem_worker(args) -> int:
         x.grad = w.grad = None
         for f in lora.values():
             f.A.grad = f.B.grad = None
-        experts(x, idx, w, w1, w2, **lora).backward(dout)
+        experts(x, idx, w, w1, w2, **lora, backend=backend).backward(dout)
 
     def prime():  # tiny: pages in the code paths without leaving full-size blocks cached
         xt = torch.randn(4, 64, device=device, dtype=dtype, requires_grad=True)
         ones = torch.ones(4, 1, device=device, dtype=dtype)
-        experts(xt, torch.zeros(4, 1, dtype=torch.long, device=device), ones, *tiny, **tiny_lora).sum().backward()
+        idx0 = torch.zeros(4, 1, dtype=torch.long, device=device)
+        experts(xt, idx0, ones, *tiny, **tiny_lora, backend=backend).sum().backward()
 
+    backend = "torch" if args.mem_worker == "fastft_nf4_dequant" else "auto"  # (CUDA only: see CUDA_ONLY)
     peak = H.measure_peak_memory(step, device, prime=prime)
     payload = dict(status="ok", provider=args.mem_worker, weights_mib=weights, peak_mib=peak["peak_mib"])
     H.emit_worker_result(dict(payload, method=peak["method"]))

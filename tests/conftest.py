@@ -26,7 +26,12 @@ def seed():
 # (FASTFT_GPU_TESTS=1, interpreter off) those tests skip; their GPU counterparts are the tests
 # marked ``gpu`` (tests/test_gpu.py and the gpu-marked tests in these files), and the
 # ahead-of-time compile tests run either way.
-_INTERPRETER_FILES = {"test_lora_triton.py", "test_nf4_triton.py", "test_cross_entropy_triton.py"}
+_INTERPRETER_FILES = {
+    "test_lora_triton.py",
+    "test_nf4_triton.py",
+    "test_cross_entropy_triton.py",
+    "test_experts_nf4_triton.py",
+}
 
 
 def _zoo_requested(config) -> bool:

@@ -49,13 +49,22 @@ gradient (frozen). How much of it is dense at a time depends on the device:
   I 2816, 2048 tokens, fp32) this took the 4-bit block's step peak from 526 to 375 MiB (the frozen
   16-bit block's: 358) and its time from 1.54-1.59x to 1.07-1.38x the frozen block's; see
   :data:`DEQUANT_CHUNK_BYTES` for the budget.
-* CUDA (and any other device): the whole ``(E, out, in)`` stack, one flat dequantisation, no host
-  sync, one weight at a time. Chunking there needs each chunk's first row on the host (a sync per
-  GEMM): ``torch._grouped_mm``'s groups tile the rows from row 0, so a subset of experts can only
-  be given its rows by slicing at a host offset, and the sync-free stand-ins cost FLOPs (a dummy
-  group over the rows before the chunk, or a fixed capacity of all ``S`` rows per chunk, multiply
-  the GEMM work by up to the number of chunks). The GPU answer is a grouped GEMM that
-  dequantises NF4 tiles inside the kernel (not written yet).
+* CUDA: no dense copy at all. A Triton grouped GEMM (:mod:`fastft.kernels.experts_nf4`) reads the
+  packed NF4 bytes and the (double-quantised) scales of each expert and dequantises every weight
+  tile in registers right before its ``tl.dot`` (fp32 accumulation, the result in the activation
+  dtype), the forward form ``a_e W_e^T`` and the data-grad form ``a_e W_e``; its programs find their
+  expert and row tile from the device offsets, so there is no host sync. The backend of these
+  GEMMs is the op ``experts_nf4`` (:data:`OP_EXPERTS_NF4`: ``triton`` on CUDA tensors under
+  ``"auto"``; forced ``backend="triton"`` runs it in the interpreter on CPU tensors with
+  ``TRITON_INTERPRET=1``). A weight it cannot read (``in_features`` not a multiple of the blocksize,
+  a compute dtype other than fp32 / bf16 / fp16) runs the torch path under ``"auto"`` and is a
+  ``ValueError`` under a forced ``"triton"``.
+* The torch path off the CPU (``backend="torch"``, no Triton, or such a weight): the whole
+  ``(E, out, in)`` stack, one flat dequantisation, no host sync, one weight at a time. Chunking there
+  needs each chunk's first row on the host (a sync per GEMM): ``torch._grouped_mm``'s groups tile the
+  rows from row 0, so a subset of experts can only be given its rows by slicing at a host offset, and
+  the sync-free stand-ins cost FLOPs (a dummy group over the rows before the chunk, or a fixed
+  capacity of all ``S`` rows per chunk, multiply the GEMM work by up to the number of chunks).
 
 :func:`experts_reference` is the plain PyTorch definition (a loop over experts, autograd),
 the oracle of the tests and the baseline of the benchmark (it reads a 4-bit weight one
@@ -77,11 +86,18 @@ import torch.nn.functional as F
 from .. import backends
 from . import experts_lora as _lo
 from .experts_lora import ExpertsLora
+from .experts_nf4 import _DQ_BLOCKSIZE
 
 __all__ = ["ExpertsActivation", "ExpertsLora", "experts", "experts_reference"]
 
 OP_EXPERTS = "experts"
 backends.register(OP_EXPERTS, ("torch",))
+# The grouped GEMMs over 4-bit expert weights (the op's backend for a call with an ExpertsWeight4bit):
+# "triton" dequantises NF4 tiles inside a Triton grouped GEMM (fastft.kernels.experts_nf4; CUDA
+# tensors, or CPU tensors in the interpreter when forced), "torch" dequantises first (a chunk of
+# experts at a time on a CPU, the whole stack elsewhere) and runs torch's GEMMs.
+OP_EXPERTS_NF4 = "experts_nf4"
+backends.register(OP_EXPERTS_NF4, ("triton", "torch"))
 
 _GATED = ("silu", "gelu", "gelu_tanh")
 
@@ -300,11 +316,56 @@ def _gmm_4bit_chunked(a, w, offs, dtype: torch.dtype, transposed: bool, grad: bo
     return out
 
 
-def _wgemm(a: torch.Tensor, w, offs: torch.Tensor, dtype: torch.dtype, transposed: bool, grad: bool = False):
+def nf4_kernel_misfit(w, dtype: torch.dtype) -> str | None:
+    """Why the Triton grouped GEMM cannot read the 4-bit weight ``w`` at compute ``dtype`` (None: it can)."""
+    if dtype not in (torch.float32, torch.bfloat16, torch.float16):
+        return f"compute dtype {dtype} (the kernel runs float32 / bfloat16 / float16)"
+    if w.in_features % w.blocksize:
+        return (
+            f"in_features {w.in_features} of the {tuple(w.shape)} expert weight is not a multiple of "
+            f"blocksize {w.blocksize} (quantisation blocks run across its rows)"
+        )
+    return None
+
+
+def _nf4_gemm_backend(device: torch.device, ws, dtype: torch.dtype, backend: str) -> str:
+    """``"triton"`` or ``"torch"``: how the GEMMs over the 4-bit weights among ``ws`` run (see
+    :data:`OP_EXPERTS_NF4`). Under ``"auto"`` a weight the kernel cannot read runs the torch path
+    (:func:`_wgemm` decides per weight); a forced ``"triton"`` that cannot read one is a ``ValueError``."""
+    choice = backends.select(OP_EXPERTS_NF4, device, backend).backend
+    if choice == "triton" and backends.requested(backend) != "auto":
+        for name, w in ws:
+            why = None if torch.is_tensor(w) else nf4_kernel_misfit(w, dtype)
+            if why is not None:
+                raise ValueError(f"experts: backend='triton' cannot run the 4-bit {name}: {why}; use 'auto' or 'torch'")
+    return choice
+
+
+def _gmm_nf4_triton(a: torch.Tensor, w, offs: torch.Tensor, grad: bool) -> torch.Tensor:
+    """:func:`_wgemm` of a 4-bit weight in the Triton grouped GEMM: each NF4 tile dequantised in-kernel."""
+    from ..kernels.experts_nf4 import nf4_grouped_mm_triton
+
+    scales = w.scales()  # the fp32 scales when kept decoded (cache_absmax): no in-kernel second level
+    nested = {}
+    if scales is None and w.double_quant:
+        nested = dict(absmax2=w.nested_absmax, code2=w.nested_code, offset=w.nested_offset, blocksize2=_DQ_BLOCKSIZE)
+    return nf4_grouped_mm_triton(
+        a, offs, w.weight.detach(), w.absmax if scales is None else scales, w.code,
+        out_features=w.out_features, in_features=w.in_features, blocksize=w.blocksize, grad=grad, **nested,
+    )  # fmt: skip
+
+
+def _wgemm(
+    a: torch.Tensor, w, offs: torch.Tensor, dtype: torch.dtype, transposed: bool, grad: bool = False, gemm="torch"
+):
     """The grouped GEMM of the sorted rows ``a`` with their experts' weight ``w``: ``a_e W_e`` with
     ``W_e`` the ``(in, out)`` operand of the forward GEMM, or ``a_e W_e^T`` (``grad``: the backward
-    GEMMs ``dout W2^T`` and ``dh W1^T``). A 4-bit weight on a CPU is dequantised a chunk of experts
-    at a time (:func:`_gmm_4bit_chunked`), elsewhere as a whole stack for the one grouped GEMM."""
+    GEMMs ``dout W2^T`` and ``dh W1^T``). A 4-bit weight: with ``gemm="triton"`` (and a layout the
+    kernel reads) the Triton grouped GEMM dequantises its tiles in-kernel (:func:`_gmm_nf4_triton`);
+    else on a CPU a chunk of experts is dequantised at a time (:func:`_gmm_4bit_chunked`), elsewhere
+    the whole stack for the one grouped GEMM."""
+    if not torch.is_tensor(w) and gemm == "triton" and nf4_kernel_misfit(w, dtype) is None:
+        return _gmm_nf4_triton(a, w, offs, grad)
     if torch.is_tensor(w) or a.device.type != "cpu":
         wt = _materialise(w, dtype, transposed)
         return _gmm(a, wt.transpose(-2, -1) if grad else wt, offs)
@@ -321,10 +382,11 @@ def _packed(*ws):
     return tuple(None if torch.is_tensor(w) else w for w in ws)
 
 
-def set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, packed=(None, None)) -> None:
+def set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, packed=(None, None), gemm="torch") -> None:
     """What :meth:`_Experts.backward` reads off ``ctx`` besides the saved tensors (also set by the
-    ``fastft::experts_bwd`` operator on its stand-in ``ctx``, :mod:`fastft.ops.experts_op`)."""
-    ctx.packed = packed
+    ``fastft::experts_bwd`` operator on its stand-in ``ctx``, :mod:`fastft.ops.experts_op`);
+    ``gemm``: how the 4-bit weights' GEMMs run (:func:`_wgemm`)."""
+    ctx.packed, ctx.gemm = packed, gemm
     ctx.act, ctx.transposed, ctx.K = act, transposed, K
     ctx.lora1, ctx.lora2, ctx.lora_s = A1 is not None, A2 is not None, lora_s
     ctx.lora_dtypes = [(t.dtype, u.dtype) for t, u in ((A1, B1), (A2, B2)) if t is not None]
@@ -333,7 +395,7 @@ def set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, packed=(None, 
 class _Experts(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, act, transposed, A1=None, B1=None, A2=None,
-                B2=None, lora_s=(1.0, 1.0)):  # fmt: skip
+                B2=None, lora_s=(1.0, 1.0), gemm="torch"):  # fmt: skip
         T, K = top_k_index.shape
         E = w1.shape[0]
         dtype = w1.dtype
@@ -344,7 +406,7 @@ class _Experts(torch.autograd.Function):
         tok = perm // K  # (S,) token of each sorted row
         ws = top_k_weights.reshape(-1)[perm]  # (S,)
         xs = x[tok].to(dtype)  # (S, H)
-        h = _wgemm(xs, w1, offs, dtype, transposed)  # (S, 2I)
+        h = _wgemm(xs, w1, offs, dtype, transposed, gemm=gemm)  # (S, 2I)
         lora = []  # LoRA (experts_lora): per adapted GEMM its cast factors and u = x A^T, saved for backward
         grp = _lo.Groups(offs, sorted_ids, _gmm) if A1 is not None or A2 is not None else None
         if A1 is not None:
@@ -353,7 +415,7 @@ class _Experts(torch.autograd.Function):
         if b1 is not None:
             h += b1[sorted_ids]
         a = act_forward(h, act)
-        y = _wgemm(a, w2, offs, dtype, transposed)  # (S, H)
+        y = _wgemm(a, w2, offs, dtype, transposed, gemm=gemm)  # (S, H)
         if A2 is not None:
             At2, Bs2 = _lo.prepare(A2, B2, lora_s[1], dtype)
             lora += [At2, Bs2, _lo.lora_forward_(y, a, At2, Bs2, grp)]
@@ -363,7 +425,7 @@ class _Experts(torch.autograd.Function):
         acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
         out = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, (y * ws[:, None]).to(acc))
         ctx.save_for_backward(x, perm, sorted_ids, offs, ws, h, *_saveable(w1, w2), b2, *lora)
-        set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, _packed(w1, w2))
+        set_ctx_meta(ctx, act, transposed, K, A1, B1, A2, B2, lora_s, _packed(w1, w2), gemm)
         return out.to(x.dtype)
 
     @staticmethod
@@ -379,7 +441,7 @@ class _Experts(torch.autograd.Function):
         need = ctx.needs_input_grad
         tok = perm // K
         dout_s = dout[tok].to(dtype)  # (S, H)
-        g = _wgemm(dout_s, w2, offs, dtype, transposed, grad=True)  # (S, I) = dout W2^T
+        g = _wgemm(dout_s, w2, offs, dtype, transposed, grad=True, gemm=ctx.gemm)  # (S, I) = dout W2^T
         if lora2 is not None:  # g += (dout s B2) A2
             t2 = _lo.lora_t(dout_s, lora2[1], grp)  # (S, r), before the routing weight
             _lo.lora_dx_(g, t2, lora2[0], grp)
@@ -418,13 +480,13 @@ class _Experts(torch.autograd.Function):
             db1 = torch.zeros(E, dh.shape[1], device=dh.device, dtype=torch.float32)
             db1 = db1.index_add_(0, sorted_ids, dh.float()).to(dtype)
         if need[0]:
-            dxs = _wgemm(dh, w1, offs, dtype, transposed, grad=True)  # (S, H)
+            dxs = _wgemm(dh, w1, offs, dtype, transposed, grad=True, gemm=ctx.gemm)  # (S, H)
             del dh
             if t1 is not None:
                 _lo.lora_dx_(dxs, t1, lora1[0], grp)
             acc = torch.float32 if x.dtype in (torch.float16, torch.bfloat16) else x.dtype
             dx = torch.zeros(x.shape, device=x.device, dtype=acc).index_add_(0, tok, dxs.to(acc)).to(x.dtype)
-        return dx, None, dw, dw1, dw2, db1, db2, None, None, dA1, dB1, dA2, dB2, None
+        return dx, None, dw, dw1, dw2, db1, db2, None, None, dA1, dB1, dA2, dB2, None, None
 
 
 def _check(x, idx, w, w1, w2, b1, b2, transposed, ids: bool = True) -> None:
@@ -493,7 +555,9 @@ def experts(
     ``top_k_weights (T, K)``. Gradients flow to ``x``, the weights, the biases and ``top_k_weights``.
     ``lora_gate_up`` / ``lora_down``: LoRA on that GEMM, ``ExpertsLora(A (E, r, in), B (E, out, r), s)``,
     fused (:mod:`fastft.ops.experts_lora`; gradients flow to ``A`` and ``B``).
-    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs)."""
+    Either weight may be a frozen 4-bit :class:`fastft.nn.ExpertsWeight4bit` (dequantised inside the GEMMs);
+    ``backend`` then picks how their GEMMs run (:data:`OP_EXPERTS_NF4`: ``"triton"``, the in-kernel NF4
+    grouped GEMM, or ``"torch"``, dequantise then GEMM)."""
     for name, wt in (("gate_up_proj", gate_up_proj), ("down_proj", down_proj)):
         if not torch.is_tensor(wt) and not hasattr(wt, "dequantize"):
             raise TypeError(f"experts: {name} must be a tensor or a 4-bit ExpertsWeight4bit, got {type(wt).__name__}")
@@ -503,19 +567,23 @@ def experts(
         if wt.device != x.device:
             raise ValueError(f"experts: {name} is on {wt.device} but the hidden states are on {x.device}")
     _check_lora(gate_up_proj, down_proj, transposed, lora_gate_up, lora_down)
-    if not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
+    if tensors and not torch.compiler.is_compiling():  # an unknown or unavailable forced backend raises here
         backends.select(OP_EXPERTS, x.device, backend)
     if tensors:  # the operators (torch.compile traces them; they check the ids' range at run time)
         return _op.experts_op_call(
             x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
             lora_gate_up, lora_down,
         )  # fmt: skip
-    dequant_chunk_bytes()  # 4-bit: a bad FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any kernel
+    # 4-bit: the GEMMs' backend (a forced one that cannot run raises here), and a bad
+    # FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any kernel
+    weights = (("gate_up_proj", gate_up_proj), ("down_proj", down_proj))
+    gemm = _nf4_gemm_backend(x.device, weights, gate_up_proj.dtype, backend)
+    dequant_chunk_bytes()
     l1, l2 = lora_gate_up, lora_down
     return _Experts.apply(
         x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
         *((l1.A, l1.B) if l1 is not None else (None, None)), *((l2.A, l2.B) if l2 is not None else (None, None)),
-        (float(l1.scaling) if l1 is not None else 1.0, float(l2.scaling) if l2 is not None else 1.0),
+        (float(l1.scaling) if l1 is not None else 1.0, float(l2.scaling) if l2 is not None else 1.0), gemm,
     )  # fmt: skip
 
 

@@ -160,7 +160,7 @@ def _probe_activation(module):
 
 def apply(ctx) -> None:
     from .. import backends
-    from ..ops.experts import OP_EXPERTS
+    from ..ops.experts import OP_EXPERTS, OP_EXPERTS_NF4
 
     root = ctx.wrapper if ctx.wrapper is not None else ctx.model
     backend = ctx.options["backend"]
@@ -168,8 +168,9 @@ def apply(ctx) -> None:
     if not found:
         ctx.report.skip("experts", "model", "no transformers experts modules (3-D gate_up_proj / down_proj)")
         return
-    if backend != "auto":
-        backends.check_forced(OP_EXPERTS, found[0][1].gate_up_proj.device, backend)
+    if backend != "auto":  # 4-bit experts' GEMMs are their own op (the Triton NF4 grouped GEMM or torch)
+        for op in {OP_EXPERTS_NF4 if has_4bit_experts(m) else OP_EXPERTS for _, m in found}:
+            backends.check_forced(op, found[0][1].gate_up_proj.device, backend)
     register()
     configs, guards = {}, {}
     for name, module in found:
