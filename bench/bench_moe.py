@@ -16,9 +16,11 @@ on the same tokens and the same random top-k routing (weights and input require 
   backward; its error is against ``fastft_frozen`` on the dequantised weights. The summary has
   the 4-bit weight memory / bf16's (target <= 0.3x) and the time ratios to ``fastft_frozen`` and
   ``fastft``. On CUDA its GEMMs are the Triton NF4 grouped GEMM (tiles dequantised in-kernel).
-* ``fastft_nf4_dequant`` (CUDA only): the same 4-bit op with ``backend="torch"``, the path before
-  that kernel (each GEMM dequantises the whole weight stack, then ``torch._grouped_mm``): the
-  summary has the kernel's time and (memory workers) step peak over it.
+* ``fastft_nf4_dequant`` / ``fastft_nf4_triton`` (CUDA only): the same 4-bit op forced to
+  ``backend="torch"`` (each GEMM dequantises the whole weight stack, then ``torch._grouped_mm``)
+  and to ``backend="triton"`` (the NF4 grouped GEMM, tiles dequantised in-kernel): the summary has
+  the kernel's time and (memory workers) step peak over the dequantising path, the measurement that
+  decides ``fastft.ops.experts.NF4_TRITON_MAX_ROWS_PER_EXPERT`` (what ``fastft_nf4``, "auto", runs).
 
 Reports median / p20 / p80 ms, each provider's time / fastft's, fastft's time / the bare GEMMs,
 and the max relative error of fastft's output and gradients against ``eager``.
@@ -55,8 +57,10 @@ DEFAULTS = {
     "cuda": dict(experts=8, top_k=2, hidden=4096, intermediate=14336, tokens=8192, dtype="bf16", reps=10),
     "quick": dict(experts=4, top_k=2, hidden=64, intermediate=96, tokens=128, dtype="fp32", reps=3),
 }
-PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm", "fastft_frozen", "fastft_nf4", "fastft_nf4_dequant")
-CUDA_ONLY = ("fastft_nf4_dequant",)  # on a CPU the torch path is what fastft_nf4 itself runs
+PROVIDERS = ("eager", "grouped_mm", "batched_mm", "fastft", "gemm", "fastft_frozen", "fastft_nf4",
+             "fastft_nf4_dequant", "fastft_nf4_triton")  # fmt: skip
+CUDA_ONLY = ("fastft_nf4_dequant", "fastft_nf4_triton")  # on a CPU fastft_nf4 runs the torch path itself
+NF4_FORCED = {"fastft_nf4_dequant": "torch", "fastft_nf4_triton": "triton"}
 
 
 def main(argv=None) -> int:
@@ -104,7 +108,7 @@ def main(argv=None) -> int:
     from fastft.nn import ExpertsWeight4bit
 
     q1 = q2 = None
-    if {"fastft_nf4", "fastft_nf4_dequant", "fastft_frozen"} & set(wanted):  # the 4-bit weights and what they stand for
+    if {"fastft_nf4", "fastft_frozen", *NF4_FORCED} & set(wanted):  # the 4-bit weights and what they stand for
         q1, q2 = (ExpertsWeight4bit.from_weight(t.detach()) for t in (mod.gate_up_proj, mod.down_proj))
         d1, d2 = q1.dequantize(), q2.dequantize()
 
@@ -114,8 +118,8 @@ def main(argv=None) -> int:
                 t.grad = None
             if impl == "fastft_nf4":
                 out = fastft_experts(x, idx, w, q1, q2)
-            elif impl == "fastft_nf4_dequant":  # CUDA: the dequantise-the-stack path, not the Triton kernel
-                out = fastft_experts(x, idx, w, q1, q2, backend="torch")
+            elif impl in NF4_FORCED:  # CUDA: the dequantise-the-stack path, or the Triton kernel, forced
+                out = fastft_experts(x, idx, w, q1, q2, backend=NF4_FORCED[impl])
             elif impl == "fastft_frozen":
                 out = fastft_experts(x, idx, w, d1, d2)
             elif impl == "fastft":
@@ -163,7 +167,7 @@ def main(argv=None) -> int:
     rows = []
     for prov, r in results.items():
         err = err_dq = None
-        if prov in grads and "eager" in grads and prov not in ("fastft_frozen", "fastft_nf4", "fastft_nf4_dequant"):
+        if prov in grads and "eager" in grads and prov not in ("fastft_frozen", "fastft_nf4", *NF4_FORCED):
             err = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["eager"]))
         if prov.startswith("fastft_nf4") and "fastft_frozen" in grads:  # vs the same op on the dequantised weights
             err_dq = max(H.rel_err(a, b) for a, b in zip(grads[prov], grads["fastft_frozen"]) if a is not None)
@@ -198,8 +202,9 @@ def main(argv=None) -> int:
             for base16 in ("fastft_frozen", "fastft"):
                 if base16 in results:
                     summary[f"nf4_time_over_{base16}"] = H.ratio(t4, results[base16]["median_ms"])
-            if "fastft_nf4_dequant" in results:  # the Triton NF4 grouped GEMM vs dequantise-the-stack
-                summary["nf4_kernel_time_over_dequant"] = H.ratio(t4, results["fastft_nf4_dequant"]["median_ms"])
+            if {"fastft_nf4_dequant", "fastft_nf4_triton"} <= set(results):  # the NF4 kernel vs dequantise-the-stack
+                tk, td = (results[p]["median_ms"] for p in ("fastft_nf4_triton", "fastft_nf4_dequant"))
+                summary["nf4_kernel_time_over_dequant"] = H.ratio(tk, td)
     memory = {}
     if not args.skip_memory and {"fastft_frozen", "fastft_nf4"} <= set(results):
         script, raw = os.path.abspath(__file__), list(sys.argv[1:] if argv is None else argv)
@@ -213,11 +218,12 @@ def main(argv=None) -> int:
             summary["nf4_over_frozen_total_peak"] = H.ratio(
                 a["weights_mib"] + a["peak_mib"], b["weights_mib"] + b["peak_mib"]
             )
-        if "fastft_nf4_dequant" in results:  # CUDA: the step peak of the kernel vs dequantise-the-stack
-            prov = "fastft_nf4_dequant"
-            memory[prov] = H.run_isolated(script, raw + ["--_mem-worker", prov], env=H.worker_env(device), timeout=1800)
-            print(f"  {prov} memory: {memory[prov]}", flush=True)
-            a, b = memory["fastft_nf4"], memory[prov]
+        if {"fastft_nf4_dequant", "fastft_nf4_triton"} <= set(results):  # CUDA: the kernel's step peak vs dequant's
+            for prov in ("fastft_nf4_dequant", "fastft_nf4_triton"):
+                memory[prov] = H.run_isolated(script, raw + ["--_mem-worker", prov], env=H.worker_env(device),
+                                              timeout=1800)  # fmt: skip
+                print(f"  {prov} memory: {memory[prov]}", flush=True)
+            a, b = memory["fastft_nf4_triton"], memory["fastft_nf4_dequant"]
             if a.get("status") == "ok" and b.get("status") == "ok":
                 summary["nf4_kernel_step_peak_over_dequant"] = H.ratio(a["peak_mib"], b["peak_mib"])
         if args.lora_rank > 0:  # QLoRA on the experts vs LoRA on 16-bit experts: same adapters, fused op
@@ -384,7 +390,7 @@ def _mem_worker(args) -> int:
     before = H.current_bytes(device)
     w1 = torch.randn(E, 2 * In, Hd, device=device, dtype=dtype) * Hd**-0.5
     w2 = torch.randn(E, Hd, In, device=device, dtype=dtype) * In**-0.5
-    if args.mem_worker in ("fastft_nf4", "fastft_nf4_dequant", "lora_nf4"):
+    if args.mem_worker in ("fastft_nf4", "lora_nf4", *NF4_FORCED):
         w1, w2 = ExpertsWeight4bit.from_weight(w1), ExpertsWeight4bit.from_weight(w2)  # the dense ones freed
         tiny = [ExpertsWeight4bit.from_weight(t) for t in tiny]
     lora, tiny_lora = {}, {}
@@ -414,7 +420,7 @@ def _mem_worker(args) -> int:
         idx0 = torch.zeros(4, 1, dtype=torch.long, device=device)
         experts(xt, idx0, ones, *tiny, **tiny_lora, backend=backend).sum().backward()
 
-    backend = "torch" if args.mem_worker == "fastft_nf4_dequant" else "auto"  # (CUDA only: see CUDA_ONLY)
+    backend = NF4_FORCED.get(args.mem_worker, "auto")  # (CUDA only: see CUDA_ONLY)
     peak = H.measure_peak_memory(step, device, prime=prime)
     payload = dict(status="ok", provider=args.mem_worker, weights_mib=weights, peak_mib=peak["peak_mib"])
     H.emit_worker_result(dict(payload, method=peak["method"]))

@@ -34,7 +34,7 @@ cat "$OUT/env.log"
 # per-op benches, most important first; "name:args" passes arguments to bench/bench_<name>.py
 DEFAULT_BENCHES="cross_entropy:--head=frozen cross_entropy:--head=trainable lora nf4 moe dpo fused_ops checkpointing"
 GPU_TESTS="tests/test_gpu.py tests/test_lora_triton.py tests/test_nf4_triton.py tests/test_nf4_cuda.py \
-tests/test_nf4_once.py tests/test_experts.py tests/test_ledger.py tests/test_checkpointing.py"
+tests/test_nf4_once.py tests/test_experts.py tests/test_experts_nf4_triton.py tests/test_ledger.py tests/test_checkpointing.py"
 n=0
 COMPILE_MODES=${COMPILE_MODES:-"max-autotune-no-cudagraphs reduce-overhead"}
 [ $# -eq 0 ] && set -- tests e2e bench e2e-compile

@@ -306,8 +306,22 @@ def test_on_device_against_dequant_then_mm(dtype):
     idx = torch.randint(0, E, (2048, 2), device=dev, generator=g)
     w = torch.rand(2048, 2, device=dev, generator=g).to(dtype)
     res = {}
-    for backend in ("auto", "torch"):
+    for backend in ("triton", "torch"):
         out = experts(x, idx, w, q1, q2, backend=backend)
         res[backend] = (out, *torch.autograd.grad(out, x, torch.ones_like(out)))
-    for a, b in zip(res["auto"], res["torch"]):
+    for a, b in zip(res["triton"], res["torch"]):
         assert rel(a, b.float()) < tol
+    assert op._nf4_gemm_backend(dev, (("w", q1),), dtype, "auto", rows=16 * E) == "triton"
+    assert op._nf4_gemm_backend(dev, (("w", q1),), dtype, "auto", rows=4096) == "torch"  # 512 rows per expert
+
+
+def test_auto_runs_the_kernel_only_for_few_rows_per_expert(monkeypatch):
+    """Where the kernel is available (CUDA), "auto" picks it up to NF4_TRITON_MAX_ROWS_PER_EXPERT routed
+    rows per expert and dequantise-then-GEMM above; a forced "triton" runs it at any size."""
+    q = ExpertsWeight4bit.from_weight(torch.randn(4, 64, 64))
+    real = backends.select
+    monkeypatch.setattr(op.backends, "select", lambda o, d, b="auto": real(o, d, "triton"))  # as on CUDA
+    cap = op.NF4_TRITON_MAX_ROWS_PER_EXPERT * 4
+    assert op._nf4_gemm_backend("cpu", (("w", q),), torch.float32, "auto", rows=cap) == "triton"
+    assert op._nf4_gemm_backend("cpu", (("w", q),), torch.float32, "auto", rows=cap + 1) == "torch"
+    assert op._nf4_gemm_backend("cpu", (("w", q),), torch.float32, "triton", rows=cap + 1) == "triton"

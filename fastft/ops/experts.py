@@ -55,7 +55,8 @@ gradient (frozen). How much of it is dense at a time depends on the device:
   dtype), the forward form ``a_e W_e^T`` and the data-grad form ``a_e W_e``; its programs find their
   expert and row tile from the device offsets, so there is no host sync. The backend of these
   GEMMs is the op ``experts_nf4`` (:data:`OP_EXPERTS_NF4`: ``triton`` on CUDA tensors under
-  ``"auto"``; forced ``backend="triton"`` runs it in the interpreter on CPU tensors with
+  ``"auto"`` while the routed rows average at most :data:`NF4_TRITON_MAX_ROWS_PER_EXPERT` per expert,
+  above that dequantise-then-grouped-GEMM; forced ``backend="triton"`` runs it in the interpreter on CPU tensors with
   ``TRITON_INTERPRET=1``). A weight it cannot read (``in_features`` not a multiple of the blocksize,
   a compute dtype other than fp32 / bf16 / fp16) runs the torch path under ``"auto"`` and is a
   ``ValueError`` under a forced ``"triton"``.
@@ -328,11 +329,30 @@ def nf4_kernel_misfit(w, dtype: torch.dtype) -> str | None:
     return None
 
 
-def _nf4_gemm_backend(device: torch.device, ws, dtype: torch.dtype, backend: str) -> str:
+# Under "auto", the Triton NF4 grouped GEMM runs when the routed rows average at most this many per
+# expert (host-known: rows = tokens * top_k, no sync); above it, dequantise-then-grouped_mm (cuBLAS).
+# Why, before a GPU measurement (bench_moe.py's fastft_nf4 vs fastft_nf4_dequant cases decide it): the
+# in-kernel path decodes every weight tile once per row tile of its expert (ceil(rows_e / 64) times),
+# so its extra ALU work grows with the rows while the dequantised path's extra cost (writing and
+# re-reading the dense stack, ~2 x its bytes) does not. At one or two row tiles per expert (decoding,
+# small batches) the GEMMs are bandwidth-bound and reading 4-bit bytes wins; at training shapes
+# (Mixtral-like, 8192 tokens: ~2048 rows per expert) the decode would run 32 times per weight and
+# cuBLAS on a dense transient is the safer default. The fused path's memory gain (no dense stack) is
+# then available with backend="triton".
+NF4_TRITON_MAX_ROWS_PER_EXPERT = 128
+
+
+def _nf4_gemm_backend(device: torch.device, ws, dtype: torch.dtype, backend: str, rows: int = 0) -> str:
     """``"triton"`` or ``"torch"``: how the GEMMs over the 4-bit weights among ``ws`` run (see
     :data:`OP_EXPERTS_NF4`). Under ``"auto"`` a weight the kernel cannot read runs the torch path
-    (:func:`_wgemm` decides per weight); a forced ``"triton"`` that cannot read one is a ``ValueError``."""
+    (:func:`_wgemm` decides per weight), and so do ``rows`` (routed rows, tokens x top-k) above
+    :data:`NF4_TRITON_MAX_ROWS_PER_EXPERT` per expert; a forced ``"triton"`` that cannot read one is a
+    ``ValueError``."""
     choice = backends.select(OP_EXPERTS_NF4, device, backend).backend
+    if choice == "triton" and backends.requested(backend) == "auto":
+        E = next(w.shape[0] for _, w in ws)
+        if rows > NF4_TRITON_MAX_ROWS_PER_EXPERT * E:
+            return "torch"
     if choice == "triton" and backends.requested(backend) != "auto":
         for name, w in ws:
             why = None if torch.is_tensor(w) else nf4_kernel_misfit(w, dtype)
@@ -577,7 +597,7 @@ def experts(
     # 4-bit: the GEMMs' backend (a forced one that cannot run raises here), and a bad
     # FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any kernel
     weights = (("gate_up_proj", gate_up_proj), ("down_proj", down_proj))
-    gemm = _nf4_gemm_backend(x.device, weights, gate_up_proj.dtype, backend)
+    gemm = _nf4_gemm_backend(x.device, weights, gate_up_proj.dtype, backend, rows=top_k_index.numel())
     dequant_chunk_bytes()
     l1, l2 = lora_gate_up, lora_down
     return _Experts.apply(
