@@ -143,11 +143,16 @@ def test_expert_ids_range_checked_at_run_time_under_compile():
 # --------------------------------------------------------------------------------------
 # patched tiny MoE models
 # --------------------------------------------------------------------------------------
-def _model(family, impl="grouped_mm"):
+def _model(family, impl="grouped_mm", layers=None):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(tiny_config(family))
+    cfg = tiny_config(family)
+    if layers is not None:  # fewer decoder layers: less to trace
+        cfg.num_hidden_layers = layers
+        if getattr(cfg, "layer_types", None) is not None:
+            cfg.layer_types = cfg.layer_types[:layers]
+    model = AutoModelForCausalLM.from_config(cfg)
     with torch.no_grad():  # tiny random init leaves some weights at zero: make the experts and router count
         for n, p in model.named_parameters():
             if "experts" in n or "router" in n or "gate" in n:
@@ -254,11 +259,9 @@ def _q4(dtype, *, double_quant=True, transposed=False, bias=False, lora=None, ca
     return (x, idx, w, q1, q2, b1, b2, A1, B1, A2, B2, *rest)
 
 
-Q4_CASES = {
-    "fp32-dq": dict(dtype=torch.float32),
-    "bf16-no-dq-lora": dict(dtype=torch.bfloat16, double_quant=False, lora="both"),
-    "fp32-bias-transposed-lora-down": dict(dtype=torch.float32, bias=True, transposed=True, lora="down"),
-    "bf16-bias-transposed-cached-scales": dict(dtype=torch.bfloat16, bias=True, transposed=True, cache_absmax=True),
+Q4_CASES = {  # between them: fp32 / bf16, double quant or not, the transposed gpt-oss layout, biases, LoRA
+    "fp32-bias-transposed-lora": dict(dtype=torch.float32, bias=True, transposed=True, lora="both"),
+    "bf16-no-dq-lora-gate-up": dict(dtype=torch.bfloat16, double_quant=False, lora="gate_up"),
 }
 
 
@@ -274,58 +277,55 @@ def test_experts_4bit_ops_opcheck(case, monkeypatch):
     x, w, b1, b2, A1, B1, A2, B2 = (t.detach() if t is not None else None for t in (x, w, b1, b2, A1, B1, A2, B2))
     bwd = (torch.randn_like(x), x, *q1.op_args(), *q2.op_args(), b2, A1, B1, A2, B2, *saved, *tail, 2, "torch")
     present = [t is not None for t in (x, w, b1, b2, A1, B1, A2, B2)]
-    for pattern in ([1] * 8, [1, 0, 1, 0, 1, 0, 1, 0], [0, 1, 0, 1, 0, 1, 0, 1]):
+    for pattern in ([1] * 8, [0, 1, 1, 0, 0, 1, 1, 0]):
         needs = [bool(n) and p for n, p in zip(pattern, present)]
         torch.library.opcheck(torch.ops.fastft.experts_4bit_bwd.default, (*bwd, needs))
 
 
-@pytest.mark.parametrize("case", ["fp32-bias-transposed-lora-down", "fp32-lora-cached-scales"])
-def test_experts_4bit_fullgraph(case, monkeypatch):
-    """The public function over two 4-bit weights: one graph (the 4-bit operators), the eager output
-    (the autograd Function) and gradients of x, the routing weights, the biases and the adapters."""
+def test_experts_4bit_fullgraph(monkeypatch):
+    """The public function over two 4-bit weights (transposed, biases, LoRA on both GEMMs, kept fp32 scales
+    on one): one graph with one fastft::experts_4bit_fwd, the eager output (the autograd Function) and
+    gradients of x, the routing weights, the biases and the adapters; an expert id out of range is the
+    operator's ValueError when the compiled graph runs."""
     monkeypatch.setenv("FASTFT_BACKEND", "torch")
-    kw = Q4_CASES.get(case) or dict(dtype=torch.float32, lora="both", cache_absmax=True)
-    x, idx, w, q1, q2, b1, b2, A1, B1, A2, B2, kind, alpha, limit, transposed, s1, s2 = _q4(**kw)
+    x, idx, w, q1, q2, b1, b2, A1, B1, A2, B2, kind, alpha, limit, transposed, s1, s2 = _q4(
+        torch.float32, transposed=True, bias=True, lora="both"
+    )
+    q1 = ExpertsWeight4bit.from_weight(q1.dequantize(), transposed=True, cache_absmax=True)
     act = ExpertsActivation(kind, alpha, limit)
-    names = [n for n, t in zip("x w b1 b2 A1 B1 A2 B2".split(), (x, w, b1, b2, A1, B1, A2, B2)) if t is not None]
-    inputs = [t for t in (x, w, b1, b2, A1, B1, A2, B2) if t is not None]
 
-    def fn(*ts):
-        t = dict(zip(names, ts))
-        l1 = ExpertsLora(t["A1"], t["B1"], s1) if "A1" in t else None
-        l2 = ExpertsLora(t["A2"], t["B2"], s2) if "A2" in t else None
-        return experts(
-            t["x"] * 2.0, idx, t["w"], q1, q2, t.get("b1"), t.get("b2"), act=act, transposed=transposed,
-            lora_gate_up=l1, lora_down=l2,
-        )  # fmt: skip
+    def fn(idx, x, w, b1, b2, A1, B1, A2, B2):
+        l1, l2 = ExpertsLora(A1, B1, s1), ExpertsLora(A2, B2, s2)
+        return experts(x * 2.0, idx, w, q1, q2, b1, b2, act=act, transposed=True, lora_gate_up=l1, lora_down=l2)
 
-    code = []
-    torch._dynamo.reset()
-    torch.compile(fn, fullgraph=True, backend=lambda gm, ex: code.append(gm.code) or gm.forward)(*inputs)
-    assert re.findall(r"torch\.ops\.fastft\.(\w+)", "".join(code)) == ["experts_4bit_fwd"]
-    compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, some_grads=True)
+    graphs = []
+    compiled = compiled_matches_eager(fn, [idx, x, w, b1, b2, A1, B1, A2, B2], some_grads=True, graphs=graphs)
+    assert re.findall(r"torch\.ops\.fastft\.(\w+)", "".join(graphs)) == ["experts_4bit_fwd"]
     bad = idx.clone()
     bad[3, 1] = 4
-    with pytest.raises(ValueError, match=r"top_k_index values must lie in \[0, 4\)"):  # checked by the operator
-        torch.compile(lambda x: experts(x, bad, w, q1, q2, b1, b2, act=act, transposed=transposed), fullgraph=True)(x)
+    with pytest.raises(ValueError, match=r"top_k_index values must lie in \[0, 4\)"):
+        compiled(bad, x, w, b1, b2, A1, B1, A2, B2)
+    assert len(graphs) == 1  # the same graph ran
 
 
 def _qlora_model(family, T):
-    """A QLoRA MoE: PEFT LoRA on q_proj and on the experts (built on the 16-bit model), then fastft.quantize."""
+    """A one-layer QLoRA MoE: PEFT LoRA on q_proj and on the experts (built on the 16-bit model), then
+    fastft.quantize."""
     from peft import LoraConfig, get_peft_model
 
     cfg = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], target_parameters=TARGETS, init_lora_weights=False)
     torch.manual_seed(2)
-    model = get_peft_model(_model(family, impl="eager"), cfg)
+    model = get_peft_model(_model(family, impl="eager", layers=1), cfg)
     fastft.quantize(model)
     return model, _batch(model, T)
 
 
 @pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # gpt-oss: transposed weights, biases
 def test_patched_qlora_moe_step_compiles_fullgraph(family, monkeypatch):
-    """QLoRA over 4-bit experts (and 4-bit linear layers): the patched training step compiles as one graph
-    (16 breaks at these sizes before, measured: the autograd Function), each experts module one
-    fastft::experts_4bit_fwd node, to the eager loss and LoRA gradients; the report says compile-ready."""
+    """QLoRA over 4-bit experts and 4-bit linear layers, LoRA on both: the patched training step compiles
+    with fullgraph=True (before, with the autograd Function, the two-layer model's step had 17 / 18 graph
+    breaks, measured with explain), each experts module one fastft::experts_4bit_fwd node, to the eager loss and LoRA
+    gradients; the report says compile-ready."""
     from fastft.nn import Linear4bit
 
     warnings.filterwarnings("ignore")
@@ -336,12 +336,11 @@ def test_patched_qlora_moe_step_compiles_fullgraph(family, monkeypatch):
     assert report.compile_ready().startswith("compile-ready: yes"), report.compile_ready()
     model.train()
     model_step(model)(**batch)  # the loss convention check, eagerly
-    torch._dynamo.reset()
-    explain = torch._dynamo.explain(model_step(model))(**batch)
-    assert explain.graph_break_count == 0, [str(b.reason).splitlines()[0] for b in explain.break_reasons]
-    nodes = re.findall(r"torch\.ops\.fastft\.(\w+)", "".join(g.code for g in explain.graphs))
+    graphs = []
+    grads = step_compiles_to_eager(model, batch, some_grads=True, graphs=graphs)
+    assert len(graphs) == 1  # fullgraph: no break at all
+    nodes = re.findall(r"torch\.ops\.fastft\.(\w+)", "".join(graphs))
     assert nodes.count("experts_4bit_fwd") == _n_experts_modules(model) and "experts_fwd" not in nodes
-    grads = step_compiles_to_eager(model, batch, some_grads=True)
     assert sum("experts" in n and "lora_" in n for n in grads) == 4 * _n_experts_modules(model)
     assert any("q_proj" in n for n in grads) and not report.fallbacks
 

@@ -73,7 +73,10 @@ dequantised expert slice at a time).
 
 Tensor weights run :class:`_Experts`' forward and backward as the ``torch.library`` operators
 ``fastft::experts_fwd`` / ``experts_bwd`` (:mod:`fastft.ops.experts_op`), so ``torch.compile``
-traces the block without a graph break; 4-bit weights (not tensors) run the autograd Function.
+traces the block without a graph break. Two 4-bit weights (not tensors) run the autograd Function
+eagerly and, under ``torch.compile``, the operators ``fastft::experts_4bit_fwd`` / ``experts_4bit_bwd``
+(:mod:`fastft.ops.experts_op4bit`: the weights' parts as arguments, the same bodies, the same
+numbers); one 4-bit and one 16-bit weight keep the autograd Function (a graph break under compile).
 """
 
 from __future__ import annotations
@@ -541,7 +544,7 @@ def _check(x, idx, w, w1, w2, b1, b2, transposed, ids: bool = True) -> None:
         raise ValueError(f"experts: gate_up bias must be {(E, two_i)}, got {tuple(b1.shape)}")
     if b2 is not None and tuple(b2.shape) != (E, H):
         raise ValueError(f"experts: down bias must be {(E, H)}, got {tuple(b2.shape)}")
-    if ids and not torch.compiler.is_compiling():  # reads data: fastft::experts_fwd checks it at run time
+    if ids and not torch.compiler.is_compiling():  # reads data: the operators check it at run time
         check_ids(idx, E)
 
 

@@ -32,7 +32,7 @@ from __future__ import annotations
 import torch
 
 from . import experts_lora as _lo
-from .experts_op import _EMPTY, _Ctx, _act
+from .experts_op import _EMPTY, _act, _Ctx
 
 __all__ = ["experts_4bit_op_call"]
 
