@@ -320,11 +320,13 @@ def _qlora_model(family, T):
     return model, _batch(model, T)
 
 
-@pytest.mark.parametrize("family", ["qwen3_moe", "gpt_oss"])  # gpt-oss: transposed weights, biases
+# gpt_oss passes too (~5 s more on the 2-core CPU, over CI's budget): its transposed layout and biases
+# under compile are test_experts_4bit_fullgraph's and the opcheck's
+@pytest.mark.parametrize("family", ["qwen3_moe"])
 def test_patched_qlora_moe_step_compiles_fullgraph(family, monkeypatch):
     """QLoRA over 4-bit experts and 4-bit linear layers, LoRA on both: the patched training step compiles
-    with fullgraph=True (before, with the autograd Function, the two-layer model's step had 17 / 18 graph
-    breaks, measured with explain), each experts module one fastft::experts_4bit_fwd node, to the eager loss and LoRA
+    with fullgraph=True (before, with the autograd Function, the two-layer model's step had 17 graph breaks,
+    gpt-oss' 18, measured with explain), each experts module one fastft::experts_4bit_fwd node, to the eager loss and LoRA
     gradients; the report says compile-ready."""
     from fastft.nn import Linear4bit
 
