@@ -21,7 +21,7 @@ from torch import nn
 
 from .ops.nf4 import NF4State, dequantize_nf4, nf4_matmul, quantize_nf4
 
-__all__ = ["Linear4bit", "ExpertsWeight4bit", "quantize"]
+__all__ = ["Linear4bit", "ExpertsWeight4bit", "ExpertsWeight4bitView", "quantize"]
 
 
 class Linear4bit(nn.Linear):
@@ -353,6 +353,19 @@ class ExpertsWeight4bit(nn.Module):
         )
         return w.transpose(-2, -1) if self.transposed else w
 
+    def op_args(self) -> tuple:
+        """The weight as operator arguments (what ``fastft::experts_4bit_fwd`` takes, :mod:`fastft.ops.experts_op4bit`):
+        ``(weight, absmax, code, nested_absmax, nested_code, nested_offset, scales, meta, dtype)``, the nested
+        statistics None without double quantisation, ``scales`` the kept fp32 scales (``cache_absmax``) or None,
+        ``meta = [out_features, in_features, blocksize, transposed]``. :class:`ExpertsWeight4bitView` rebuilds
+        from them what the experts op reads."""
+        n = self._nested()
+        meta = [self.out_features, self.in_features, self.blocksize, int(self.transposed)]
+        return (
+            self.weight, self.absmax, self.code, n.get("absmax2"), n.get("code2"), n.get("offset"), self.scales(),
+            meta, self.weight_dtype,
+        )  # fmt: skip
+
     def slice_state(self, e: int) -> NF4State:
         """Expert ``e``'s :class:`NF4State` (its ``[out, in]`` slice; ``.to_bnb()`` gives bnb's ``QuantState``)."""
         from .ops.experts_nf4 import slice_state
@@ -438,6 +451,33 @@ class ExpertsWeight4bit(nn.Module):
             f"transposed={self.transposed}, nf4 blocksize={self.blocksize}, double_quant={self.double_quant}"
             + (", fp32 absmax cached" if self.cache_absmax else "")
         )
+
+
+class ExpertsWeight4bitView:
+    """What the experts op reads off an :class:`ExpertsWeight4bit`, rebuilt inside an operator from
+    :meth:`ExpertsWeight4bit.op_args` (tensors and static ints, no module): the same ``shape`` /
+    ``dtype`` / ``dequantize`` / scale decoding (the module's own methods), so the same numbers."""
+
+    shape = ExpertsWeight4bit.shape
+    dtype = ExpertsWeight4bit.dtype
+    device = ExpertsWeight4bit.device
+    dim = ExpertsWeight4bit.dim
+    _nested = ExpertsWeight4bit._nested
+    _stats = ExpertsWeight4bit._stats
+    decode_scales = ExpertsWeight4bit.decode_scales
+    dequantize = ExpertsWeight4bit.dequantize
+
+    def __init__(self, weight, absmax, code, nested_absmax, nested_code, nested_offset, scales, meta, dtype):
+        self.weight, self.absmax, self.code = weight, absmax, code
+        self.nested_absmax, self.nested_code, self.nested_offset = nested_absmax, nested_code, nested_offset
+        self.double_quant = nested_absmax is not None
+        self._kept = scales
+        self.out_features, self.in_features, self.blocksize, transposed = (int(v) for v in meta)
+        self.transposed, self.num_experts, self.weight_dtype = bool(transposed), weight.shape[0], dtype
+
+    def scales(self) -> torch.Tensor | None:
+        """The fp32 scales the module kept decoded (``cache_absmax``), else None."""
+        return self._kept
 
 
 def _is_linear_like(module: nn.Module) -> bool:

@@ -5,21 +5,37 @@ from __future__ import annotations
 import torch
 
 
-def compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, *, some_grads=False):
+def _backend(graphs):
+    """aot_eager; with a list ``graphs``, the code of each graph dynamo traced is appended to it."""
+    if graphs is None:
+        return "aot_eager"
+    from torch._dynamo.backends.debugging import aot_eager
+
+    def record(gm, example_inputs):
+        graphs.append(gm.code)
+        return aot_eager(gm, example_inputs)
+
+    return record
+
+
+def compiled_matches_eager(fn, inputs, atol=1e-5, rtol=1e-5, *, some_grads=False, graphs=None):
     """fn compiled with fullgraph=True (aot_eager: dynamo + AOTAutograd, no codegen) gives the eager
-    result and gradients of the inputs that require grad (``some_grads``: there must be some)."""
+    result and gradients of the inputs that require grad (``some_grads``: there must be some);
+    ``graphs``: a list that gets the traced graph's code. Returns the compiled function."""
     torch._dynamo.reset()
     leaves = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
     eager = fn(*leaves)
     eager_grads = torch.autograd.grad(eager.float().sum(), [x for x in leaves if x.requires_grad])
     leaves2 = [x.detach().clone().requires_grad_(x.requires_grad) for x in inputs]
-    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")(*leaves2)
+    compiled_fn = torch.compile(fn, fullgraph=True, backend=_backend(graphs))
+    compiled = compiled_fn(*leaves2)
     grads = torch.autograd.grad(compiled.float().sum(), [x for x in leaves2 if x.requires_grad])
     torch.testing.assert_close(compiled, eager, atol=atol, rtol=rtol)
     if some_grads:
         assert len(grads) == len(eager_grads) > 0
     for g, ge in zip(grads, eager_grads):
         torch.testing.assert_close(g, ge, atol=atol, rtol=rtol)
+    return compiled_fn
 
 
 def no_graph_breaks(fn, *inputs, one_graph=False):
@@ -54,13 +70,14 @@ def loss_and_grads(step, model, batch):
     return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
 
-def step_compiles_to_eager(model, batch, *, wrap=lambda step: step, some_grads=False):
+def step_compiles_to_eager(model, batch, *, wrap=lambda step: step, some_grads=False, graphs=None):
     """The model's step compiled with fullgraph=True gives the eager loss (1e-5) and parameter
     gradients (1e-4). ``wrap`` decorates both steps (e.g. seeding the generator before each);
-    ``some_grads``: there must be some. Returns the eager gradients."""
+    ``some_grads``: there must be some; ``graphs``: a list that gets the traced graph's code.
+    Returns the eager gradients."""
     eager_loss, eager_grads = loss_and_grads(wrap(model_step(model)), model, batch)
     torch._dynamo.reset()
-    compiled = torch.compile(model_step(model), fullgraph=True, backend="aot_eager")
+    compiled = torch.compile(model_step(model), fullgraph=True, backend=_backend(graphs))
     loss, grads = loss_and_grads(wrap(compiled), model, batch)
     torch.testing.assert_close(loss, eager_loss, atol=1e-5, rtol=1e-5)
     assert grads.keys() == eager_grads.keys() and (grads or not some_grads)

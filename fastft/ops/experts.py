@@ -73,7 +73,10 @@ dequantised expert slice at a time).
 
 Tensor weights run :class:`_Experts`' forward and backward as the ``torch.library`` operators
 ``fastft::experts_fwd`` / ``experts_bwd`` (:mod:`fastft.ops.experts_op`), so ``torch.compile``
-traces the block without a graph break; 4-bit weights (not tensors) run the autograd Function.
+traces the block without a graph break. Two 4-bit weights (not tensors) run the autograd Function
+eagerly and, under ``torch.compile``, the operators ``fastft::experts_4bit_fwd`` / ``experts_4bit_bwd``
+(:mod:`fastft.ops.experts_op4bit`: the weights' parts as arguments, the same bodies, the same
+numbers); one 4-bit and one 16-bit weight keep the autograd Function (a graph break under compile).
 """
 
 from __future__ import annotations
@@ -342,18 +345,25 @@ def nf4_kernel_misfit(w, dtype: torch.dtype) -> str | None:
 NF4_TRITON_MAX_ROWS_PER_EXPERT = 128
 
 
+@torch.compiler.assume_constant_result
+def _nf4_select(device_type: str, backend: str) -> tuple[str, str]:
+    """``(backend selected for OP_EXPERTS_NF4, backend requested)``: host facts (environment, Triton's
+    availability), evaluated once when torch.compile traces, a constant of the graph."""
+    return backends.select(OP_EXPERTS_NF4, device_type, backend).backend, backends.requested(backend)
+
+
 def _nf4_gemm_backend(device: torch.device, ws, dtype: torch.dtype, backend: str, rows: int = 0) -> str:
     """``"triton"`` or ``"torch"``: how the GEMMs over the 4-bit weights among ``ws`` run (see
     :data:`OP_EXPERTS_NF4`). Under ``"auto"`` a weight the kernel cannot read runs the torch path
     (:func:`_wgemm` decides per weight), and so do ``rows`` (routed rows, tokens x top-k) above
     :data:`NF4_TRITON_MAX_ROWS_PER_EXPERT` per expert; a forced ``"triton"`` that cannot read one is a
     ``ValueError``."""
-    choice = backends.select(OP_EXPERTS_NF4, device, backend).backend
-    if choice == "triton" and backends.requested(backend) == "auto":
+    choice, requested = _nf4_select(torch.device(device).type, backend)
+    if choice == "triton" and requested == "auto":
         E = next(w.shape[0] for _, w in ws)
         if rows > NF4_TRITON_MAX_ROWS_PER_EXPERT * E:
             return "torch"
-    if choice == "triton" and backends.requested(backend) != "auto":
+    if choice == "triton" and requested != "auto":
         for name, w in ws:
             why = None if torch.is_tensor(w) else nf4_kernel_misfit(w, dtype)
             if why is not None:
@@ -534,7 +544,7 @@ def _check(x, idx, w, w1, w2, b1, b2, transposed, ids: bool = True) -> None:
         raise ValueError(f"experts: gate_up bias must be {(E, two_i)}, got {tuple(b1.shape)}")
     if b2 is not None and tuple(b2.shape) != (E, H):
         raise ValueError(f"experts: down bias must be {(E, H)}, got {tuple(b2.shape)}")
-    if ids and not torch.compiler.is_compiling():  # reads data: fastft::experts_fwd checks it at run time
+    if ids and not torch.compiler.is_compiling():  # reads data: the operators check it at run time
         check_ids(idx, E)
 
 
@@ -594,12 +604,20 @@ def experts(
             x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
             lora_gate_up, lora_down,
         )  # fmt: skip
-    # 4-bit: the GEMMs' backend (a forced one that cannot run raises here), and a bad
-    # FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any kernel
+    # 4-bit: the GEMMs' backend (a forced one that cannot run raises here; host-known facts only, a
+    # constant of a compiled graph), and a bad FASTFT_EXPERTS_CHUNK_MB is a ValueError here, before any
+    # kernel (under compile: when the operator runs)
     weights = (("gate_up_proj", gate_up_proj), ("down_proj", down_proj))
     gemm = _nf4_gemm_backend(x.device, weights, gate_up_proj.dtype, backend, rows=top_k_index.numel())
-    dequant_chunk_bytes()
-    l1, l2 = lora_gate_up, lora_down
+    if not torch.compiler.is_compiling():
+        dequant_chunk_bytes()
+    four_bit = not torch.is_tensor(gate_up_proj) and not torch.is_tensor(down_proj)
+    if four_bit and torch.compiler.is_compiling():  # the operators (they check the ids' range at run time)
+        return _op4.experts_4bit_op_call(
+            x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
+            lora_gate_up, lora_down, gemm,
+        )  # fmt: skip
+    l1, l2 = lora_gate_up, lora_down  # eager, or mixed 4-bit / 16-bit weights: the autograd Function
     return _Experts.apply(
         x, top_k_index, top_k_weights, gate_up_proj, down_proj, gate_up_bias, down_bias, act, transposed,
         *((l1.A, l1.B) if l1 is not None else (None, None)), *((l2.A, l2.B) if l2 is not None else (None, None)),
@@ -608,3 +626,4 @@ def experts(
 
 
 from . import experts_op as _op  # noqa: E402  (registers fastft::experts_fwd / experts_bwd)
+from . import experts_op4bit as _op4  # noqa: E402  (registers fastft::experts_4bit_fwd / experts_4bit_bwd)

@@ -22,9 +22,11 @@ to the operator: done here, eager or compiled, on CPU tensors (a ``ValueError`` 
 before any GEMM). On CUDA
 it is never done (a host sync), as in eager.
 
-4-bit weights (:class:`fastft.nn.ExpertsWeight4bit`) are not tensors and cannot be operator
-arguments: they keep the autograd Function, which graph-breaks under ``torch.compile`` (the patch
-report says so).
+4-bit weights (:class:`fastft.nn.ExpertsWeight4bit`) are not tensors: under ``torch.compile`` their
+parts are the arguments of ``fastft::experts_4bit_fwd`` / ``experts_4bit_bwd``
+(:mod:`fastft.ops.experts_op4bit`, the same bodies on a view rebuilt from them); eager calls and
+mixed 4-bit / 16-bit weights run the autograd Function (mixed ones graph-break under compile; the
+patch report says so).
 """
 
 from __future__ import annotations

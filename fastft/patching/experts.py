@@ -19,7 +19,9 @@ counted in ``report.fallbacks``.
 
 4-bit experts (:func:`fastft.quantize` replaced the 3-D weights by
 :class:`fastft.nn.ExpertsWeight4bit`) are found the same way and run the same op, which
-dequantises inside its GEMMs. Their fallback is always the model's own eager loop (whatever
+dequantises inside its GEMMs (under ``torch.compile`` as the operators ``fastft::experts_4bit_fwd`` /
+``experts_4bit_bwd``; a module with one 4-bit and one 16-bit weight keeps the autograd Function
+there, which the report says). Their fallback is always the model's own eager loop (whatever
 the implementation was): indexing a 4-bit weight dequantises one expert's slice, and no other
 transformers implementation reads packed weights.
 """
@@ -211,8 +213,11 @@ def apply(ctx) -> None:
             f"experts (grouped GEMM), E={w1.shape[0]}, act={act.kind}, bias={bool(module.has_bias)}, "
             f"was {prev or 'eager'}{nf4}",
         )
-        if four_bit:  # a 4-bit weight is no tensor, so no operator argument: the autograd Function runs
-            ctx.report.runs_eager("experts", "4-bit (NF4) experts run an autograd Function, not an operator")
+        if four_bit and not (_is_4bit(module.gate_up_proj) and _is_4bit(module.down_proj)):
+            # both 4-bit: fastft::experts_4bit_fwd (its parts are the operator's arguments); mixed: the autograd Function
+            ctx.report.runs_eager(
+                "experts", "mixed 4-bit (NF4) / 16-bit expert weights run an autograd Function, not an operator"
+            )
     for config in configs.values():
         ctx.swap(config, "_experts_implementation_internal", _IMPL)
     from . import experts_lora
