@@ -534,7 +534,25 @@ def quantize(
         setattr(parent, child_name, layer)
     if experts:
         _quantize_experts(model, blocksize=blocksize, double_quant=double_quant, skip=skip, cache_absmax=cache_absmax)
+    _record_quantization(model, blocksize, double_quant, skip, cache_absmax, experts)
     return model
+
+
+def _record_quantization(model, blocksize, double_quant, skip, cache_absmax, experts) -> None:
+    """A transformers model keeps its :class:`fastft.NF4Config` on ``model.config`` (so ``save_pretrained``
+    writes a checkpoint that reloads pre-quantised) and saves its 4-bit tensors unconverted
+    (:mod:`fastft.hf_quantizer`)."""
+    import sys
+
+    if "transformers" not in sys.modules:  # not a transformers model
+        return
+    try:
+        from .hf_quantizer import record_quantization
+    except ImportError:  # transformers < 5: no NF4Config
+        return
+    record_quantization(
+        model, blocksize=blocksize, double_quant=double_quant, skip=skip, cache_absmax=cache_absmax, experts=experts
+    )
 
 
 def _adapter_module_ids(model: nn.Module) -> set[int]:

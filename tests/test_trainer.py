@@ -530,6 +530,31 @@ def test_qlora_trains_an_nf4_base(tmp_path, monkeypatch):
     assert (tmp_path / "checkpoint-last" / "adapter_model.safetensors").is_file()
 
 
+def test_qlora_from_a_path_quantises_as_it_loads(tmp_path, monkeypatch):
+    """A model path under qlora loads through fastft.NF4Config (no whole 16-bit model first)."""
+    from transformers import AutoModelForCausalLM
+
+    from fastft.nn import Linear4bit
+
+    _model().save_pretrained(tmp_path / "base")
+    real, asked = AutoModelForCausalLM.from_pretrained, []
+
+    def spy(*a, **kw):
+        asked.append(kw.get("quantization_config"))
+        return real(*a, **kw)
+
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", spy)
+    built = {}
+    real_build = T._Trainer._build_model
+    monkeypatch.setattr(T._Trainer, "_build_model", lambda self, m: built.setdefault("hf", real_build(self, m)))
+    cfg = _cfg(tmp_path / "run", method="qlora", model=str(tmp_path / "base"), max_steps=2, eval_every=2)
+    result = fastft.train(cfg, tokenizer=TOK, train_data=_records(8), eval_data=_records(4, seed=1))
+    assert [getattr(q, "quant_method", None) for q in asked] == ["fastft_nf4"]
+    hf, _ = built["hf"]
+    assert hf.hf_quantizer is not None and sum(isinstance(m, Linear4bit) for m in hf.modules()) == 14
+    assert all(math.isfinite(x) for x in result.losses) and len(result.losses) == 2
+
+
 def test_epochs_and_resume_last_in_place(tmp_path):
     # no max_steps: one epoch of 10 records at batch 2 is 5 steps; then "last" resumes a finished run as a no-op
     first = _train(tmp_path, max_steps=None, epochs=1, train_records=_records(10), eval_every=5)

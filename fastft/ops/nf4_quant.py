@@ -14,8 +14,24 @@ __all__ = ["quantize_nf4"]
 # --------------------------------------------------------------------------------------
 # quantisation (pure PyTorch; bitsandbytes' CPU algorithm)
 # --------------------------------------------------------------------------------------
-def _quantize_8bit_dynamic(A: torch.Tensor, code2: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """bnb's CPU ``quantize_blockwise`` (65536-point lookup table): uint8 [n], fp32 absmax [nb]."""
+_DYNAMIC_LUT: dict[torch.device, torch.Tensor] = {}
+
+
+def _dynamic_lut(device: torch.device) -> torch.Tensor:
+    """uint8 [65536]: bnb's CPU lookup table from a point of [-1, 1] to its nearest ``dynamic_code`` entry,
+    built once per device (building it is most of a small weight's double quantisation)."""
+    lut = _DYNAMIC_LUT.get(device)
+    if lut is None:
+        code2 = dynamic_code(device)
+        mid = (code2[:-1] + code2[1:]) * 0.5
+        grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device=device)
+        grid = (2.0 * grid) / float(_LUT_SIZE - 1) - 1.0
+        lut = _DYNAMIC_LUT[device] = torch.searchsorted(mid, grid, side="left").to(torch.uint8)
+    return lut
+
+
+def _quantize_8bit_dynamic(A: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """bnb's CPU ``quantize_blockwise`` over ``dynamic_code`` (65536-point lookup table): uint8 [n], fp32 absmax [nb]."""
     n = A.numel()
     nb = -(-n // blocksize)
     padded = torch.nn.functional.pad(A, (0, nb * blocksize - n)) if n % blocksize else A
@@ -24,11 +40,7 @@ def _quantize_8bit_dynamic(A: torch.Tensor, code2: torch.Tensor, blocksize: int)
     inv = (1.0 / safe).repeat_interleave(blocksize)[:n]
     x = (A * inv).clamp_(-1.0, 1.0)
     j = x.add_(1.0).mul_(0.5).mul_(float(_LUT_SIZE - 1)).add_(0.5).to(torch.int64)  # trunc, as the C cast
-    mid = (code2[:-1] + code2[1:]) * 0.5
-    grid = torch.arange(_LUT_SIZE, dtype=torch.float32, device=A.device)
-    grid = (2.0 * grid) / float(_LUT_SIZE - 1) - 1.0
-    lut = torch.searchsorted(mid, grid, side="left").to(torch.uint8)
-    q = lut[j]
+    q = _dynamic_lut(A.device)[j]
     zero = (am == 0).repeat_interleave(blocksize)[:n]
     return q.masked_fill_(zero, 0), am
 
@@ -62,7 +74,7 @@ def _quantize_op(
     if not double_quant:
         return packed, absmax, A.new_empty(0), A.new_empty(0)
     offset = absmax.mean()
-    qabsmax, absmax2 = _quantize_8bit_dynamic(absmax - offset, dynamic_code(device), _DQ_BLOCKSIZE)
+    qabsmax, absmax2 = _quantize_8bit_dynamic(absmax - offset, _DQ_BLOCKSIZE)
     return packed, qabsmax, absmax2, offset
 
 

@@ -31,9 +31,15 @@ def _load_model(cfg: TrainConfig, dtype: torch.dtype):
         return default.load_model(dtype=dtype)
     from transformers import AutoModelForCausalLM
 
+    kw = {}
+    if cfg.method == "qlora":  # the linear layers quantised as they load (no whole 16-bit model first)
+        from ..hf_quantizer import NF4Config
+
+        # "all-linear" LoRA also trains MoE experts, built on their 16-bit weights, quantised after PEFT
+        kw["quantization_config"] = NF4Config(experts=cfg.target_modules != "all-linear")
     try:
         return AutoModelForCausalLM.from_pretrained(
-            str(cfg.model), dtype=dtype, trust_remote_code=cfg.trust_remote_code
+            str(cfg.model), dtype=dtype, trust_remote_code=cfg.trust_remote_code, **kw
         )
     except (OSError, ValueError) as e:
         raise ValueError(f"cannot load model {str(cfg.model)!r}: {_one_line(e)}") from None
@@ -121,7 +127,8 @@ class ModelMixin:
                 # dropout the adapter is built without it and the dropout is set on the nn.Linear
                 # LoRA layers only (what PEFT itself builds there); the experts train without it
                 experts = expert_target_parameters(hf) if tm == "all-linear" else []
-                # qlora: the linear layers go 4-bit before PEFT wraps them; PEFT's target_parameters
+                # qlora: the linear layers go 4-bit before PEFT wraps them (already so when loaded from
+                # a path: NF4Config quantised them on load, and this quantize only records); PEFT's target_parameters
                 # cannot wrap a packed weight, so the experts' adapters are built on the 16-bit
                 # experts and those are quantised inside PEFT's wrappers afterwards
                 if cfg.method == "qlora":
