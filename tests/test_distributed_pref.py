@@ -111,9 +111,12 @@ def _assert_same_run(got: Path, ref: Path, *, with_history: bool = True) -> None
     for a, b in zip(g, r):
         keys = [k for k in b if k == "loss" or k.startswith("eval_")]
         assert keys and set(keys) <= set(a), (a, b)
+        # fp32 gradients summed in another order over two ranks (FSDP2's reduce-scatter) move the trained
+        # weights by ulps: the fp32 tolerance of the adapters below (an AMD EPYC gave 3.3e-6 relative on
+        # a reward after two steps, past the 1e-6 an Intel Xeon had always met)
         torch.testing.assert_close(torch.tensor([a[k] for k in keys], dtype=torch.float64),
                                    torch.tensor([b[k] for k in keys], dtype=torch.float64),
-                                   rtol=1e-6, atol=1e-7, msg=lambda m, s=b["step"], ks=keys: f"step {s} {ks}: {m}")  # fmt: skip
+                                   rtol=1e-5, atol=1e-6, msg=lambda m, s=b["step"], ks=keys: f"step {s} {ks}: {m}")  # fmt: skip
     ga, ra = _adapter(got), _adapter(ref)
     assert ga.keys() == ra.keys() and ra
     for k in ra:
