@@ -16,6 +16,11 @@ if os.environ.get("FASTFT_GPU_TESTS", "0") != "1":
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
+# Under pytest-xdist (the README's ``-n auto``) each worker gets its share of the cores as torch
+# threads: two workers of two OpenMP threads each on two cores would spin against each other.
+if os.environ.get("PYTEST_XDIST_WORKER_COUNT"):
+    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // int(os.environ["PYTEST_XDIST_WORKER_COUNT"])))
+
 
 @pytest.fixture(autouse=True)
 def seed():
