@@ -56,6 +56,65 @@ def _act(kind: str, alpha: float, limit: float):
 _EMPTY = (0,)
 
 
+def run_forward(x, top_k_index, top_k_weights, w1, w2, b1, b2, A1, B1, A2, B2, act, alpha, limit, transposed, s1, s2,
+                dtype, gemm="torch"):  # fmt: skip
+    """:meth:`_Experts.forward` on a stand-in ``ctx`` (the body of both forward operators; ``w1`` / ``w2``
+    tensors or 4-bit views, ``dtype`` the compute dtype): ``(out, perm, sorted_ids, offs, ws, h, u1, u2)``,
+    each contiguous (an empty ``u`` where there is no adapter). The expert ids' range is checked first."""
+    from .experts import _Experts, check_ids
+
+    check_ids(top_k_index, w1.shape[0])
+    ctx = _Ctx()
+    out = _Experts.forward(
+        ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, _act(act, alpha, limit), transposed, A1, B1, A2, B2,
+        (s1, s2), gemm,
+    )  # fmt: skip
+    _, perm, sorted_ids, offs, ws, h, _, _, _, *lora = ctx.saved_tensors
+    u1 = lora[2] if A1 is not None else x.new_empty(_EMPTY, dtype=dtype)
+    u2 = lora[-1] if A2 is not None else x.new_empty(_EMPTY, dtype=dtype)
+    return tuple(t.contiguous() for t in (out, perm, sorted_ids, offs, ws, h, u1, u2))
+
+
+def fake_forward(x, top_k_index, top_k_weights, E: int, two_i: int, dtype, A1, A2):
+    """The forward operators' fake outputs (shapes and dtypes of :func:`run_forward`'s)."""
+    S = top_k_index.numel()
+    return (
+        x.new_empty(x.shape),
+        x.new_empty(S, dtype=torch.int64),
+        x.new_empty(S, dtype=top_k_index.dtype),
+        x.new_empty(E, dtype=torch.int32),
+        x.new_empty(S, dtype=top_k_weights.dtype),
+        x.new_empty(S, two_i, dtype=dtype),
+        x.new_empty((S, A1.shape[1]) if A1 is not None else _EMPTY, dtype=dtype),
+        x.new_empty((S, A2.shape[1]) if A2 is not None else _EMPTY, dtype=dtype),
+    )
+
+
+def run_backward(dout, x, w1, w2, b2, A1, B1, A2, B2, perm, sorted_ids, offs, ws, h, u1, u2, act, alpha, limit,
+                 transposed, s1, s2, top_k, needs, fn_index, dtype, gemm="torch"):  # fmt: skip
+    """:meth:`_Experts.backward` on a stand-in ``ctx`` (the body of both backward operators): the
+    gradients at ``fn_index`` (their places in ``_Experts``' inputs) where ``needs`` says, an empty
+    tensor for the others."""
+    from .experts import _Experts, _packed, _saveable, set_ctx_meta
+
+    lora = []
+    if A1 is not None:
+        lora += [*_lo.prepare(A1, B1, s1, dtype), u1]
+    if A2 is not None:
+        lora += [*_lo.prepare(A2, B2, s2, dtype), u2]
+    ctx = _Ctx()
+    ctx.saved_tensors = (x, perm, sorted_ids, offs, ws, h, *_saveable(w1, w2), b2, *lora)
+    set_ctx_meta(ctx, _act(act, alpha, limit), transposed, top_k, A1, B1, A2, B2, (s1, s2), _packed(w1, w2), gemm)
+    need = [False] * 15
+    for i, n in zip(fn_index, needs):
+        need[i] = bool(n)
+    ctx.needs_input_grad = tuple(need)
+    grads = _Experts.backward(ctx, dout)
+    return tuple(
+        grads[i].contiguous() if n and grads[i] is not None else dout.new_empty(_EMPTY) for i, n in zip(fn_index, needs)
+    )
+
+
 @torch.library.custom_op("fastft::experts_fwd", mutates_args=())
 def _experts_fwd(
     x: torch.Tensor,
@@ -79,34 +138,15 @@ def _experts_fwd(
     torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor
 ]:
     """``(out, perm, sorted_ids, offs, ws, h, u1, u2)``: the output, then what backward reads."""
-    from .experts import _Experts, check_ids
-
-    check_ids(top_k_index, w1.shape[0])
-    ctx = _Ctx()
-    out = _Experts.forward(
-        ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, _act(act, alpha, limit), transposed, A1, B1, A2, B2, (s1, s2)
+    return run_forward(
+        x, top_k_index, top_k_weights, w1, w2, b1, b2, A1, B1, A2, B2, act, alpha, limit, transposed, s1, s2, w1.dtype
     )  # fmt: skip
-    _, perm, sorted_ids, offs, ws, h, _, _, _, *lora = ctx.saved_tensors
-    u1 = lora[2] if A1 is not None else x.new_empty(_EMPTY, dtype=w1.dtype)
-    u2 = lora[-1] if A2 is not None else x.new_empty(_EMPTY, dtype=w1.dtype)
-    return tuple(t.contiguous() for t in (out, perm, sorted_ids, offs, ws, h, u1, u2))
 
 
 @_experts_fwd.register_fake
 def _(x, top_k_index, top_k_weights, w1, w2, b1, b2, A1, B1, A2, B2, act, alpha, limit, transposed, s1, s2):
-    T, K = top_k_index.shape
-    S, E, dt = T * K, w1.shape[0], w1.dtype
     two_i = w1.shape[2] if transposed else w1.shape[1]
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(S, dtype=torch.int64),
-        x.new_empty(S, dtype=top_k_index.dtype),
-        x.new_empty(E, dtype=torch.int32),
-        x.new_empty(S, dtype=top_k_weights.dtype),
-        x.new_empty(S, two_i, dtype=dt),
-        x.new_empty((S, A1.shape[1]) if A1 is not None else _EMPTY, dtype=dt),
-        x.new_empty((S, A2.shape[1]) if A2 is not None else _EMPTY, dtype=dt),
-    )
+    return fake_forward(x, top_k_index, top_k_weights, w1.shape[0], two_i, w1.dtype, A1, A2)
 
 
 # experts_bwd's gradients (x, top_k_weights, w1, w2, b1, b2, A1, B1, A2, B2): the index of each in
@@ -146,26 +186,10 @@ def _experts_bwd(
 ]:  # fmt: skip
     """``(dx, dtop_k_weights, dw1, dw2, db1, db2, dA1, dB1, dA2, dB2)`` (``needs`` in that order);
     one not needed is an empty tensor."""
-    from .experts import _Experts, set_ctx_meta
-
-    dtype = w1.dtype
-    lora = []
-    if A1 is not None:
-        lora += [*_lo.prepare(A1, B1, s1, dtype), u1]
-    if A2 is not None:
-        lora += [*_lo.prepare(A2, B2, s2, dtype), u2]
-    ctx = _Ctx()
-    ctx.saved_tensors = (x, perm, sorted_ids, offs, ws, h, w1, w2, b2, *lora)
-    set_ctx_meta(ctx, _act(act, alpha, limit), transposed, top_k, A1, B1, A2, B2, (s1, s2))
-    need = [False] * 14
-    for i, n in zip(_FN_INDEX, needs):
-        need[i] = bool(n)
-    ctx.needs_input_grad = tuple(need)
-    grads = _Experts.backward(ctx, dout)
-    return tuple(
-        grads[i].contiguous() if n and grads[i] is not None else dout.new_empty(_EMPTY)
-        for i, n in zip(_FN_INDEX, needs)
-    )
+    return run_backward(
+        dout, x, w1, w2, b2, A1, B1, A2, B2, perm, sorted_ids, offs, ws, h, u1, u2, act, alpha, limit, transposed, s1,
+        s2, top_k, needs, _FN_INDEX, w1.dtype,
+    )  # fmt: skip
 
 
 @_experts_bwd.register_fake

@@ -31,8 +31,7 @@ from __future__ import annotations
 
 import torch
 
-from . import experts_lora as _lo
-from .experts_op import _EMPTY, _act, _Ctx
+from .experts_op import _EMPTY, fake_forward, run_backward, run_forward
 
 __all__ = ["experts_4bit_op_call"]
 
@@ -74,38 +73,20 @@ def _experts_4bit_fwd(
     gemm: str,
 ) -> _OUT:  # fmt: skip
     """``(out, perm, sorted_ids, offs, ws, h, u1, u2)``: the output, then what backward reads."""
-    from .experts import _Experts, check_ids
-
-    check_ids(top_k_index, q1.shape[0])
     w1 = _view(q1, absmax1, code1, nabsmax1, ncode1, noffset1, scales1, meta1, dtype1)
     w2 = _view(q2, absmax2, code2, nabsmax2, ncode2, noffset2, scales2, meta2, dtype2)
-    ctx = _Ctx()
-    out = _Experts.forward(
-        ctx, x, top_k_index, top_k_weights, w1, w2, b1, b2, _act(act, alpha, limit), transposed, A1, B1, A2, B2,
-        (s1, s2), gemm,
+    return run_forward(
+        x, top_k_index, top_k_weights, w1, w2, b1, b2, A1, B1, A2, B2, act, alpha, limit, transposed, s1, s2, dtype1,
+        gemm,
     )  # fmt: skip
-    _, perm, sorted_ids, offs, ws, h, _, _, _, *lora = ctx.saved_tensors
-    u1 = lora[2] if A1 is not None else x.new_empty(_EMPTY, dtype=dtype1)
-    u2 = lora[-1] if A2 is not None else x.new_empty(_EMPTY, dtype=dtype1)
-    return tuple(t.contiguous() for t in (out, perm, sorted_ids, offs, ws, h, u1, u2))
 
 
 @_experts_4bit_fwd.register_fake
 def _(x, top_k_index, top_k_weights, q1, absmax1, code1, nabsmax1, ncode1, noffset1, scales1, meta1, dtype1, q2,
       absmax2, code2, nabsmax2, ncode2, noffset2, scales2, meta2, dtype2, b1, b2, A1, B1, A2, B2, act, alpha, limit,
       transposed, s1, s2, gemm):  # fmt: skip
-    T, K = top_k_index.shape
-    S, E, dt, two_i = T * K, q1.shape[0], dtype1, meta1[0]  # meta: [out_features, in_features, ...]
-    return (
-        x.new_empty(x.shape),
-        x.new_empty(S, dtype=torch.int64),
-        x.new_empty(S, dtype=top_k_index.dtype),
-        x.new_empty(E, dtype=torch.int32),
-        x.new_empty(S, dtype=top_k_weights.dtype),
-        x.new_empty(S, two_i, dtype=dt),
-        x.new_empty((S, A1.shape[1]) if A1 is not None else _EMPTY, dtype=dt),
-        x.new_empty((S, A2.shape[1]) if A2 is not None else _EMPTY, dtype=dt),
-    )
+    # meta: [out_features, in_features, ...]
+    return fake_forward(x, top_k_index, top_k_weights, q1.shape[0], meta1[0], dtype1, A1, A2)
 
 
 # experts_4bit_bwd's gradients (x, top_k_weights, b1, b2, A1, B1, A2, B2): their index in
@@ -149,27 +130,12 @@ def _experts_4bit_bwd(
 ]:  # fmt: skip
     """``(dx, dtop_k_weights, db1, db2, dA1, dB1, dA2, dB2)`` (``needs`` in that order); one not needed
     is an empty tensor."""
-    from .experts import _Experts, set_ctx_meta
-
     w1 = _view(q1, absmax1, code1, nabsmax1, ncode1, noffset1, scales1, meta1, dtype1)
     w2 = _view(q2, absmax2, code2, nabsmax2, ncode2, noffset2, scales2, meta2, dtype2)
-    lora = []
-    if A1 is not None:
-        lora += [*_lo.prepare(A1, B1, s1, dtype1), u1]
-    if A2 is not None:
-        lora += [*_lo.prepare(A2, B2, s2, dtype1), u2]
-    ctx = _Ctx()
-    ctx.saved_tensors = (x, perm, sorted_ids, offs, ws, h, None, None, b2, *lora)
-    set_ctx_meta(ctx, _act(act, alpha, limit), transposed, top_k, A1, B1, A2, B2, (s1, s2), (w1, w2), gemm)
-    need = [False] * 15
-    for i, n in zip(_FN_INDEX, needs):
-        need[i] = bool(n)
-    ctx.needs_input_grad = tuple(need)
-    grads = _Experts.backward(ctx, dout)
-    return tuple(
-        grads[i].contiguous() if n and grads[i] is not None else dout.new_empty(_EMPTY)
-        for i, n in zip(_FN_INDEX, needs)
-    )
+    return run_backward(
+        dout, x, w1, w2, b2, A1, B1, A2, B2, perm, sorted_ids, offs, ws, h, u1, u2, act, alpha, limit, transposed, s1,
+        s2, top_k, needs, _FN_INDEX, dtype1, gemm,
+    )  # fmt: skip
 
 
 @_experts_4bit_bwd.register_fake
