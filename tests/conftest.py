@@ -27,6 +27,16 @@ def seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One torch thread for a module of tiny matrices (``pytestmark = pytest.mark.usefixtures("one_thread")``):
+    one thread is fastest there, and on a shared 2-core machine it avoids OpenMP contention."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 # Files whose tests force Triton on CPU tensors (they need the interpreter). On a GPU run
 # (FASTFT_GPU_TESTS=1, interpreter off) those tests skip; their GPU counterparts are the tests
 # marked ``gpu`` (tests/test_gpu.py and the gpu-marked tests in these files), and the

@@ -45,12 +45,7 @@ def _text_data(tmp_path, n=16):
     return _write(tmp_path / "train.jsonl", recs)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 # ---------------------------------------------------------------------------------- bad input

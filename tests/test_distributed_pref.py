@@ -33,6 +33,7 @@ WORKER = Path(__file__).with_name("_dist_pref_worker.py")
 ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = [
+    pytest.mark.usefixtures("one_thread"),
     pytest.mark.slow,
     pytest.mark.skipif(
         not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
@@ -75,14 +76,6 @@ def parity_runs(tmp_path_factory):
 @pytest.fixture(scope="module")
 def ref_runs(tmp_path_factory):
     return _launch(tmp_path_factory.mktemp("pref-dist-ref"), ["ddp-kto", "fsdp-dpo-pre", "ddp-dpo-pre-resume"])
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
 
 
 @functools.cache

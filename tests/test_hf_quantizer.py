@@ -23,13 +23,7 @@ VOCAB = 256
 FAMILIES = ["llama", "gpt2", "qwen3_moe", "gpt_oss"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a shared 2-core machine it avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _dense(family):

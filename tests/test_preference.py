@@ -17,12 +17,7 @@ from fastft.preference import default_preference_records, sequence_logps, tokeni
 TOK = default.load_tokenizer()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _pairs(n=48, seed=0):

@@ -23,13 +23,7 @@ SEQ = 64
 _WORDS = "the cat sat on a mat while dogs ran far away and fine tuning small models is quick fun".split()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is fastest, and on a shared 2-core machine it avoids OpenMP contention."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _char_tokenizer():
