@@ -99,8 +99,14 @@ def traced_code(model, batch, *, fullgraph: bool = False) -> str:
     return "\n".join(graphs)
 
 
-def fastft_nodes(model, batch) -> list[str]:
-    """The ``torch.ops.fastft`` operators called in the model's traced step, in order, repeats included."""
+def graph_nodes(code) -> list[str]:
+    """The ``torch.ops.fastft`` operators called in graph code (a string, or a list of graphs' code as
+    ``graphs=`` records it), in order, repeats included."""
     import re
 
-    return re.findall(r"torch\.ops\.fastft\.(\w+)", traced_code(model, batch))
+    return re.findall(r"torch\.ops\.fastft\.(\w+)", code if isinstance(code, str) else "\n".join(code))
+
+
+def fastft_nodes(model, batch) -> list[str]:
+    """The ``torch.ops.fastft`` operators called in the model's traced step, in order, repeats included."""
+    return graph_nodes(traced_code(model, batch))
