@@ -23,7 +23,8 @@ import torch
 
 WORKER = Path(__file__).with_name("_dist_worker.py")
 # ...compile: the wrapper under torch.compile (aot_eager), as the trainer's --compile under torchrun
-MODES = ["ddp-lora", "ddp-qlora", "fsdp-lora", "fsdp-qlora", "ddpcompile-lora", "ddpcompile-qlora", "fsdpcompile-lora"]
+# compile under DDP and FSDP2 on LoRA; QLoRA under both eagerly (QLoRA compiled is tests/test_library_qlora.py's)
+MODES = ["ddp-lora", "ddp-qlora", "fsdp-lora", "fsdp-qlora", "ddpcompile-lora", "fsdpcompile-lora"]
 
 pytestmark = pytest.mark.skipif(
     not torch.distributed.is_available() or not torch.distributed.is_gloo_available(),
