@@ -34,12 +34,11 @@ from transformers.quantizers.base import HfQuantizer
 from transformers.quantizers.quantizers_utils import get_module_from_name
 from transformers.utils.quantization_config import QuantizationConfigMixin
 
-from .nn import ExpertsWeight4bit, Linear4bit, _adapter_module_ids, _is_linear_like
+from .nn import BLOCKSIZES, ExpertsWeight4bit, Linear4bit, experts_targets, linear_targets, run_experts_eager
 
 __all__ = ["NF4Config", "NF4HfQuantizer", "QUANT_METHOD"]
 
 QUANT_METHOD = "fastft_nf4"
-_BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 _EXPERT_WEIGHTS = ("gate_up_proj", "down_proj")
 _NO_DEQUANTIZE = (
     "fastft NF4 models cannot be dequantised in place (model.dequantize()): the 16-bit weights are not kept. "
@@ -82,7 +81,7 @@ class NF4Config(QuantizationConfigMixin):
         self.post_init()
 
     def post_init(self):
-        if isinstance(self.blocksize, bool) or self.blocksize not in _BLOCKSIZES:
+        if isinstance(self.blocksize, bool) or self.blocksize not in BLOCKSIZES:
             raise ValueError(f"NF4Config: blocksize must be a power of two in [32, 4096], got {self.blocksize!r}")
         for name in ("double_quant", "cache_absmax", "experts"):
             if not isinstance(getattr(self, name), bool):
@@ -102,21 +101,6 @@ class NF4Config(QuantizationConfigMixin):
 
 
 _FIELDS = ["blocksize", "double_quant", "skip", "cache_absmax", "experts"]
-
-
-def _skipped(name: str, skip) -> bool:
-    return bool(set(name.split(".")) & set(skip))
-
-
-def _experts_modules(model: nn.Module, skip) -> list[tuple[str, nn.Module]]:
-    """The experts modules :func:`fastft.quantize` quantises (the same rule)."""
-    from .patching.experts import is_experts_module
-
-    return [
-        (n, m)
-        for n, m in model.named_modules()
-        if is_experts_module(m) and not _skipped(n, skip) and not getattr(m, "_is_expert_parallel", False)
-    ]
 
 
 def _quantized_keys(model: nn.Module) -> list[str]:
@@ -203,11 +187,7 @@ class NF4Quantize(ConversionOps):
                 w = value.t() if prefix[:-1] in self.hf_quantizer._conv1d else value  # Conv1D: [in, out]
                 packed, st = quantize_nf4(w.contiguous(), blocksize=cfg.blocksize, double_quant=cfg.double_quant)
                 module.weight_dtype, module._nf4_state = value.dtype, None
-                out[name], out[prefix + "absmax"], out[prefix + "code"] = packed, st.absmax, st.code
-                if cfg.double_quant:
-                    out[prefix + "nested_absmax"] = st.absmax2
-                    out[prefix + "nested_offset"] = st.offset.reshape(())
-                    out[prefix + "nested_code"] = st.code2
+                out.update((prefix + k, t) for k, t in Linear4bit.state_tensors(packed, st).items())
             else:  # an experts module's 3-D gate_up_proj / down_proj
                 q = ExpertsWeight4bit.from_weight(
                     value,
@@ -272,16 +252,8 @@ class NF4HfQuantizer(HfQuantizer):
         cfg = self.quantization_config
         skip = tuple(cfg.skip)
         tied = set(model.all_tied_weights_keys) | set(model.all_tied_weights_keys.values())
-        adapters = _adapter_module_ids(model)
-        targets = []
-        for name, module in model.named_modules():
-            for child_name, child in module.named_children():
-                full = f"{name}.{child_name}" if name else child_name
-                if id(child) in adapters or not _is_linear_like(child) or _skipped(full, skip):
-                    continue
-                if f"{full}.weight" in tied:  # tied to another weight (the embeddings): it stays 16-bit
-                    continue
-                targets.append((module, child_name, full, child))
+        # fastft.quantize's layers, but those tied to another weight (the embeddings): they stay 16-bit
+        targets = [t for t in linear_targets(model, skip) if f"{t[2]}.weight" not in tied]
         for parent, child_name, full, child in targets:
             if type(child) is nn.Linear:
                 in_f, out_f = child.in_features, child.out_features
@@ -302,7 +274,7 @@ class NF4HfQuantizer(HfQuantizer):
             setattr(parent, child_name, layer)
         if not cfg.experts:
             return model
-        for _, module in _experts_modules(model, skip):
+        for _, module in experts_targets(model, skip):
             self._experts.add(id(module))
             if self.pre_quantized:  # the 4-bit weights' slots, for the checkpoint's packed tensors
                 for pname in _EXPERT_WEIGHTS:
@@ -324,9 +296,7 @@ class NF4HfQuantizer(HfQuantizer):
                     q._is_hf_initialized = True  # the module; its tensors are marked as transformers loads them
                     delattr(module, pname)
                     setattr(module, pname, q)
-            config = module.config
-            if config._experts_implementation_internal not in ("eager", "fastft"):
-                config._experts_implementation_internal = "eager"  # as fastft.quantize sets it
+            run_experts_eager(module)  # as fastft.quantize sets it
         return model
 
     def update_weight_conversions(self, weight_conversions, model):

@@ -82,15 +82,21 @@ class Linear4bit(nn.Linear):
             layer.bias = nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
         return layer
 
+    @staticmethod
+    def state_tensors(packed: torch.Tensor, state: NF4State) -> dict[str, torch.Tensor]:
+        """The layer's state-dict tensors (``weight`` and its statistics buffers) for a quantised weight."""
+        out = {"weight": packed, "absmax": state.absmax, "code": state.code}
+        if state.double_quant:
+            out.update(nested_absmax=state.absmax2, nested_offset=state.offset.reshape(()), nested_code=state.code2)
+        return out
+
     def load_state(self, packed: torch.Tensor, state: NF4State) -> None:
         with torch.no_grad():
-            self.weight.data = packed.to(self.weight.device)
-            self.absmax = state.absmax.to(self.weight.device)
-            self.code = state.code.to(self.weight.device)
-            if state.double_quant:
-                self.nested_absmax = state.absmax2.to(self.weight.device)
-                self.nested_offset = state.offset.to(self.weight.device).reshape(())
-                self.nested_code = state.code2.to(self.weight.device)
+            for name, t in self.state_tensors(packed, state).items():
+                if name == "weight":
+                    self.weight.data = t.to(self.weight.device)
+                else:
+                    setattr(self, name, t.to(self.weight.device))
 
     @property
     def quant_state(self) -> NF4State:
@@ -518,18 +524,9 @@ def quantize(
         raise TypeError(f"quantize expects an nn.Module, got {type(model).__name__}")
     if isinstance(skip, str):
         skip = (skip,)
-    if blocksize not in (32, 64, 128, 256, 512, 1024, 2048, 4096):
+    if blocksize not in BLOCKSIZES:
         raise ValueError(f"blocksize must be a power of two in [32, 4096], got {blocksize!r}")
-    adapters = _adapter_module_ids(model)
-    targets = []
-    for name, module in model.named_modules():
-        for child_name, child in module.named_children():
-            full = f"{name}.{child_name}" if name else child_name
-            if id(child) in adapters:
-                continue
-            if _is_linear_like(child) and not (set(full.split(".")) & set(skip)):
-                targets.append((module, child_name, child))
-    for parent, child_name, child in targets:
+    for parent, child_name, _, child in linear_targets(model, skip):
         layer = Linear4bit.from_linear(child, blocksize=blocksize, double_quant=double_quant, cache_absmax=cache_absmax)
         setattr(parent, child_name, layer)
     if experts:
@@ -555,6 +552,46 @@ def _record_quantization(model, blocksize, double_quant, skip, cache_absmax, exp
     )
 
 
+BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
+
+
+def _skipped(name: str, skip) -> bool:
+    """Whether any dotted component of the module name ``name`` is in ``skip``."""
+    return bool(set(name.split(".")) & set(skip))
+
+
+def linear_targets(model: nn.Module, skip) -> list[tuple[nn.Module, str, str, nn.Module]]:
+    """``(parent, child name, full name, layer)`` of every linear layer :func:`quantize` replaces: an
+    ``nn.Linear`` or ``Conv1D`` outside PEFT's adapters whose name has no component in ``skip``."""
+    adapters = _adapter_module_ids(model)
+    targets = []
+    for name, module in model.named_modules():
+        for child_name, child in module.named_children():
+            full = f"{name}.{child_name}" if name else child_name
+            if id(child) not in adapters and _is_linear_like(child) and not _skipped(full, skip):
+                targets.append((module, child_name, full, child))
+    return targets
+
+
+def experts_targets(model: nn.Module, skip) -> list[tuple[str, nn.Module]]:
+    """``(name, module)`` of every experts module whose 3-D weights :func:`quantize` replaces."""
+    from .patching.experts import is_experts_module
+
+    return [
+        (n, m)
+        for n, m in model.named_modules()
+        if is_experts_module(m) and not _skipped(n, skip) and not getattr(m, "_is_expert_parallel", False)
+    ]
+
+
+def run_experts_eager(module: nn.Module) -> None:
+    """Set a 4-bit experts module's implementation to transformers' ``"eager"`` loop (the only one that
+    reads the 4-bit weights without fastft), unless it already is that or fastft's."""
+    config = module.config
+    if config._experts_implementation_internal not in ("eager", "fastft"):
+        config._experts_implementation_internal = "eager"
+
+
 def _adapter_module_ids(model: nn.Module) -> set[int]:
     """Ids of every module inside a PEFT model's trainable parts (the LoRA ``lora_A`` / ``lora_B``
     linears, ``modules_to_save`` copies): a PEFT model is quantised around its adapters, never them."""
@@ -571,13 +608,7 @@ def _adapter_module_ids(model: nn.Module) -> set[int]:
 
 
 def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, skip, cache_absmax: bool) -> None:
-    from .patching.experts import is_experts_module
-
-    found = [
-        (n, m)
-        for n, m in model.named_modules()
-        if is_experts_module(m) and not (set(n.split(".")) & set(skip)) and not getattr(m, "_is_expert_parallel", False)
-    ]
+    found = experts_targets(model, skip)
     for name, module in found:
         if "_fastft_experts" in module.__dict__:
             raise ValueError(f"{name or 'model'} is patched by fastft: quantize the model before fastft.patch")
@@ -594,9 +625,7 @@ def _quantize_experts(model: nn.Module, *, blocksize: int, double_quant: bool, s
             )
             delattr(module, pname)  # the 16-bit parameter goes (no resident copy)
             setattr(module, pname, q)
-        config = module.config
-        if config._experts_implementation_internal not in ("eager", "fastft"):
-            config._experts_implementation_internal = "eager"
+        run_experts_eager(module)
     if found:
         from .patching.experts_lora import guard_4bit_wrappers
 
